@@ -1,0 +1,5 @@
+import sys
+
+from sall.cli import main
+
+sys.exit(main())

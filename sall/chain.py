@@ -1,0 +1,393 @@
+"""The SALL chain: data -> teachers -> teacher logits -> soft labels at T -> student -> metrics.
+
+Stages follow design.md. Teachers and their logits are cached artifacts named by what they depend
+on; the student and its evaluation run per trial. Nothing here knows about Ray or MLflow: callers
+observe the chain through `Hooks`.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sall.config import TrialConfig, stable_hash
+from sall.data.folds import fold_splits
+from sall.data.image_cache import image_array
+from sall.data.manifest import check_classes, fingerprint
+from sall.data.subset import cap_per_class, check_nonempty, take_per_task
+from sall.losses import soft_labels
+from sall.metrics import classification_metrics, soft_label_stats
+from sall.model import MultiHeadNet, check_pretrained
+from sall.store import ArtifactStore, Fetched
+from sall.tasks import TASKS
+from sall.train import FitResult, Runtime, TrainSet, fit, predict
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+@functools.lru_cache(maxsize=8)
+def _load_manifest_cached(dataset: str, data_root: str | None, synthetic_n: int) -> tuple[pd.DataFrame, dict, str]:
+    from sall.data.sources import load_manifest
+
+    manifest, summary = load_manifest(dataset, data_root, synthetic_n=synthetic_n)
+    return manifest, summary, fingerprint(manifest)
+
+
+@dataclass
+class Data:
+    """The manifest, one fold's splits and the image array, for one trial configuration."""
+
+    manifest: pd.DataFrame
+    summary: dict
+    fingerprint: str
+    splits: dict[str, np.ndarray]  # train (after the class cap), val, test: rows of the manifest
+    images: np.ndarray | None = None
+
+    def rows(self, split: str, task: str) -> np.ndarray:
+        r = self.splits[split]
+        return r[self.manifest["task"].to_numpy()[r] == task]
+
+    def labels(self, rows: np.ndarray) -> np.ndarray:
+        return self.manifest["grade"].to_numpy()[rows]
+
+    def tasks_of(self, rows: np.ndarray) -> np.ndarray:
+        return self.manifest["task"].to_numpy()[rows]
+
+
+def preflight(cfg: TrialConfig) -> Data:
+    """Every check that can fail before expensive work: config, weights, manifest, folds, subsets.
+
+    Returns the data without images (no decoding yet). Raises SallError with one clear line.
+    """
+    cfg.validate()
+    check_pretrained(cfg.backbone, cfg.pretrained, cfg.pretrained_path)
+    manifest, summary, fp = _load_manifest_cached(cfg.dataset, cfg.data_root, cfg.synthetic_n)
+    origin = cfg.dataset if cfg.dataset in ("synthetic", "odir") else str(cfg.dataset)
+    check_classes(manifest, cfg.tasks, origin)
+    splits = fold_splits(manifest, cfg.fold)
+    where = f"fold {cfg.fold}"
+    splits["train"] = cap_per_class(manifest, splits["train"], cfg.class_cap, seed=cfg.fold)
+    cap_note = f" with class cap {cfg.class_cap}" if cfg.class_cap else ""
+    check_nonempty(manifest, splits["train"], cfg.tasks, f"{where} train split{cap_note}")
+    data = Data(manifest, summary, fp, splits)
+    student_train_rows(cfg, data)  # sample counts feasible?
+    return data
+
+
+def prepare(cfg: TrialConfig, store: ArtifactStore) -> Data:
+    data = preflight(cfg)
+    data.images = image_array(data.manifest, data.fingerprint, cfg.image_size, store)
+    return data
+
+
+def student_train_rows(cfg: TrialConfig, data: Data) -> np.ndarray:
+    """The student's training rows: the fold's (capped) train split of the trial's tasks, cut to
+    the per-task sample counts of the data-ratio study."""
+    rows = data.splits["train"]
+    rows = rows[np.isin(data.tasks_of(rows), cfg.tasks)]
+    return take_per_task(data.manifest, rows, dict(cfg.sample_counts), f"fold {cfg.fold}", seed=cfg.fold)
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 1 and 2: teachers and their logits
+def teacher_key(cfg: TrialConfig, task: str, data_fingerprint: str) -> str:
+    """Names a teacher by everything it depends on (design.md) and nothing else."""
+    return f"{task}-{stable_hash({**cfg.teacher_fields(task), 'data': data_fingerprint})}"
+
+
+def one_hot(labels: np.ndarray, k: int) -> np.ndarray:
+    out = np.zeros((len(labels), k), dtype=np.float32)
+    out[np.arange(len(labels)), labels] = 1.0
+    return out
+
+
+def new_model(cfg: TrialConfig, heads: list[str], seed: int) -> MultiHeadNet:
+    torch.manual_seed(seed)
+    return MultiHeadNet(cfg.backbone, {t: TASKS[t].num_classes for t in heads},
+                        pretrained=cfg.pretrained, pretrained_path=cfg.pretrained_path)
+
+
+def evaluate(model: torch.nn.Module, task: str, data: Data, split: str, temperature: float,
+             rt: Runtime) -> dict[str, Any]:
+    """A head on its own task's split: softmax(z / T), the output it was trained to produce."""
+    rows = data.rows(split, task)
+    z = predict(model, data.images, rows, rt)[task]
+    probs = torch.softmax(torch.from_numpy(z) / temperature, dim=1).numpy()
+    return classification_metrics(probs, data.labels(rows))
+
+
+def _save(obj: dict, path: Path) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    path.write_bytes(buf.getvalue())
+
+
+def load_artifact(path: Path) -> dict:
+    """Artifacts hold only tensors and plain data: load them without unpickling code."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@dataclass
+class Teacher:
+    task: str
+    key: str
+    fetched: Fetched
+    info: dict[str, Any]  # history, best_epoch, test metrics, seconds, n_train
+
+    def model(self, cfg: TrialConfig) -> MultiHeadNet:
+        m = new_model(cfg, [self.task], cfg.seed)
+        m.load_state_dict(load_artifact(self.fetched.path)["state"])
+        return m
+
+
+def get_teacher(cfg: TrialConfig, task: str, data: Data, store: ArtifactStore, rt: Runtime) -> Teacher:
+    """Train the single-task teacher of `task` at T = 1, or reuse the cached one."""
+    key = teacher_key(cfg, task, data.fingerprint)
+
+    def build(tmp: Path) -> None:
+        if cfg.debug_fail.startswith("teacher"):
+            raise RuntimeError(f"injected failure in teacher {task} (debug_fail={cfg.debug_fail})")
+        log(f"[teacher {task}] training {key} ({cfg.backbone}, {cfg.teacher_epochs} epochs)")
+        t0 = time.time()
+        rows = data.rows("train", task)
+        labels = data.labels(rows)
+        model = new_model(cfg, [task], cfg.seed)
+        train = TrainSet(rows, {task: one_hot(labels, TASKS[task].num_classes)},
+                         {task: np.ones(len(rows), dtype=bool)})
+        val_rows = data.rows("val", task)
+        res = fit(model, data.images, train, {task: (val_rows, data.labels(val_rows))},
+                  epochs=cfg.teacher_epochs, temperature=1.0, cfg=cfg, rt=rt, name=f"teacher {task}",
+                  seed=cfg.seed)
+        info = dict(task=task, key=key, best_epoch=res.best_epoch, history=res.history,
+                    n_train=int(len(rows)), seconds=time.time() - t0,
+                    test=evaluate(model, task, data, "test", 1.0, rt),
+                    fields={k: str(v) for k, v in cfg.teacher_fields(task).items()})
+        _save({"state": res.state, "info_json": _json(info)}, tmp)
+
+    fetched = store.get_or_build("teachers", key, ".pt", build)
+    if not fetched.built:
+        log(f"[teacher {task}] reusing {key}")
+    import json
+
+    info = json.loads(load_artifact(fetched.path)["info_json"])
+    return Teacher(task, key, fetched, info)
+
+
+def get_logits(cfg: TrialConfig, teacher: Teacher, data: Data, store: ArtifactStore, rt: Runtime) -> np.ndarray:
+    """Stage 2: the teacher's logits on every image of the manifest (cached with the teacher)."""
+
+    def build(tmp: Path) -> None:
+        log(f"[teacher {teacher.task}] logits on {len(data.manifest)} images")
+        z = predict(teacher.model(cfg).to(rt.device), data.images, np.arange(len(data.manifest)), rt)
+        with open(tmp, "wb") as f:
+            np.save(f, z[teacher.task].astype(np.float32))
+
+    got = store.get_or_build("logits", teacher.key, ".npy", build)
+    return np.load(got.path)
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    from sall.metrics import to_jsonable
+
+    return json.dumps(to_jsonable(obj))
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 3: the student
+@dataclass
+class Hooks:
+    """How callers (the sweeps) observe a chain without the library knowing them."""
+
+    teacher_ready: Callable[[Teacher], None] | None = None
+    student_epoch: Callable[[int, dict[str, float]], None] | None = None
+
+
+@dataclass
+class ChainResult:
+    config: TrialConfig
+    test: dict[str, dict[str, Any]]  # task -> classification metrics on its test split
+    val: dict[str, dict[str, Any]]
+    soft: dict[str, dict[str, float]]  # task -> soft-label stats of its teacher's labels
+    teachers: dict[str, dict[str, Any]]  # task -> key, built, seconds, path
+    history: list[dict[str, float]]
+    profile: dict[str, float]
+    student_path: str
+    seconds: float
+    reused_teacher_as_baseline: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        from sall.metrics import scalar_metrics, to_jsonable
+
+        return to_jsonable(dict(
+            config_key=self.config.key(), trial_key=self.config.trial_key(),
+            test={t: scalar_metrics(m) for t, m in self.test.items()},
+            soft=self.soft, teachers={t: {k: v for k, v in d.items() if k != "info"} for t, d in self.teachers.items()},
+            seconds=round(self.seconds, 2), profile=self.profile,
+        ))
+
+
+def needs_teachers(cfg: TrialConfig) -> list[str]:
+    """Which teachers a trial needs: all of its tasks' with soft labels; none otherwise, except
+    that the baseline reuses the teachers as its single-task models when they coincide."""
+    if cfg.sa_labels and (len(cfg.tasks) > 1):
+        return list(cfg.tasks)
+    return [t for t in cfg.tasks if baseline_is_teacher(cfg, t)]
+
+
+def baseline_is_teacher(cfg: TrialConfig, task: str) -> bool:
+    """The baseline's single-task model of `task` is exactly its teacher (same data, same
+    training): reuse it instead of training it again."""
+    return cfg.is_baseline and cfg.student_epochs == cfg.teacher_epochs and cfg.sample_count(task) is None
+
+
+def run_chain(cfg: TrialConfig, cache_dir: str | Path, hooks: Hooks | None = None) -> ChainResult:
+    """Run one trial's whole chain and return its metrics."""
+    hooks = hooks or Hooks()
+    t_start = time.time()
+    store = ArtifactStore(cache_dir)
+    t0 = time.time()
+    data = prepare(cfg, store)
+    rt = Runtime.from_config(cfg)
+    profile: dict[str, float] = {"prepare_s": time.time() - t0}
+    if cfg.debug_fail.startswith("student"):
+        _maybe_fail(cfg, store)
+
+    # stage 1 + 2
+    t0 = time.time()
+    teachers: dict[str, Teacher] = {}
+    soft: dict[str, np.ndarray] = {}
+    for task in needs_teachers(cfg):
+        teachers[task] = get_teacher(cfg, task, data, store, rt)
+        if hooks.teacher_ready:
+            hooks.teacher_ready(teachers[task])
+        if cfg.sa_labels:
+            soft[task] = soft_labels(torch.from_numpy(get_logits(cfg, teachers[task], data, store, rt)),
+                                     cfg.temperature).numpy()
+    profile["teachers_s"] = time.time() - t0
+
+    # stage 3
+    rows = student_train_rows(cfg, data)
+    row_tasks = data.tasks_of(rows)
+    groups = [list(cfg.tasks)] if cfg.multitask else [[t] for t in cfg.tasks]
+    test: dict[str, dict] = {}
+    val: dict[str, dict] = {}
+    states: dict[str, dict] = {}
+    history: dict[int, dict[str, float]] = {}
+    reused: list[str] = []
+    for g, heads in enumerate(groups):
+        if len(heads) == 1 and baseline_is_teacher(cfg, heads[0]):
+            model = teachers[heads[0]].model(cfg).to(rt.device)
+            reused.append(heads[0])
+            for h in teachers[heads[0]].info["history"]:
+                history.setdefault(int(h["epoch"]), {}).update({k: v for k, v in h.items() if "/" in k})
+            log(f"[student] baseline {heads[0]}: the single-task model is the teacher; reusing it")
+        else:
+            model, res = train_student(cfg, data, rows, row_tasks, heads, soft, rt, hooks, seed=cfg.seed + 1 + g)
+            for h in res.history:
+                history.setdefault(int(h["epoch"]), {}).update({k: v for k, v in h.items() if "/" in k})
+            for k, v in res.profile.items():
+                profile[k] = profile.get(k, 0.0) + v
+        t0 = time.time()
+        for t in heads:
+            test[t] = evaluate(model, t, data, "test", cfg.temperature, rt)
+            val[t] = evaluate(model, t, data, "val", cfg.temperature, rt)
+        profile["final_eval_s"] = profile.get("final_eval_s", 0.0) + time.time() - t0
+        states.update({f"{g}.{k}": v for k, v in getattr(model, "_orig_mod", model).state_dict().items()})
+
+    stats: dict[str, dict[str, float]] = {}
+    for task, s in soft.items():
+        other = rows[row_tasks != task]
+        if len(other):
+            stats[task] = soft_label_stats(s[other])
+
+    student_path = store.path("students", cfg.key(), ".pt")
+    student_path.parent.mkdir(parents=True, exist_ok=True)
+    store.get_or_build("students", cfg.key(), ".pt", lambda tmp: _save(
+        {"state": states, "groups_json": _json(groups), "config_json": cfg.to_json()}, tmp))
+    return ChainResult(
+        config=cfg, test=test, val=val, soft=stats,
+        teachers={t: dict(key=tc.key, built=tc.fetched.built, seconds=tc.fetched.seconds,
+                          path=str(tc.fetched.path), info=tc.info) for t, tc in teachers.items()},
+        history=[{"epoch": e, **m} for e, m in sorted(history.items())],
+        profile=profile, student_path=str(student_path), seconds=time.time() - t_start,
+        reused_teacher_as_baseline=reused,
+    )
+
+
+def train_student(cfg: TrialConfig, data: Data, rows: np.ndarray, row_tasks: np.ndarray, heads: list[str],
+                  soft: dict[str, np.ndarray], rt: Runtime, hooks: Hooks, seed: int) -> tuple[MultiHeadNet, FitResult]:
+    """One student model with `heads`. Each row trains the head of its own task with its true
+    grade, and (with sa_labels) every other head with that head's teacher's soft label."""
+    if cfg.sa_labels:
+        mine = rows  # images of the other tasks come in with soft labels
+    else:
+        mine = rows[np.isin(row_tasks, heads)]
+    mt = data.tasks_of(mine)
+    grades = data.labels(mine)
+    targets: dict[str, np.ndarray] = {}
+    masks: dict[str, np.ndarray] = {}
+    for h in heads:
+        k = TASKS[h].num_classes
+        own = mt == h
+        tgt = np.zeros((len(mine), k), dtype=np.float32)
+        tgt[own] = one_hot(grades[own], k)
+        mask = own.copy()
+        if cfg.sa_labels and h in soft:
+            tgt[~own] = soft[h][mine[~own]]
+            mask[:] = True
+        targets[h], masks[h] = tgt, mask
+    name = "student" if len(heads) > 1 else f"student {heads[0]}"
+    log(f"[{name}] training on {len(mine)} images, heads {','.join(heads)}, T={cfg.temperature:g}, "
+        f"sa_labels={cfg.sa_labels}")
+    model = new_model(cfg, heads, seed)
+    val = {h: (data.rows("val", h), data.labels(data.rows("val", h))) for h in heads}
+    res = fit(model, data.images, TrainSet(mine, targets, masks), val, epochs=cfg.student_epochs,
+              temperature=cfg.temperature, cfg=cfg, rt=rt, name=name, seed=seed,
+              on_epoch=hooks.student_epoch)
+    return model, res
+
+
+def _maybe_fail(cfg: TrialConfig, store: ArtifactStore) -> None:
+    """Tests only: `student` always fails; `student:once` fails on the first attempt only."""
+    if cfg.debug_fail == "student":
+        raise RuntimeError("injected failure in the student stage (debug_fail=student)")
+    if cfg.debug_fail == "student:once":
+        marker = store.path("debug", cfg.key(), ".failed-once")
+        if not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text("1")
+            raise RuntimeError("injected one-time failure in the student stage (debug_fail=student:once)")
+
+
+def load_student(path: str | Path) -> tuple[TrialConfig, dict[str, MultiHeadNet]]:
+    """A stored student: its config and, per task, the model whose head answers for it."""
+    import json
+
+    from sall.config import config_from_dict
+
+    blob = load_artifact(Path(path))
+    cfg = config_from_dict(json.loads(blob["config_json"]))
+    groups = json.loads(blob["groups_json"])
+    models: dict[str, MultiHeadNet] = {}
+    for g, heads in enumerate(groups):
+        m = new_model(cfg, heads, 0)
+        prefix = f"{g}."
+        m.load_state_dict({k[len(prefix):]: v for k, v in blob["state"].items() if k.startswith(prefix)})
+        for h in heads:
+            models[h] = m
+    return cfg, models

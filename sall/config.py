@@ -1,0 +1,223 @@
+"""One typed, frozen config describes a trial; it is hashed to name artifacts and logged as params."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from sall.errors import ConfigError
+from sall.tasks import TASKS
+
+N_FOLDS = 3
+
+# Settings per preset. `cpu` is small enough for a 2-core laptop; `paper` is the paper's setup
+# (Inception-v3 at 299 px with ImageNet weights, Adam 1e-5, Table II) for GPU clusters.
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": dict(
+        backbone="mobilenetv3_small_050", image_size=64, pretrained=False, lr=2e-3, batch_size=64,
+        teacher_epochs=12, student_epochs=12, synthetic_n=720,
+    ),
+    "paper": dict(
+        backbone="inception_v3", image_size=299, pretrained=True, lr=1e-5, batch_size=32,
+        teacher_epochs=30, student_epochs=30, synthetic_n=2000,
+    ),
+}
+# --smoke: tiny data and epochs, on top of a preset.
+SMOKE: dict[str, Any] = dict(image_size=32, teacher_epochs=2, student_epochs=2, synthetic_n=90)
+
+# Fields that are not part of the experiment: they change how fast, not what is computed.
+RUNTIME_FIELDS = ("device", "threads", "amp", "channels_last", "compile", "profile", "debug_fail")
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """Everything that determines one teacher -> soft-label -> student chain."""
+
+    # data
+    dataset: str = "synthetic"
+    data_root: str | None = None
+    synthetic_n: int = 720
+    tasks: tuple[str, ...] = ("dr", "amd")
+    fold: int = 0
+    class_cap: int | None = None
+    # per-task training-sample counts for the student (data-ratio study): int count or fraction
+    sample_counts: tuple[tuple[str, float], ...] = ()
+    # model and optimisation
+    preset: str = "cpu"
+    backbone: str = "mobilenetv3_small_050"
+    image_size: int = 64
+    pretrained: bool = False
+    pretrained_path: str | None = None
+    optimizer: str = "adam"
+    lr: float = 2e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    teacher_epochs: int = 12
+    student_epochs: int = 12
+    augment: bool = True
+    seed: int = 0
+    # the SALL switches
+    temperature: float = 3.0
+    multitask: bool = True
+    sa_labels: bool = True
+    # runtime only (not hashed): device, torch threads, torch.compile, profiling, fault injection
+    device: str = "auto"
+    threads: int = 0
+    amp: str = "auto"  # auto: bf16 autocast on CUDA, off on CPU; or "bf16" / "off"
+    channels_last: str = "auto"  # auto: on for CUDA; or "on" / "off"
+    compile: bool = False
+    profile: bool = False
+    debug_fail: str = field(default="", metadata={"help": "tests only: make a stage raise"})
+
+    # ---- derived -------------------------------------------------------------------------
+    @property
+    def is_baseline(self) -> bool:
+        """The paper's baseline: one single-task model per task, hard labels, T = 1."""
+        return not self.multitask and not self.sa_labels and self.temperature == 1.0
+
+    def experiment_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in RUNTIME_FIELDS:
+            d.pop(k)
+        return d
+
+    def key(self) -> str:
+        """Hash of everything that determines the result (runtime fields excluded)."""
+        return stable_hash(self.experiment_dict())
+
+    def trial_key(self) -> str:
+        """Hash of the config without fold and seed: groups the folds of one setting."""
+        d = self.experiment_dict()
+        d.pop("fold")
+        d.pop("seed")
+        return stable_hash(d)
+
+    def teacher_fields(self, task: str) -> dict[str, Any]:
+        """What a teacher depends on (design.md): not T, not the student's data ratio or switches."""
+        return dict(
+            task=task, dataset=self.dataset, data_root=self.data_root, synthetic_n=self.synthetic_n,
+            fold=self.fold, class_cap=self.class_cap, backbone=self.backbone,
+            image_size=self.image_size, pretrained=self.pretrained,
+            pretrained_path=self.pretrained_path, optimizer=self.optimizer, lr=self.lr,
+            betas=list(self.betas), eps=self.eps, weight_decay=self.weight_decay,
+            batch_size=self.batch_size, epochs=self.teacher_epochs, augment=self.augment,
+            seed=self.seed,
+        )
+
+    def sample_count(self, task: str) -> float | None:
+        return dict(self.sample_counts).get(task)
+
+    def params(self) -> dict[str, str]:
+        """Flattened experiment config, as MLflow params."""
+        return {k: _param_str(v) for k, v in self.experiment_dict().items()}
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    def replace(self, **changes: Any) -> TrialConfig:
+        return replace(self, **changes)
+
+    # ---- validation ----------------------------------------------------------------------
+    def validate(self) -> TrialConfig:
+        """Raise ConfigError naming the field and what was expected; return self."""
+        if self.preset not in PRESETS:
+            raise ConfigError(f"unknown preset '{self.preset}'; expected one of {', '.join(PRESETS)}")
+        if not self.tasks:
+            raise ConfigError("tasks: empty; expected at least one of " + ", ".join(TASKS))
+        for t in self.tasks:
+            if t not in TASKS:
+                raise ConfigError(f"tasks: unknown task '{t}'; expected some of {', '.join(TASKS)}")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError(f"tasks: {','.join(self.tasks)} lists a task twice")
+        if not 0 <= self.fold < N_FOLDS:
+            raise ConfigError(f"fold {self.fold} out of range; expected 0..{N_FOLDS - 1}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature > 0):
+            raise ConfigError(f"temperature {self.temperature} is invalid; expected a number > 0")
+        if self.dataset == "odir" and not self.data_root:
+            raise ConfigError("--dataset odir needs --data-root: the folder holding full_df.csv "
+                              "and preprocessed_images/")
+        for name in ("image_size", "batch_size", "synthetic_n"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} {getattr(self, name)} is invalid; expected an integer >= 1")
+        for name in ("teacher_epochs", "student_epochs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} {getattr(self, name)} is invalid; expected an integer >= 1")
+        if self.class_cap is not None and self.class_cap < 1:
+            raise ConfigError(f"class_cap {self.class_cap} is invalid; expected an integer >= 1")
+        if self.lr <= 0:
+            raise ConfigError(f"lr {self.lr} is invalid; expected > 0")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ConfigError(f"unknown optimizer '{self.optimizer}'; expected adam or sgd")
+        for task, value in self.sample_counts:
+            if task not in self.tasks:
+                raise ConfigError(f"sample count for '{task}', which is not among tasks "
+                                  f"{','.join(self.tasks)}")
+            if value <= 0:
+                raise ConfigError(f"sample count {value} for task {task} is invalid; expected a "
+                                  "count >= 1 or a fraction in (0, 1]")
+        if self.amp not in ("auto", "bf16", "off"):
+            raise ConfigError(f"amp '{self.amp}' is invalid; expected auto, bf16 or off")
+        if self.channels_last not in ("auto", "on", "off"):
+            raise ConfigError(f"channels_last '{self.channels_last}' is invalid; expected auto, on or off")
+        check_backbone(self.backbone)
+        return self
+
+
+def check_backbone(name: str) -> None:
+    """An unknown timm backbone is an error before anything is trained."""
+    import timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
+        hint = f" (close: {', '.join(close)})" if close else ""
+        raise ConfigError(f"unknown backbone '{name}'; expected a timm model name{hint}")
+
+
+def from_preset(preset: str = "cpu", smoke: bool = False, **overrides: Any) -> TrialConfig:
+    """A config from a preset, the smoke settings, then explicit overrides (None = keep)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset '{preset}'; expected one of {', '.join(PRESETS)}")
+    values: dict[str, Any] = dict(PRESETS[preset], preset=preset)
+    if smoke:
+        values.update(SMOKE)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    names = {f.name for f in fields(TrialConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+    if isinstance(values.get("tasks"), str):
+        values["tasks"] = tuple(t.strip() for t in values["tasks"].split(",") if t.strip())
+    values["tasks"] = tuple(values.get("tasks", TrialConfig.tasks))
+    values["sample_counts"] = tuple(sorted((str(k), float(v)) for k, v in dict(values.get("sample_counts", ())).items()))
+    if "temperature" in values:
+        values["temperature"] = float(values["temperature"])
+    return TrialConfig(**values)
+
+
+def config_from_dict(d: dict[str, Any]) -> TrialConfig:
+    """Inverse of dataclasses.asdict (lists back to tuples)."""
+    d = dict(d)
+    d["tasks"] = tuple(d.get("tasks", ()))
+    d["sample_counts"] = tuple((str(k), float(v)) for k, v in d.get("sample_counts", ()))
+    if "betas" in d:
+        d["betas"] = tuple(d["betas"])
+    return TrialConfig(**d)
+
+
+def stable_hash(obj: Any) -> str:
+    text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _param_str(v: Any) -> str:
+    if isinstance(v, (tuple, list)):
+        if v and isinstance(v[0], (tuple, list)):
+            return ",".join(f"{a}={b:g}" for a, b in v)
+        return ",".join(map(str, v))
+    return str(v)

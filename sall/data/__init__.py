@@ -1,0 +1,1 @@
+"""Data: sources -> validated manifest -> folds -> subsets -> on-disk image cache -> batches."""

@@ -1,0 +1,43 @@
+"""3-fold cross-validation, grouped by patient, stratified by task+grade: train 50 / val 25 / test 25.
+
+The manifest is cut into four patient-disjoint, stratified quarters (scikit-learn's
+StratifiedGroupKFold). Fold k tests on quarter k, validates on quarter k+1 and trains on the other
+two, so the three test sets are disjoint and every fold keeps the paper's 50/25/25 proportions.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+from sall.config import N_FOLDS
+from sall.errors import ConfigError
+
+SPLITS = ("train", "val", "test")
+SPLIT_SEED = 0  # the data split is fixed; the trial seed varies the model, not the folds
+
+
+def quarters(manifest: pd.DataFrame) -> np.ndarray:
+    """Quarter 0..3 of every manifest row (patient-disjoint, stratified by task and grade)."""
+    strata = manifest["task"].astype(str) + ":" + manifest["grade"].astype(str)
+    groups = manifest["task"].astype(str) + ":" + manifest["patient"].astype(str)
+    out = np.full(len(manifest), -1, dtype=np.int64)
+    n_splits = 4
+    # StratifiedGroupKFold warns when a stratum has fewer members than splits; that is fine here.
+    sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=SPLIT_SEED)
+    for q, (_, test_idx) in enumerate(sgkf.split(np.zeros(len(manifest)), strata, groups)):
+        out[test_idx] = q
+    return out
+
+
+def fold_splits(manifest: pd.DataFrame, fold: int) -> dict[str, np.ndarray]:
+    """Row indices of the train, val and test splits of `fold` (sorted)."""
+    if not 0 <= fold < N_FOLDS:
+        raise ConfigError(f"fold {fold} out of range; expected 0..{N_FOLDS - 1}")
+    q = quarters(manifest)
+    test_q, val_q = fold % 4, (fold + 1) % 4
+    return {
+        "train": np.flatnonzero((q != test_q) & (q != val_q)),
+        "val": np.flatnonzero(q == val_q),
+        "test": np.flatnonzero(q == test_q),
+    }

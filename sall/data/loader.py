@@ -1,0 +1,57 @@
+"""Batches straight from the in-memory image array: no DataLoader workers, no per-image Python.
+
+The images are already decoded and resized (the image cache), so a batch is one fancy-index of
+a uint8 array, one host-to-device copy (pinned and non-blocking on CUDA) and one batched
+augmentation on the device.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from sall.data.augment import augment_batch, standardize, to_float
+
+
+class Batches:
+    """Iterate (x, positions) over `rows` of `images`; positions index into `rows`."""
+
+    def __init__(self, images: np.ndarray, rows: np.ndarray, batch_size: int, *, shuffle: bool,
+                 augment: bool, device: torch.device, seed: int = 0, channels_last: bool = False,
+                 drop_last: bool = False) -> None:
+        self.images = images
+        self.rows = np.asarray(rows)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.augment = augment
+        self.device = device
+        self.channels_last = channels_last
+        self.drop_last = drop_last and len(self.rows) > batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.rng = np.random.default_rng(seed)
+        self.pin = device.type == "cuda"
+
+    def __len__(self) -> int:
+        n = len(self.rows)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+        order = self.rng.permutation(len(self.rows)) if self.shuffle else np.arange(len(self.rows))
+        for b in range(len(self)):
+            pos = order[b * self.batch_size:(b + 1) * self.batch_size]
+            rows = self.rows[pos]
+            # sorted reads are faster on a memory map; the batch order itself does not matter
+            srt = np.argsort(rows, kind="stable")
+            pos, rows = pos[srt], rows[srt]
+            x = torch.from_numpy(np.ascontiguousarray(self.images[rows]))
+            if self.pin:
+                x = x.pin_memory()
+            x = x.to(self.device, non_blocking=True)
+            x = to_float(x)
+            if self.augment:  # before standardising, so that padding is black like the fundus border
+                x = augment_batch(x, self.generator)
+            x = standardize(x)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, pos

@@ -1,0 +1,84 @@
+"""The manifest: one row per image (image, task, grade, patient, source), validated up front."""
+from __future__ import annotations
+
+import hashlib
+
+import pandas as pd
+
+from sall.errors import DataError
+from sall.tasks import TASKS
+
+COLUMNS: tuple[str, ...] = ("image", "task", "grade", "patient", "source")
+
+
+def check_manifest(df: pd.DataFrame, origin: str) -> pd.DataFrame:
+    """Check the label columns of a manifest (not the image files) and return it normalised.
+
+    `origin` names where the rows came from (a file path or a source name) for the error message.
+    """
+    missing = [c for c in ("image", "task", "grade") if c not in df.columns]
+    if missing:
+        raise DataError(
+            f"{origin}: missing column(s) {', '.join(missing)}; expected columns image, task, grade "
+            f"(patient optional), found {', '.join(map(str, df.columns)) or 'none'}"
+        )
+    if len(df) == 0:
+        raise DataError(f"{origin}: the manifest has no rows")
+    df = df.copy()
+    if "patient" not in df.columns:
+        df["patient"] = df["image"].astype(str)
+    if "source" not in df.columns:
+        df["source"] = origin
+    for i, row in enumerate(df.itertuples(index=False)):
+        task = str(row.task)
+        if task not in TASKS:
+            raise DataError(
+                f"{origin}: row {i + 2} ({row.image}): unknown task '{task}'; expected one of {', '.join(TASKS)}"
+            )
+        n = TASKS[task].num_classes
+        try:
+            grade = int(str(row.grade).strip())
+            if str(grade) != str(row.grade).strip() and float(row.grade) != grade:
+                raise ValueError
+        except (ValueError, TypeError):
+            raise DataError(
+                f"{origin}: row {i + 2} ({row.image}): grade '{row.grade}' is not an integer; "
+                f"expected 0..{n - 1} for task {task}"
+            ) from None
+        if not 0 <= grade < n:
+            raise DataError(
+                f"{origin}: row {i + 2} ({row.image}): grade {grade} out of range for task {task}; "
+                f"expected 0..{n - 1}"
+            )
+    df["task"] = df["task"].astype(str)
+    df["grade"] = df["grade"].astype(str).str.strip().astype(float).astype(int)
+    df["patient"] = df["patient"].astype(str)
+    df["image"] = df["image"].astype(str)
+    dup = df["image"].duplicated(keep="first")
+    if dup.any():
+        first = df.loc[dup, "image"].iloc[0]
+        rows = [str(i + 2) for i in range(len(df)) if df["image"].iat[i] == first]
+        raise DataError(f"{origin}: image '{first}' is listed {len(rows)} times (rows {', '.join(rows)}); "
+                        "expected each image once")
+    return df[list(COLUMNS)].reset_index(drop=True)
+
+
+def check_classes(df: pd.DataFrame, tasks: tuple[str, ...], origin: str) -> None:
+    """Every grade of every requested task must have at least one image."""
+    for task in tasks:
+        counts = df.loc[df["task"] == task, "grade"].value_counts()
+        empty = [g for g in range(TASKS[task].num_classes) if counts.get(g, 0) == 0]
+        if empty:
+            raise DataError(
+                f"{origin}: task {task} has no image of grade(s) {', '.join(map(str, empty))}; "
+                f"expected every grade 0..{TASKS[task].num_classes - 1} to have images"
+            )
+
+
+def fingerprint(df: pd.DataFrame) -> str:
+    """A short stable hash of the manifest's rows: names the image cache and the teachers."""
+    h = hashlib.sha256()
+    for row in df[list(COLUMNS)].itertuples(index=False):
+        h.update("\x1f".join(map(str, row)).encode())
+        h.update(b"\x1e")
+    return h.hexdigest()[:16]

@@ -1,0 +1,69 @@
+"""A timm backbone with one linear head per task: hard parameter sharing (paper Fig. 4)."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sall.errors import ConfigError
+
+HUB_HOST = ("huggingface.co", 443)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether timm's model hub answers; bounded, so an offline machine fails within seconds."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    try:
+        with socket.create_connection(HUB_HOST, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def check_pretrained(backbone: str, pretrained: bool, pretrained_path: str | None) -> None:
+    """Fail before training when ImageNet weights are asked for but cannot be had."""
+    if pretrained_path:
+        if not Path(pretrained_path).is_file():
+            raise ConfigError(f"--pretrained-path '{pretrained_path}' does not exist; expected a "
+                              f"weights file for {backbone} (.pth, .bin or .safetensors)")
+        return
+    if pretrained and not hub_reachable():
+        raise ConfigError(
+            f"ImageNet weights for '{backbone}' were asked for (--pretrained or the paper preset) but "
+            "this machine cannot reach timm's model hub; download them where it can and pass "
+            "--pretrained-path FILE, or use --no-pretrained")
+
+
+class MultiHeadNet(nn.Module):
+    """Shared backbone -> pooled features -> one linear head per task."""
+
+    def __init__(self, backbone: str, heads: dict[str, int], *, pretrained: bool = False,
+                 pretrained_path: str | None = None) -> None:
+        super().__init__()
+        import timm
+
+        kwargs: dict = dict(num_classes=0)
+        if pretrained_path:
+            kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(pretrained_path)))
+        else:
+            kwargs.update(pretrained=pretrained)
+        if backbone.startswith("inception"):
+            kwargs["aux_logits"] = False
+        self.backbone = timm.create_model(backbone, **kwargs)
+        # the pooled feature width: after a timm model's own pre-logits layer where it has one
+        width = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
+        self.heads = nn.ModuleDict({t: nn.Linear(width, k) for t, k in heads.items()})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        f = self.backbone(x)
+        return {t: head(f) for t, head in self.heads.items()}
+
+
+def state_dict_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of the weights (for best-checkpoint keeping and saving)."""
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}

@@ -1,0 +1,110 @@
+"""The artifact store: cached teachers, logits and image arrays, shared by every trial and node.
+
+Artifacts are named by a hash of what they depend on. `get_or_build` takes a lock file next to
+the artifact (on the shared `--cache-dir`, so it holds across processes and nodes), so two trials
+that need the same artifact at once build it once. Writes go to a temporary file that is renamed
+into place, with a SHA-256 sidecar written first: a half-written artifact is never read, and a
+corrupt one is detected, reported and rebuilt.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+
+from sall.errors import SallError
+
+# Tests only: called between writing the temporary file and renaming it into place.
+_BEFORE_RENAME: Callable[[Path], None] | None = None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Fetched:
+    path: Path
+    built: bool  # True when this call built it, False when it was reused
+    seconds: float = 0.0
+
+
+class ArtifactStore:
+    """A folder of content-addressed artifacts: `<root>/<kind>/<key><suffix>`."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root).expanduser().resolve()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".write-test-{uuid.uuid4().hex}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as e:
+            raise SallError(f"cache dir '{self.root}' cannot be written ({e.strerror or e}); "
+                            "expected a writable folder (--cache-dir), shared by all nodes on a cluster") from None
+
+    def path(self, kind: str, key: str, suffix: str) -> Path:
+        return self.root / kind / f"{key}{suffix}"
+
+    def lock(self, name: str) -> FileLock:
+        """A lock file in the store: holds across processes, and across nodes on a shared FS."""
+        p = self.root / "locks" / f"{name}.lock"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(p))
+
+    def is_valid(self, path: Path) -> bool:
+        """The artifact exists and matches its checksum; a corrupt one is removed with a warning."""
+        if not path.exists():
+            return False
+        side = path.with_name(path.name + ".sha256")
+        expected = side.read_text().strip() if side.exists() else ""
+        if expected and sha256_file(path) == expected:
+            return True
+        print(f"warning: cache entry {path} is corrupt (checksum mismatch); rebuilding it",
+              file=sys.stderr)
+        path.unlink(missing_ok=True)
+        side.unlink(missing_ok=True)
+        return False
+
+    def exists(self, kind: str, key: str, suffix: str) -> bool:
+        p = self.path(kind, key, suffix)
+        return p.exists() and p.with_name(p.name + ".sha256").exists()
+
+    def get_or_build(self, kind: str, key: str, suffix: str, build: Callable[[Path], None]) -> Fetched:
+        """Return the artifact, building it (once, under a lock) if it is absent or corrupt.
+
+        `build(tmp_path)` writes the artifact to `tmp_path`; it is published atomically.
+        """
+        final = self.path(kind, key, suffix)
+        if self.is_valid(final):
+            return Fetched(final, built=False)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with self.lock(f"{kind}-{key}"):
+            if self.is_valid(final):  # another process built it while we waited
+                return Fetched(final, built=False)
+            t0 = time.time()
+            tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
+            try:
+                build(tmp)
+                digest = sha256_file(tmp)
+                side = final.with_name(final.name + ".sha256")
+                side_tmp = side.with_name(f".{side.name}.{uuid.uuid4().hex}.tmp")
+                side_tmp.write_text(digest + "\n")
+                if _BEFORE_RENAME is not None:
+                    _BEFORE_RENAME(tmp)
+                os.replace(side_tmp, side)
+                os.replace(tmp, final)
+            finally:
+                tmp.unlink(missing_ok=True)
+            return Fetched(final, built=True, seconds=time.time() - t0)

@@ -1,0 +1,170 @@
+"""One training loop for every model of the chain: teachers, students and the ablation variants.
+
+A model has one head per entry of `targets`; each row has a target distribution and a mask per
+head. Teachers are single-head, hard targets, T = 1; the multi-task student has a head per task
+with soft targets where `sa_labels` is on. The best epoch on validation accuracy is kept.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from sall.config import TrialConfig
+from sall.data.loader import Batches
+from sall.losses import sall_loss
+from sall.model import state_dict_cpu
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class TrainSet:
+    rows: np.ndarray  # manifest rows
+    targets: dict[str, np.ndarray]  # head -> (n, K) float32 target distributions
+    masks: dict[str, np.ndarray]  # head -> (n,) bool: does this row train this head?
+
+
+@dataclass
+class Runtime:
+    """How to run (not what): device, precision, memory format, threads, profiling."""
+
+    device: torch.device
+    amp: bool
+    channels_last: bool
+    compile: bool = False
+    profile: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: TrialConfig) -> Runtime:
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        if cfg.device == "auto":
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            device = torch.device(cfg.device)
+        cuda = device.type == "cuda"
+        amp = cfg.amp == "bf16" or (cfg.amp == "auto" and cuda)
+        channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda)
+        return cls(device, amp, channels_last, cfg.compile, cfg.profile)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def sync(self) -> None:
+        if self.profile and self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+@dataclass
+class FitResult:
+    state: dict[str, torch.Tensor]
+    best_epoch: int
+    history: list[dict[str, float]]
+    profile: dict[str, float] = field(default_factory=dict)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrialConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                            weight_decay=cfg.weight_decay)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, images: np.ndarray, rows: np.ndarray, rt: Runtime,
+            batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Logits of every head on `rows` (no augmentation), in the order of `rows`."""
+    model.eval()
+    out: dict[str, list[np.ndarray]] = {}
+    order: list[np.ndarray] = []
+    for x, pos in Batches(images, rows, batch_size, shuffle=False, augment=False, device=rt.device,
+                          channels_last=rt.channels_last):
+        with rt.autocast():
+            logits = model(x)
+        order.append(pos)
+        for t, z in logits.items():
+            out.setdefault(t, []).append(z.float().cpu().numpy())
+    inv = np.argsort(np.concatenate(order)) if order else np.zeros(0, dtype=np.int64)
+    return {t: np.concatenate(v)[inv] for t, v in out.items()}
+
+
+def fit(model: torch.nn.Module, images: np.ndarray, train: TrainSet,
+        val: dict[str, tuple[np.ndarray, np.ndarray]], *, epochs: int, temperature: float,
+        cfg: TrialConfig, rt: Runtime, name: str, seed: int,
+        on_epoch: EpochCallback | None = None) -> FitResult:
+    """Train for `epochs`, keep the best epoch by mean validation accuracy over the heads.
+
+    `val` maps a head to (rows, labels) of its own task's validation images.
+    """
+    model.to(rt.device)
+    if rt.channels_last:
+        model.to(memory_format=torch.channels_last)
+    step_model = torch.compile(model) if rt.compile else model
+    opt = make_optimizer(model, cfg)
+    heads = list(train.targets)
+    targets = {t: torch.from_numpy(train.targets[t]).to(rt.device) for t in heads}
+    masks = {t: torch.from_numpy(train.masks[t]).to(rt.device) for t in heads}
+    batches = Batches(images, train.rows, cfg.batch_size, shuffle=True, augment=cfg.augment,
+                      device=rt.device, seed=seed, channels_last=rt.channels_last, drop_last=True)
+    prof = {"data_s": 0.0, "step_s": 0.0, "eval_s": 0.0}
+    best_score, best_epoch, best_state = -np.inf, 0, state_dict_cpu(model)
+    history: list[dict[str, float]] = []
+    for epoch in range(1, epochs + 1):
+        t_epoch = time.time()
+        model.train()
+        sums = {t: 0.0 for t in heads}
+        nb = 0
+        it = iter(batches)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                x, pos = next(it)
+            except StopIteration:
+                break
+            rt.sync()
+            t1 = time.perf_counter()
+            pos_t = torch.from_numpy(pos).to(rt.device)
+            with rt.autocast():
+                logits = step_model(x)
+            loss, parts = sall_loss(logits, {t: targets[t][pos_t] for t in heads},
+                                    {t: masks[t][pos_t] for t in heads}, temperature)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            rt.sync()
+            t2 = time.perf_counter()
+            prof["data_s"] += t1 - t0
+            prof["step_s"] += t2 - t1
+            for t in heads:
+                sums[t] += parts[t]
+            nb += 1
+        t3 = time.perf_counter()
+        metrics: dict[str, float] = {f"train/{t}/loss": sums[t] / max(nb, 1) for t in heads}
+        accs = []
+        for t, (rows, labels) in val.items():
+            z = predict(model, images, rows, rt)[t]
+            acc = float((z.argmax(1) == labels).mean()) if len(labels) else 0.0
+            metrics[f"val/{t}/acc"] = acc
+            accs.append(acc)
+        prof["eval_s"] += time.perf_counter() - t3
+        score = float(np.mean(accs)) if accs else -float(sum(sums.values()))
+        if score > best_score:
+            best_score, best_epoch, best_state = score, epoch, state_dict_cpu(model)
+        metrics["epoch_s"] = time.time() - t_epoch
+        history.append({"epoch": epoch, **metrics})
+        shown = " ".join(f"{k.split('/')[1]} {k.split('/')[0]} {v:.3f}" for k, v in metrics.items()
+                         if "/" in k)
+        print(f"[{name}] epoch {epoch}/{epochs} {shown} ({metrics['epoch_s']:.1f}s)", file=sys.stderr,
+              flush=True)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+    model.load_state_dict(best_state)
+    return FitResult(best_state, best_epoch, history, prof)

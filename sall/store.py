@@ -95,16 +95,16 @@ class ArtifactStore:
                 return Fetched(final, built=False)
             t0 = time.time()
             tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
+            side = final.with_name(final.name + ".sha256")
+            side_tmp = side.with_name(f".{side.name}.{uuid.uuid4().hex}.tmp")
             try:
                 build(tmp)
-                digest = sha256_file(tmp)
-                side = final.with_name(final.name + ".sha256")
-                side_tmp = side.with_name(f".{side.name}.{uuid.uuid4().hex}.tmp")
-                side_tmp.write_text(digest + "\n")
+                side_tmp.write_text(sha256_file(tmp) + "\n")
                 if _BEFORE_RENAME is not None:
                     _BEFORE_RENAME(tmp)
                 os.replace(side_tmp, side)
                 os.replace(tmp, final)
-            finally:
+            finally:  # a kill -9 can still leave these; they are never read, only the final name is
                 tmp.unlink(missing_ok=True)
+                side_tmp.unlink(missing_ok=True)
             return Fetched(final, built=True, seconds=time.time() - t0)

@@ -1,0 +1,129 @@
+"""Shared fixtures: small image data sets written with PIL into tmp_path."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sall.tasks import TASKS
+
+
+def write_image(path: str | os.PathLike, size: int | tuple[int, int] = 32, seed: int = 0) -> str:
+    """Write a small random RGB image; the format follows the extension (.png, .jpg, ...)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w, h = (size, size) if isinstance(size, int) else size
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    Image.fromarray(arr, "RGB").save(path)
+    return str(path)
+
+
+def truncate_file(path: str | os.PathLike, fraction: float = 0.5) -> None:
+    """Cut a file to `fraction` of its length (a truncated download)."""
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: int(len(data) * fraction)])
+
+
+def corrupt_file(path: str | os.PathLike, n: int = 300, seed: int = 0) -> None:
+    """Replace a file with random bytes."""
+    Path(path).write_bytes(np.random.default_rng(seed).integers(0, 256, size=n, dtype=np.uint8).tobytes())
+
+
+@pytest.fixture
+def make_image():
+    """make_image(path, size=32, seed=0) -> path: writes a random RGB image (format from the extension)."""
+    return write_image
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    """root/<task>/<grade>/<id>.png with 2 images per grade of every task (22 images)."""
+    root = tmp_path / "folder"
+    k = 0
+    for task, spec in TASKS.items():
+        for g in range(spec.num_classes):
+            for j in range(2):
+                write_image(root / task / str(g) / f"{task}{g}_{j}.png", 24, seed=k)
+                k += 1
+    return root
+
+
+@pytest.fixture
+def csv_manifest(tmp_path) -> Path:
+    """manifest.csv (image, task, grade, patient) with relative paths under img/: 2 images per grade."""
+    root = tmp_path / "csvdata"
+    lines = ["image,task,grade,patient"]
+    k = 0
+    for task, spec in TASKS.items():
+        for g in range(spec.num_classes):
+            for j in range(2):
+                rel = f"img/{k}.png"
+                write_image(root / rel, 24, seed=k)
+                lines.append(f"{rel},{task},{g},p{k // 2}")
+                k += 1
+    path = root / "manifest.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+ODIR_COLUMNS = [
+    "ID", "Patient Age", "Patient Sex", "Left-Fundus", "Right-Fundus",
+    "Left-Diagnostic Keywords", "Right-Diagnostic Keywords",
+    "N", "D", "G", "C", "A", "H", "M", "O", "filepath", "labels", "target", "filename",
+]
+
+# (ID, left keywords, right keywords); "-" = the eye's image file is absent.
+ODIR_PATIENTS: list[tuple[int, str, str]] = [
+    (0, "cataract", "normal fundus"),                                           # left: other only
+    (1, "normal fundus", "normal fundus"),
+    (2, "moderate non proliferative retinopathy", "normal fundus"),
+    (3, "normal fundus", "lens dust，normal fundus"),                           # full-width comma, artefact
+    (4, "mild nonproliferative retinopathy", "mild nonproliferative retinopathy"),
+    (5, "severe nonproliferative retinopathy", "moderate non proliferative retinopathy，cataract"),
+    (6, "proliferative diabetic retinopathy", "severe proliferative diabetic retinopathy"),
+    (7, "drusen", "normal fundus"),
+    (8, "dry age-related macular degeneration", "drusen"),
+    (9, "wet age-related macular degeneration", "normal fundus"),
+    (10, "hypertensive retinopathy", "normal fundus"),
+    (11, "hypertensive retinopathy，moderate non proliferative retinopathy", "hypertensive retinopathy"),  # left: two tasks
+    (12, "diabetic retinopathy", "normal fundus"),                              # left: ungraded DR
+    (13, "normal fundus", "-"),                                                 # right image missing
+    (14, "glaucoma", "pathological myopia"),                                    # other only (both)
+    (15, "drusen,mild nonproliferative retinopathy", "normal fundus"),          # left: two tasks (ASCII comma)
+    (16, "normal fundus", "normal fundus"),
+    (17, "normal fundus", "normal fundus"),
+    (18, "normal fundus", "normal fundus"),
+    (19, "moderate non proliferative retinopathy", "drusen"),                   # straddles dr / amd
+    (20, "normal fundus", "normal fundus"),
+    (21, "mild nonproliferative retinopathy，laser spot", "normal fundus"),
+]
+
+
+@pytest.fixture
+def odir_root(tmp_path) -> Path:
+    """A tiny ODIR-5K layout: full_df.csv (real column names, 2 rows per patient) + preprocessed_images/."""
+    import pandas as pd
+
+    root = tmp_path / "odir"
+    rows = []
+    for pid, left, right in ODIR_PATIENTS:
+        for side, kw in (("left", left), ("right", right)):
+            if kw != "-":
+                write_image(root / "preprocessed_images" / f"{pid}_{side}.jpg", 32, seed=pid * 2 + (side == "right"))
+        for side in ("left", "right"):  # one table row per original image, like the Kaggle table
+            rows.append({
+                "ID": pid, "Patient Age": 60, "Patient Sex": "Female",
+                "Left-Fundus": f"{pid}_left.jpg", "Right-Fundus": f"{pid}_right.jpg",
+                "Left-Diagnostic Keywords": left if left != "-" else "normal fundus",
+                "Right-Diagnostic Keywords": right if right != "-" else "normal fundus",
+                "N": 0, "D": 0, "G": 0, "C": 0, "A": 0, "H": 0, "M": 0, "O": 0,
+                "filepath": f"../input/ODIR-5K/Training Images/{pid}_{side}.jpg",
+                "labels": "['N']", "target": "[1, 0, 0, 0, 0, 0, 0, 0]",
+                "filename": f"{pid}_{side}.jpg",
+            })
+    pd.DataFrame(rows, columns=ODIR_COLUMNS).to_csv(root / "full_df.csv", index=False)
+    return root

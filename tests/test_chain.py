@@ -1,0 +1,75 @@
+"""The whole chain on tiny synthetic data: teachers cached and reused, switches, stored student."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sall.chain import load_student, needs_teachers, run_chain
+from sall.config import from_preset
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def tiny(**kw):
+    return from_preset("cpu", smoke=True, **kw)
+
+
+def test_teachers_trained_once_then_reused_at_another_T(cache):
+    a = run_chain(tiny(temperature=3.0), cache)
+    assert set(a.test) == {"dr", "amd"}
+    assert all(t["built"] for t in a.teachers.values())
+    for m in a.test.values():
+        assert 0.0 <= m["acc"] <= 1.0 and len(m["confusion"]) in (4, 5)
+    b = run_chain(tiny(temperature=8.0), cache)
+    assert not any(t["built"] for t in b.teachers.values())
+    assert {t: d["key"] for t, d in a.teachers.items()} == {t: d["key"] for t, d in b.teachers.items()}
+    # soft labels are softer at T=8 than at T=3
+    assert b.soft["dr"]["max_mean"] < a.soft["dr"]["max_mean"]
+
+
+def test_baseline_reuses_teachers_as_its_models(cache):
+    base = run_chain(tiny(temperature=1.0, multitask=False, sa_labels=False), cache)
+    assert sorted(base.reused_teacher_as_baseline) == ["amd", "dr"]
+    assert not any(t["built"] for t in base.teachers.values())
+    teacher_acc = base.teachers["dr"]["info"]["test"]["acc"]
+    assert np.isclose(base.test["dr"]["acc"], teacher_acc)
+
+
+def test_which_teachers_a_trial_needs():
+    assert needs_teachers(tiny(sa_labels=False, multitask=True, temperature=3.0)) == []
+    assert needs_teachers(tiny(sa_labels=True)) == ["dr", "amd"]
+    assert needs_teachers(tiny(temperature=1.0, multitask=False, sa_labels=False)) == ["dr", "amd"]
+    # a baseline whose student is trained differently from the teachers trains its own models
+    assert needs_teachers(tiny(temperature=1.0, multitask=False, sa_labels=False, student_epochs=3)) == []
+
+
+def test_no_sa_labels_trains_no_teacher_and_single_task_models(tmp_path):
+    r = run_chain(tiny(sa_labels=False, multitask=False, temperature=3.0), tmp_path)
+    assert r.teachers == {} and r.soft == {}
+    assert not (tmp_path / "teachers").exists()
+    cfg, models = load_student(r.student_path)
+    assert cfg == r.config.replace()
+    assert models["dr"] is not models["amd"]
+    assert list(models["dr"].heads) == ["dr"]
+
+
+def test_student_is_stored_and_reloads(cache):
+    r = run_chain(tiny(temperature=3.0), cache)
+    cfg, models = load_student(r.student_path)
+    assert models["dr"] is models["amd"] and sorted(models["dr"].heads) == ["amd", "dr"]
+    assert cfg.key() == r.config.key()
+
+
+def test_cli_prints_json_metrics(cache):
+    out = subprocess.run([sys.executable, "-m", "sall", "run", "--smoke", "--cache-dir", str(cache),
+                          "-T", "5"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert set(res["test"]) == {"dr", "amd"}
+    assert {"acc", "conf", "err", "ece", "nll", "brier", "kappa", "macro_f1"} <= set(res["test"]["dr"])
+    assert "[teacher dr] reusing" in out.stderr

@@ -1,0 +1,355 @@
+"""The one runner every sweep script uses: flags, grid x folds, checks, Ray Tune, progress, exit code.
+
+A sweep script supplies its name, its grid and its own flags; everything else is here.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sall.cli import add_data_model_args, config_overrides, guarded
+from sall.config import N_FOLDS, TrialConfig, from_preset, stable_hash
+from sall.errors import ConfigError, SallError
+from sweeps import tracking as tr
+
+Grid = list[tuple[str, TrialConfig]]  # (label, config at fold 0)
+GridFn = Callable[[argparse.Namespace, TrialConfig], Grid]
+
+
+def parse_floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} '{text}' is invalid; expected comma-separated numbers") from None
+
+
+def parse_folds(text: str) -> list[int]:
+    try:
+        folds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--folds '{text}' is invalid; expected e.g. 0,1,2") from None
+    bad = [f for f in folds if not 0 <= f < N_FOLDS]
+    if bad or not folds:
+        raise ConfigError(f"--folds '{text}': fold {bad[0] if bad else '?'} out of range; expected "
+                          f"folds among 0..{N_FOLDS - 1}")
+    return folds
+
+
+def build_parser(sweep: str, description: str, add_args: Callable[[argparse.ArgumentParser], None] | None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"python sweeps/{sweep}.py", description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Rerunning the same command resumes the sweep (finished trials are neither rerun nor "
+               "logged twice); --fresh starts over. Review results with: mlflow ui --backend-store-uri "
+               "sqlite:///mlflow.db")
+    c = p.add_argument_group("cluster and tracking")
+    c.add_argument("--address", default=None,
+                   help="Ray address: auto (the cluster this node belongs to), HOST:PORT, ray://HOST:10001; "
+                        "none starts a local Ray")
+    c.add_argument("--mlflow-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI")
+    c.add_argument("--experiment", default=f"sall-{sweep}", help="MLflow experiment")
+    c.add_argument("--storage-path", default=str(Path("~/ray_results").expanduser()),
+                   help="Ray Tune results (shared storage on a multi-node cluster)")
+    c.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (fractions allowed)")
+    c.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial (fractions allowed)")
+    c.add_argument("--max-concurrent-trials", type=int, default=None, help="at most this many trials at once "
+                   "(default: as many as the resources allow)")
+    c.add_argument("--max-failures", type=int, default=1, help="retries of a failing trial (Tune FailureConfig)")
+    c.add_argument("--folds", default="0,1,2", help="which folds to run")
+    c.add_argument("--dry-run", action="store_true", help="print the trial grid and which teachers will be "
+                   "trained or reused; run nothing")
+    c.add_argument("--fresh", action="store_true", help="start over instead of resuming")
+    c.add_argument("--verbose", action="store_true", help="stream the trials' own progress lines")
+    c.add_argument("--profile", action="store_true", help="log where each trial's time goes (profile/* metrics)")
+    c.add_argument("--no-teacher-reuse", action="store_true",
+                   help="benchmarks only: give every trial a private cache, so nothing is reused")
+    c.add_argument("--debug-fail", default="", help=argparse.SUPPRESS)
+    add_data_model_args(p)
+    if add_args:
+        add_args(p.add_argument_group(f"{sweep} grid"))
+    return p
+
+
+@dataclass
+class Trial:
+    label: str
+    cfg: TrialConfig
+
+
+def expand(grid: Grid, folds: list[int]) -> list[Trial]:
+    """Grid x folds, ordered fold-interleaved so that concurrent trials need different teachers."""
+    seen: set[str] = set()
+    out: list[Trial] = []
+    for label, cfg in grid:
+        for f in folds:
+            c = cfg.replace(fold=f)
+            if c.key() in seen:  # two grid points that coincide are one trial
+                continue
+            seen.add(c.key())
+            out.append(Trial(label, c))
+    return out
+
+
+def check_ray_address(address: str, timeout: float = 5.0) -> str:
+    """Resolve and probe a Ray address within seconds, so a dead cluster is an error, not a hang."""
+    if address == "auto":
+        addr = os.environ.get("RAY_ADDRESS")
+        if not addr:
+            cur = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+            addr = cur.read_text().strip() if cur.exists() else ""
+        if not addr:
+            raise SallError("--address auto: no running Ray cluster found on this node (no RAY_ADDRESS, "
+                            "no `ray start` session); expected `ray start --head` first, or omit --address "
+                            "for a local Ray")
+        if addr == "auto":
+            raise SallError("RAY_ADDRESS=auto is circular; expected HOST:PORT")
+    else:
+        addr = address
+    hostport = addr.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as e:
+        raise SallError(f"Ray cluster at '{addr}' (--address {address}) does not answer "
+                        f"({getattr(e, 'strerror', None) or e}); expected a running Ray head node") from None
+    return address if address.startswith("ray://") else addr
+
+
+def init_ray(args: argparse.Namespace) -> None:
+    import ray
+
+    quiet = dict(log_to_driver=args.verbose, include_dashboard=False, configure_logging=True,
+                 logging_level="WARNING")
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if args.address:
+        addr = check_ray_address(args.address)
+        try:
+            ray.init(address=addr, **{k: v for k, v in quiet.items() if k != "include_dashboard"})
+        except Exception as e:  # ConnectionError and friends
+            raise SallError(f"could not join the Ray cluster at '{addr}': {e}") from None
+    else:
+        ray.init(**quiet)
+
+
+class Progress:
+    """A line per finished trial with its key metrics, and done / running / pending with an ETA."""
+
+    def __new__(cls, *a: Any, **k: Any):  # built lazily: ray.tune must be importable first
+        from ray.tune import Callback
+
+        class _Progress(Callback):
+            def __init__(self, total: int, tasks: tuple[str, ...]) -> None:
+                self.total, self.tasks = total, tasks
+                self.t0 = time.time()
+                self.started: dict[str, float] = {}
+                self.done = 0
+                self.failed = 0
+                self.durations: list[float] = []
+
+            def on_trial_start(self, iteration, trials, trial, **info):
+                self.started[trial.trial_id] = time.time()
+
+            def _line(self, trials) -> None:
+                running = sum(t.status == "RUNNING" for t in trials)
+                pending = self.total - self.done - self.failed - running
+                el = time.time() - self.t0
+                eta = ""
+                if self.durations:
+                    par = max(running, 1)
+                    eta = f" · ETA {_fmt(sum(self.durations) / len(self.durations) * max(pending + running * 0.5, 0) / par)}"
+                print(f"[sweep] done {self.done}/{self.total} · failed {self.failed} · running {running} · "
+                      f"pending {max(pending, 0)} · elapsed {_fmt(el)}{eta}", file=sys.stderr, flush=True)
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                self.done += 1
+                dt = time.time() - self.started.get(trial.trial_id, self.t0)
+                self.durations.append(dt)
+                r = trial.last_result or {}
+                label, fold = _label(trial)
+                parts = []
+                for t in trial.config["trial"]["cfg"].get("tasks", self.tasks):
+                    if f"{t}_acc" in r:
+                        parts.append(f"{t} acc {r[f'{t}_acc']:.3f} kappa {r.get(f'{t}_kappa', float('nan')):.3f} "
+                                     f"ece {r.get(f'{t}_ece', float('nan')):.3f}")
+                note = " (already logged)" if r.get("reused_run") else ""
+                print(f"[trial] {label} fold{fold}: {' | '.join(parts)} ({_fmt(dt)}){note}", file=sys.stderr, flush=True)
+                self._line(trials)
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                self.failed += 1
+                label, fold = _label(trial)
+                print(f"[trial] {label} fold{fold}: FAILED "
+                      f"({trial.error_file or 'see MLflow'})", file=sys.stderr, flush=True)
+                self._line(trials)
+
+        return _Progress(*a, **k)
+
+
+def _label(trial: Any) -> tuple[str, int]:
+    t = trial.config["trial"]
+    return t["label"], t["cfg"]["fold"]
+
+
+def _trial_name(trial: Any) -> str:
+    """Short, readable trial names (the default embeds the whole config)."""
+    label, fold = _label(trial)
+    safe = "".join(ch if ch.isalnum() or ch in "=.-" else "_" for ch in label)
+    return f"{safe}_fold{fold}_{trial.trial_id}"
+
+
+def _fmt(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def dry_run(trials: list[Trial], cache_dir: str) -> None:
+    """Print the trial grid and, per trial, the teachers it needs: cached, to train, or trained by
+    an earlier trial of this sweep."""
+    from sall.chain import needs_teachers, preflight, teacher_key
+
+    plan: dict[str, str] = {}
+    print(f"{'#':>3}  {'setting':<24} {'fold':>4}  {'config':<12}  teachers")
+    for i, t in enumerate(trials):
+        data = preflight(t.cfg)
+        notes = []
+        for task in needs_teachers(t.cfg):
+            k = teacher_key(t.cfg, task, data.fingerprint)
+            if k not in plan:
+                cached = (Path(cache_dir) / "teachers" / f"{k}.pt").exists()
+                plan[k] = "cached" if cached else "train"
+                notes.append(f"{k} [{plan[k]}]")
+            else:
+                notes.append(f"{k} [reuse]")
+        print(f"{i:>3}  {t.label:<24} {t.cfg.fold:>4}  {t.cfg.key():<12}  {' '.join(notes) or '-'}")
+    n_train = sum(v == "train" for v in plan.values())
+    print(f"\n{len(trials)} trials; {len(plan)} teachers: {n_train} to train (once each), "
+          f"{len(plan) - n_train} already in {cache_dir}")
+
+
+def run_sweep(sweep: str, description: str, grid_fn: GridFn,
+              add_args: Callable[[argparse.ArgumentParser], None] | None = None,
+              smoke_grid: Callable[[Grid], Grid] | None = None, argv: list[str] | None = None) -> int:
+    """Parse flags, check everything, then run (or resume) the sweep. Returns the exit code."""
+    parser = build_parser(sweep, description, add_args)
+    args = parser.parse_args(argv)
+    return guarded(lambda: _run(sweep, args, grid_fn, smoke_grid), args.debug)
+
+
+def _run(sweep: str, args: argparse.Namespace, grid_fn: GridFn, smoke_grid) -> int:
+    over = config_overrides(args)
+    threads = max(1, int(args.cpus_per_trial)) if args.threads is None else args.threads
+    over["threads"] = threads
+    base = from_preset(args.preset, smoke=args.smoke, profile=args.profile, debug_fail=args.debug_fail,
+                       **over)
+    base.validate()
+    grid = grid_fn(args, base)
+    if args.smoke and smoke_grid is not None:
+        grid = smoke_grid(grid)
+    trials = expand(grid, parse_folds(args.folds))
+    # every check that can fail, before anything starts
+    from sall.chain import preflight
+
+    for t in trials:
+        t.cfg.validate()
+        preflight(t.cfg)
+    cache_dir = str(Path(args.cache_dir).expanduser().resolve())
+    from sall.store import ArtifactStore
+
+    ArtifactStore(cache_dir)  # writable?
+    if args.dry_run:
+        dry_run(trials, cache_dir)
+        return 0
+    uri = tr.resolve_uri(args.mlflow_uri)
+    tr.check_tracking_uri(uri)
+    init_ray(args)
+    try:
+        return _tune(sweep, args, trials, uri, cache_dir)
+    finally:
+        import ray
+
+        ray.shutdown()
+
+
+def _tune(sweep: str, args: argparse.Namespace, trials: list[Trial], uri: str, cache_dir: str) -> int:
+    from ray import tune
+
+    sweep_id = f"{sweep}-" + stable_hash(sorted(t.cfg.key() for t in trials))
+    storage = str(Path(args.storage_path).expanduser().resolve()) if "://" not in args.storage_path else args.storage_path
+    exp_dir = os.path.join(storage, sweep_id)
+    exp_id = tr.ensure_experiment(uri, args.experiment)
+    if args.fresh:
+        if os.path.isdir(exp_dir):
+            shutil.rmtree(exp_dir)
+        old = tr.find_runs(uri, exp_id, f"tags.`{tr.TAG_SWEEP_ID}` = '{sweep_id}' and tags.`{tr.TAG_STAGE}` = 'sweep'")
+        for r in old:  # the new invocation gets its own parent run
+            tr.retry(tr.client(uri).set_tag, r.info.run_id, tr.TAG_SWEEP_ID, f"{sweep_id}-superseded-{int(time.time())}")
+    parent = tr.parent_run(uri, exp_id, sweep, sweep_id, {
+        "sweep": sweep, "trials": len(trials), "folds": args.folds, "preset": args.preset,
+        "dataset": args.dataset, "tasks": args.tasks, "smoke": args.smoke, "address": args.address or "local",
+        "cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial})
+    print(f"[sweep] {sweep}: {len(trials)} trials · MLflow {uri} experiment '{args.experiment}' "
+          f"(parent run {parent}) · Tune {exp_dir}", file=sys.stderr, flush=True)
+    sw = dict(sweep=sweep, mlflow_uri=uri, experiment_id=exp_id, parent_run_id=parent, cache_dir=cache_dir)
+    space = {"trial": tune.grid_search([{"label": t.label, "cfg": dataclasses.asdict(t.cfg)} for t in trials]),
+             "sweep": sw, "private_cache": bool(args.no_teacher_reuse)}
+    trainable = tune.with_resources(_trainable, {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
+    progress = Progress(len(trials), tuple(args.tasks.split(",")))
+    run_config = tune.RunConfig(
+        name=sweep_id, storage_path=storage,
+        failure_config=tune.FailureConfig(max_failures=args.max_failures),
+        callbacks=[progress], verbose=0,
+    )
+    if not args.fresh and tune.Tuner.can_restore(exp_dir):
+        print(f"[sweep] resuming {exp_dir}: finished trials are kept, failed ones are retried",
+              file=sys.stderr, flush=True)
+        tuner = tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True, resume_errored=True,
+                                   param_space=space)
+    else:
+        tuner = tune.Tuner(trainable, param_space=space, run_config=run_config,
+                           tune_config=tune.TuneConfig(max_concurrent_trials=args.max_concurrent_trials,
+                                                       trial_name_creator=_trial_name,
+                                                       trial_dirname_creator=_trial_name))
+    t0 = time.time()
+    results = tuner.fit()
+    errors = [r for r in results if r.error is not None]
+    ok = len(results) - len(errors)
+    tr.end_run(uri, parent, "FINISHED" if not errors else "FAILED")
+    tr.log_metrics(uri, parent, {"trials_finished": ok, "trials_failed": len(errors), "wall_seconds": time.time() - t0})
+    print(f"[sweep] {sweep}: {ok}/{len(results)} trials finished in {_fmt(time.time() - t0)}; "
+          f"review with: mlflow ui --backend-store-uri {uri}", file=sys.stderr, flush=True)
+    if errors:
+        print(f"[sweep] {len(errors)} trial(s) failed:", file=sys.stderr)
+        for r in errors:
+            c = r.config["trial"]
+            print(f"  - {c['label']} fold{c['cfg']['fold']}: {str(r.error).strip().splitlines()[-1][:300]}",
+                  file=sys.stderr)
+        print("[sweep] rerun the same command to retry only the failed trials", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _trainable(config: dict) -> None:
+    """Tune trainable: unpack the grid entry and the sweep settings for `run_trial`."""
+    from sweeps.trial import run_trial
+
+    trial, sw = config["trial"], dict(config["sweep"])
+    if config.get("private_cache"):  # --no-teacher-reuse: measure what reuse saves
+        shared = sw["cache_dir"]
+        sw["cache_dir"] = os.path.join(shared, "private", stable_hash(trial["cfg"]))
+        os.makedirs(sw["cache_dir"], exist_ok=True)
+        images = os.path.join(sw["cache_dir"], "images")
+        if not os.path.lexists(images):  # decoded images stay shared: only teachers are not reused
+            os.makedirs(os.path.join(shared, "images"), exist_ok=True)
+            os.symlink(os.path.join(shared, "images"), images)
+    run_trial({"cfg": trial["cfg"], "label": trial["label"], "sweep": sw})

@@ -1,0 +1,159 @@
+"""MLflow bookkeeping for sweeps: experiment, parent run, a child run per trial, a run per teacher.
+
+Every write goes through `retry`, so concurrent trials sharing a SQLite file wait for the lock
+instead of failing on "database is locked". Runs are found again by tags, so a rerun resumes into
+the same parent and never logs a finished trial twice.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sall.errors import SallError
+
+T = TypeVar("T")
+
+TAG_STAGE = "sall.stage"
+TAG_SWEEP = "sall.sweep"
+TAG_SWEEP_ID = "sall.sweep_id"
+TAG_FOLD = "sall.fold"
+TAG_TRIAL_KEY = "sall.trial_key"
+TAG_CONFIG_KEY = "sall.config_key"
+TAG_TEACHER_KEY = "sall.teacher_key"
+TAG_LABEL = "sall.label"
+TAG_PARENT = "mlflow.parentRunId"
+
+
+def retry(fn: Callable[..., T], *args: Any, attempts: int = 40, **kwargs: Any) -> T:
+    """Call an MLflow client method, waiting out SQLite locks and brief server hiccups."""
+    delay = 0.05
+    for i in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # MlflowException wraps SQLAlchemy's OperationalError
+            text = str(e).lower()
+            transient = ("database is locked" in text or "database table is locked" in text
+                         or "connection" in text and "refused" not in text or "503" in text)
+            if not transient or i == attempts - 1:
+                raise
+            time.sleep(delay + random.random() * delay)
+            delay = min(delay * 2, 2.0)
+    raise AssertionError("unreachable")
+
+
+def resolve_uri(uri: str) -> str:
+    """Make a relative sqlite/file URI absolute, so trials in other working dirs find the same store."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).expanduser().resolve())
+    if "://" not in uri:
+        return Path(uri).expanduser().resolve().as_uri()
+    return uri
+
+
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+    """Fail within seconds, naming the URI, when the tracking store cannot be reached or written."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                pass
+        except OSError as e:
+            raise SallError(f"MLflow tracking server {uri} cannot be reached ({e.strerror or e}); "
+                            "expected a running `mlflow server` at that address (--mlflow-uri)") from None
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+                if r.status != 200:
+                    raise OSError(f"HTTP {r.status}")
+        except OSError as e:
+            raise SallError(f"MLflow tracking server {uri} did not answer /health ({e}); expected a "
+                            "running `mlflow server` (--mlflow-uri)") from None
+    elif parsed.scheme == "sqlite":
+        path = Path(uri[len("sqlite:///"):])
+        folder = path.parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise SallError(f"MLflow tracking URI {uri}: folder '{folder}' does not exist or cannot be "
+                            "written; expected a writable folder for the SQLite file (--mlflow-uri)")
+    elif parsed.scheme in ("file", ""):
+        folder = Path(parsed.path)
+        while not folder.exists():
+            folder = folder.parent
+        if not os.access(folder, os.W_OK):
+            raise SallError(f"MLflow tracking URI {uri} cannot be written; expected a writable folder")
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """The experiment's id, creating it (and, for SQLite, the schema) once, from the driver."""
+    c = client(uri)
+    exp = retry(c.get_experiment_by_name, name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            retry(c.restore_experiment, exp.experiment_id)
+        return exp.experiment_id
+    artifact_location = None
+    if uri.startswith("sqlite:///"):  # keep artifacts next to the database, not in a trial's cwd
+        artifact_location = (Path(uri[len("sqlite:///"):]).parent / "mlruns").resolve().as_uri()
+    try:
+        return retry(c.create_experiment, name, artifact_location=artifact_location)
+    except Exception:
+        exp = retry(c.get_experiment_by_name, name)  # created concurrently
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def find_runs(uri: str, experiment_id: str, filter_string: str, max_results: int = 1000) -> list:
+    c = client(uri)
+    return retry(c.search_runs, [experiment_id], filter_string=filter_string, max_results=max_results)
+
+
+def parent_run(uri: str, experiment_id: str, sweep: str, sweep_id: str, params: dict[str, str]) -> str:
+    """The parent run of this sweep invocation: reused when the same sweep is resumed."""
+    runs = find_runs(uri, experiment_id, f"tags.`{TAG_SWEEP_ID}` = '{sweep_id}' and tags.`{TAG_STAGE}` = 'sweep'")
+    c = client(uri)
+    if runs:
+        run_id = runs[0].info.run_id
+        retry(c.update_run, run_id, status="RUNNING")
+        return run_id
+    run = retry(c.create_run, experiment_id, run_name=f"{sweep} sweep",
+                tags={TAG_STAGE: "sweep", TAG_SWEEP: sweep, TAG_SWEEP_ID: sweep_id})
+    for k, v in params.items():
+        retry(c.log_param, run.info.run_id, k, str(v)[:6000])
+    return run.info.run_id
+
+
+def end_run(uri: str, run_id: str, status: str) -> None:
+    retry(client(uri).set_terminated, run_id, status=status)
+
+
+def log_dict_artifact(uri: str, run_id: str, obj: Any, name: str, artifact_path: str | None = None) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / name
+        p.write_text(json.dumps(obj, indent=2, default=str))
+        retry(client(uri).log_artifact, run_id, str(p), artifact_path)
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float | None], step: int = 0) -> None:
+    """Log finite scalars in one batch (NaN/None, e.g. `err` with no wrong prediction, is skipped)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+             if v is not None and v == v and abs(float(v)) != float("inf")]
+    for i in range(0, len(batch), 900):
+        retry(client(uri).log_batch, run_id, metrics=batch[i:i + 900])

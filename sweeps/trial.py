@@ -1,0 +1,161 @@
+"""The Ray Tune trainable: one trial = the whole SALL chain, logged to MLflow as a child run."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+from sall.config import config_from_dict
+from sall.store import ArtifactStore
+from sweeps import tracking as tr
+from sweeps.tracking import retry
+
+
+def teacher_run(uri: str, experiment_id: str, parent_id: str, sweep: str, store: ArtifactStore, teacher) -> str:
+    """The MLflow run of a teacher in this experiment: created once (under a lock in the shared
+    cache, so concurrent trials on any node agree), then pointed to by every trial that uses it."""
+    with store.lock(f"mlflow-teacher-{experiment_id}-{teacher.key}"):
+        runs = tr.find_runs(uri, experiment_id,
+                            f"tags.`{tr.TAG_TEACHER_KEY}` = '{teacher.key}' and tags.`{tr.TAG_STAGE}` = 'teacher'")
+        if runs:
+            return runs[0].info.run_id
+        c = tr.client(uri)
+        info = teacher.info
+        run = retry(c.create_run, experiment_id, run_name=f"teacher {teacher.task} fold{info['fields']['fold']}",
+                    tags={tr.TAG_STAGE: "teacher", tr.TAG_SWEEP: sweep, tr.TAG_TEACHER_KEY: teacher.key,
+                          tr.TAG_FOLD: str(info["fields"]["fold"]), tr.TAG_PARENT: parent_id,
+                          "sall.task": teacher.task, "sall.trained_now": str(teacher.fetched.built)})
+        rid = run.info.run_id
+        for k, v in info["fields"].items():
+            retry(c.log_param, rid, k, v)
+        for h in info["history"]:
+            tr.log_metrics(uri, rid, {k: v for k, v in h.items() if "/" in k}, step=int(h["epoch"]))
+        tr.log_metrics(uri, rid, {f"test/{teacher.task}/{k}": v for k, v in info["test"].items()
+                                  if isinstance(v, (int, float))})
+        tr.log_metrics(uri, rid, {"best_epoch": info["best_epoch"], "train_seconds": info["seconds"]})
+        tr.end_run(uri, rid, "FINISHED")
+        return rid
+
+
+def _find_trial_run(uri: str, experiment_id: str, parent_id: str, config_key: str):
+    runs = tr.find_runs(uri, experiment_id,
+                        f"tags.`{tr.TAG_CONFIG_KEY}` = '{config_key}' and tags.`{tr.TAG_PARENT}` = '{parent_id}'")
+    return runs[0] if runs else None
+
+
+def _final_metrics(res) -> dict[str, float]:
+    from sall.metrics import scalar_metrics
+
+    out: dict[str, float] = {}
+    for task, m in res.test.items():
+        out.update({f"test/{task}/{k}": v for k, v in scalar_metrics(m).items()})
+    for task, m in res.val.items():
+        out[f"val_best/{task}/acc"] = m["acc"]
+    for task, s in res.soft.items():
+        out[f"soft/{task}/max_mean"] = s["max_mean"]
+        out[f"soft/{task}/var"] = s["var"]
+    out["trial_seconds"] = res.seconds
+    return out
+
+
+def _log_artifacts(uri: str, run_id: str, res) -> None:
+    from sall.metrics import to_jsonable
+    from sall.plots import confusion_csv, plot_confusion, plot_reliability, reliability_csv
+    from sall.tasks import TASKS
+
+    c = tr.client(uri)
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        (root / "config.json").write_text(res.config.to_json())
+        (root / "metrics.json").write_text(json.dumps(to_jsonable(
+            {"test": res.test, "val": res.val, "soft": res.soft, "history": res.history,
+             "profile": res.profile}), indent=2))
+        for task, m in res.test.items():
+            names = list(TASKS[task].grades)
+            plot_confusion(m["confusion"], names, f"{task} confusion, {res.config.key()}", str(root / f"confusion_{task}.png"))
+            confusion_csv(m["confusion"], names, str(root / f"confusion_{task}.csv"))
+            plot_reliability(m["reliability"], f"{task} reliability (ECE {m['ece']:.3f})", str(root / f"reliability_{task}.png"))
+            reliability_csv(m["reliability"], str(root / f"reliability_{task}.csv"))
+        retry(c.log_artifacts, run_id, str(root))
+    retry(c.log_artifact, run_id, res.student_path, "model")
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """Tune entry point. `config` holds the trial's TrialConfig (`cfg`), its label and the sweep's
+    settings (`sweep`: tracking URI, experiment, parent run, cache dir, threads)."""
+    from ray import tune
+
+    from sall.chain import Hooks, run_chain
+
+    sw = config["sweep"]
+    cfg = config_from_dict(config["cfg"])
+    uri, exp_id, parent_id = sw["mlflow_uri"], sw["experiment_id"], sw["parent_run_id"]
+    key = cfg.key()
+    existing = _find_trial_run(uri, exp_id, parent_id, key)
+    if existing is not None and existing.info.status == "FINISHED":
+        # finished before a crash of the driver: report what it logged, do not run or log again
+        metrics = {k: v for k, v in existing.data.metrics.items() if k.startswith("test/")}
+        tune.report({**_tune_metrics(metrics), "mlflow_run_id": existing.info.run_id, "reused_run": 1})
+        return
+    c = tr.client(uri)
+    if existing is not None:
+        run_id = existing.info.run_id
+        retry(c.update_run, run_id, status="RUNNING")
+    else:
+        tags = {tr.TAG_STAGE: "student", tr.TAG_SWEEP: sw["sweep"], tr.TAG_FOLD: str(cfg.fold),
+                tr.TAG_TRIAL_KEY: cfg.trial_key(), tr.TAG_CONFIG_KEY: key, tr.TAG_LABEL: config["label"],
+                tr.TAG_PARENT: parent_id, "sall.node": _node(), "sall.host": socket.gethostname()}
+        run = retry(c.create_run, exp_id, run_name=f"{config['label']} fold{cfg.fold}", tags=tags)
+        run_id = run.info.run_id
+        for k, v in cfg.params().items():
+            retry(c.log_param, run_id, k, v[:6000])
+    retry(c.set_tag, run_id, "sall.node", _node())
+    store = ArtifactStore(sw["cache_dir"])
+
+    def teacher_ready(teacher) -> None:
+        rid = teacher_run(uri, exp_id, parent_id, sw["sweep"], store, teacher)
+        retry(c.set_tag, run_id, f"sall.teacher.{teacher.task}", rid)
+        retry(c.set_tag, run_id, f"{tr.TAG_TEACHER_KEY}.{teacher.task}", teacher.key)
+
+    def student_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        tr.log_metrics(uri, run_id, {k: v for k, v in metrics.items() if "/" in k}, step=epoch)
+
+    try:
+        res = run_chain(cfg, sw["cache_dir"], Hooks(teacher_ready=teacher_ready, student_epoch=student_epoch))
+        final = _final_metrics(res)
+        tr.log_metrics(uri, run_id, final)
+        if cfg.profile:
+            tr.log_metrics(uri, run_id, {f"profile/{k}": v for k, v in res.profile.items()})
+        _log_artifacts(uri, run_id, res)
+        retry(c.set_tag, run_id, "sall.teachers_trained",
+              ",".join(t for t, d in res.teachers.items() if d["built"]) or "none")
+    except BaseException as e:
+        retry(c.set_tag, run_id, "sall.error", f"{type(e).__name__}: {e}"[:5000])
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / "error.txt"
+            p.write_text(traceback.format_exc())
+            retry(c.log_artifact, run_id, str(p))
+        tr.end_run(uri, run_id, "FAILED")
+        raise
+    tr.end_run(uri, run_id, "FINISHED")
+    tune.report({**_tune_metrics(final), "mlflow_run_id": run_id, "reused_run": 0,
+                 "teachers_trained": sum(int(d["built"]) for d in res.teachers.values())})
+
+
+def _tune_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Tune-friendly names (no slashes) of the test metrics, for its progress and result grid."""
+    return {k.replace("test/", "").replace("/", "_"): v for k, v in metrics.items()
+            if k.startswith("test/") and v is not None}
+
+
+def _node() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return os.environ.get("HOSTNAME", socket.gethostname())

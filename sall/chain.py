@@ -294,7 +294,10 @@ def run_chain(cfg: TrialConfig, cache_dir: str | Path, hooks: Hooks | None = Non
             model = teachers[heads[0]].model(cfg).to(rt.device)
             reused.append(heads[0])
             for h in teachers[heads[0]].info["history"]:
-                history.setdefault(int(h["epoch"]), {}).update({k: v for k, v in h.items() if "/" in k})
+                epoch_metrics = {k: v for k, v in h.items() if "/" in k}
+                history.setdefault(int(h["epoch"]), {}).update(epoch_metrics)
+                if hooks.student_epoch:  # the baseline model's training curve is its teacher's
+                    hooks.student_epoch(int(h["epoch"]), epoch_metrics)
             log(f"[student] baseline {heads[0]}: the single-task model is the teacher; reusing it")
         else:
             model, res = train_student(cfg, data, rows, row_tasks, heads, soft, rt, hooks, seed=cfg.seed + 1 + g)

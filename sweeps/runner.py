@@ -75,8 +75,15 @@ def build_parser(sweep: str, description: str, add_args: Callable[[argparse.Argu
     c.add_argument("--debug-fail", default="", help=argparse.SUPPRESS)
     add_data_model_args(p)
     if add_args:
-        add_args(p.add_argument_group(f"{sweep} grid"))
+        g = p.add_argument_group(f"{sweep} grid")
+        add_args(g)
+        p.set_defaults(_grid_dests=[a.dest for a in g._group_actions])
     return p
+
+
+def grid_overridden(args: argparse.Namespace, parser: argparse.ArgumentParser) -> bool:
+    """Did the user set any of the sweep's own grid flags?"""
+    return any(getattr(args, d) != parser.get_default(d) for d in getattr(args, "_grid_dests", []))
 
 
 @dataclass
@@ -243,6 +250,8 @@ def run_sweep(sweep: str, description: str, grid_fn: GridFn,
     """Parse flags, check everything, then run (or resume) the sweep. Returns the exit code."""
     parser = build_parser(sweep, description, add_args)
     args = parser.parse_args(argv)
+    if grid_overridden(args, parser):
+        smoke_grid = None  # --smoke trims only the default grid, never one the user chose
     return guarded(lambda: _run(sweep, args, grid_fn, smoke_grid), args.debug)
 
 

@@ -1,0 +1,118 @@
+"""Sweeps end to end: every script with --smoke on a real local Ray and a real MLflow store."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+
+import pytest
+
+from sweep_helpers import ROOT, by_stage, run, runs, sweep_cmd
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("sweep,experiment,min_trials", [
+    ("ablation", "sall-ablation", 3),
+    ("data_ratio", "sall-data_ratio", 3),
+    ("sample_caps", "sall-sample_caps", 4),
+    ("task_count", "sall-task_count", 3),
+])
+def test_each_sweep_completes_with_smoke(tmp_path, sweep, experiment, min_trials):
+    out = run(sweep_cmd(sweep, tmp_path, "--folds", "0"), tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rs = runs(tmp_path, experiment)
+    students = [r for r in rs if r.data.tags.get("sall.stage") == "student"]
+    assert len(students) >= min_trials
+    assert all(r.info.status == "FINISHED" for r in students)
+    teachers = [r for r in rs if r.data.tags.get("sall.stage") == "teacher"]
+    keys = [r.data.tags["sall.teacher_key"] for r in teachers]
+    assert len(keys) == len(set(keys))  # one run per teacher
+    assert "[trial]" in out.stderr and "[sweep] done" in out.stderr
+
+
+def test_temperature_smoke_logs_the_contract(tmp_path):
+    out = run(sweep_cmd("temperature", tmp_path), tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rs = runs(tmp_path, "sall-temperature")
+    counts = by_stage(rs)
+    assert counts[("sweep", "FINISHED")] == 1
+    assert counts[("student", "FINISHED")] == 9  # baseline, T=1, T=8 x 3 folds
+    assert counts[("teacher", "FINISHED")] == 2 * 3  # tasks x folds
+    parent = next(r for r in rs if r.data.tags["sall.stage"] == "sweep").info.run_id
+    teacher_ids = {r.info.run_id for r in rs if r.data.tags["sall.stage"] == "teacher"}
+    for r in rs:
+        if r.data.tags["sall.stage"] != "student":
+            continue
+        assert r.data.tags["mlflow.parentRunId"] == parent
+        assert {"sall.trial_key", "sall.fold", "sall.sweep"} <= set(r.data.tags)
+        assert r.data.tags["sall.teacher.dr"] in teacher_ids
+        assert {"test/dr/acc", "test/amd/kappa", "val/dr/acc", "train/amd/loss"} <= set(r.data.metrics)
+        assert r.data.params["temperature"] in ("1.0", "8.0")
+    # three folds of one setting share its trial key
+    keys = Counter(r.data.tags["sall.trial_key"] for r in rs if r.data.tags["sall.stage"] == "student")
+    assert sorted(keys.values()) == [3, 3, 3]
+    # rerunning the same command runs nothing again and logs nothing twice
+    again = run(sweep_cmd("temperature", tmp_path), tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert by_stage(runs(tmp_path, "sall-temperature")) == counts
+
+
+def test_two_trials_needing_one_teacher_train_it_once(tmp_path):
+    out = run(sweep_cmd("temperature", tmp_path, "--folds", "0", "--temperatures", "3,8", "--no-baseline",
+                        "--max-concurrent-trials", "2", "--teacher-epochs", "4"), tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rs = runs(tmp_path, "sall-temperature")
+    students = [r for r in rs if r.data.tags["sall.stage"] == "student"]
+    assert len(students) == 2
+    a, b = students
+    assert a.info.start_time < b.info.end_time and b.info.start_time < a.info.end_time  # concurrent
+    trained = Counter(t for r in students for t in r.data.tags["sall.teachers_trained"].split(",") if t != "none")
+    assert trained == Counter({"dr": 1, "amd": 1})
+    assert len(list((tmp_path / "cache" / "teachers").glob("*.pt"))) == 2
+    assert sum(r.data.tags["sall.stage"] == "teacher" for r in rs) == 2
+
+
+def test_sigkill_of_the_driver_then_rerun_finishes_every_trial_once(tmp_path):
+    cmd = sweep_cmd("temperature", tmp_path, "--folds", "0,1", "--max-concurrent-trials", "1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env, start_new_session=True)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            done = [r for r in runs(tmp_path, "sall-temperature")
+                    if r.data.tags.get("sall.stage") == "student" and r.info.status == "FINISHED"]
+            if len(done) >= 2:
+                break
+            assert proc.poll() is None, "the sweep ended before it could be killed"
+            time.sleep(1)
+        else:
+            pytest.fail("no trial finished in time")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)  # the driver only, as a crash would
+        proc.wait()
+    finished_before = {r.info.run_id: r.info.end_time for r in runs(tmp_path, "sall-temperature")
+                       if r.data.tags.get("sall.stage") == "student" and r.info.status == "FINISHED"}
+    time.sleep(2)
+    out = run(cmd, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rs = runs(tmp_path, "sall-temperature")
+    students = [r for r in rs if r.data.tags["sall.stage"] == "student"]
+    keys = Counter(r.data.tags["sall.config_key"] for r in students)
+    assert len(keys) == 6 and set(keys.values()) == {1}  # 3 settings x 2 folds, once each
+    assert all(r.info.status == "FINISHED" for r in students)
+    for r in students:  # runs finished before the kill were left as they were
+        if r.info.run_id in finished_before:
+            assert r.info.end_time == finished_before[r.info.run_id]
+    assert sum(r.data.tags["sall.stage"] == "sweep" for r in rs) == 1
+
+
+def test_dry_run_lists_trials_and_teachers(tmp_path):
+    out = run(sweep_cmd("temperature", tmp_path, "--dry-run"), tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "9 trials; 6 teachers: 6 to train" in out.stdout
+    assert "[reuse]" in out.stdout
+    assert not (tmp_path / "mlflow.db").exists()

@@ -17,8 +17,8 @@ N_FOLDS = 3
 # (Inception-v3 at 299 px with ImageNet weights, Adam 1e-5, Table II) for GPU clusters.
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(
-        backbone="mobilenetv3_small_050", image_size=64, pretrained=False, lr=2e-3, batch_size=64,
-        teacher_epochs=12, student_epochs=12, synthetic_n=720,
+        backbone="test_resnet", image_size=64, pretrained=False, lr=3e-3, batch_size=32,
+        teacher_epochs=15, student_epochs=15, synthetic_n=1000,
     ),
     "paper": dict(
         backbone="inception_v3", image_size=299, pretrained=True, lr=1e-5, batch_size=32,
@@ -39,7 +39,7 @@ class TrialConfig:
     # data
     dataset: str = "synthetic"
     data_root: str | None = None
-    synthetic_n: int = 720
+    synthetic_n: int = 1000
     tasks: tuple[str, ...] = ("dr", "amd")
     fold: int = 0
     class_cap: int | None = None
@@ -47,18 +47,18 @@ class TrialConfig:
     sample_counts: tuple[tuple[str, float], ...] = ()
     # model and optimisation
     preset: str = "cpu"
-    backbone: str = "mobilenetv3_small_050"
+    backbone: str = "test_resnet"
     image_size: int = 64
     pretrained: bool = False
     pretrained_path: str | None = None
     optimizer: str = "adam"
-    lr: float = 2e-3
+    lr: float = 3e-3
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
-    batch_size: int = 64
-    teacher_epochs: int = 12
-    student_epochs: int = 12
+    batch_size: int = 32
+    teacher_epochs: int = 15
+    student_epochs: int = 15
     augment: bool = True
     seed: int = 0
     # the SALL switches

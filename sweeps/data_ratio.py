@@ -31,10 +31,10 @@ def grid(args: argparse.Namespace, base: TrialConfig) -> Grid:
         fb = [round(c / PAPER_AMD[-1], 4) for c in PAPER_AMD]  # reduce the second task (AMD)
         fa = [round(c / PAPER_DR[-1], 4) for c in PAPER_DR]  # reduce the first task (DR)
     sall = base.replace(temperature=args.ratio_temperature, multitask=True, sa_labels=True)
-    out: Grid = []
+    out: Grid = [("all", sall)]
     for f in fb:
-        counts = () if f == 1.0 else ((b, f),)
-        out.append((f"{b}={f:g}" if counts else "all", sall.replace(sample_counts=counts)))
+        if f != 1.0:
+            out.append((f"{b}={f:g}", sall.replace(sample_counts=((b, f),))))
     for f in fa:
         if f == 1.0:
             continue  # the same trial as "all"
@@ -43,8 +43,11 @@ def grid(args: argparse.Namespace, base: TrialConfig) -> Grid:
 
 
 def smoke(g: Grid) -> Grid:
-    """--smoke: all data, and the smallest share of each task."""
-    return [g[0], *[x for x in g if x[0] != "all"][:1], g[-len(g) // 2]] if len(g) > 2 else g
+    """--smoke: all data, and the smallest share of each task in turn."""
+    first_of = {}
+    for label, cfg in g[1:]:
+        first_of.setdefault(label.split("=")[0], (label, cfg))
+    return [g[0], *first_of.values()]
 
 
 if __name__ == "__main__":

@@ -72,7 +72,6 @@ def build_parser(sweep: str, description: str, add_args: Callable[[argparse.Argu
     c.add_argument("--profile", action="store_true", help="log where each trial's time goes (profile/* metrics)")
     c.add_argument("--no-teacher-reuse", action="store_true",
                    help="benchmarks only: give every trial a private cache, so nothing is reused")
-    c.add_argument("--debug-fail", default="", help=argparse.SUPPRESS)
     add_data_model_args(p)
     if add_args:
         g = p.add_argument_group(f"{sweep} grid")
@@ -259,8 +258,7 @@ def _run(sweep: str, args: argparse.Namespace, grid_fn: GridFn, smoke_grid) -> i
     over = config_overrides(args)
     threads = max(1, int(args.cpus_per_trial)) if args.threads is None else args.threads
     over["threads"] = threads
-    base = from_preset(args.preset, smoke=args.smoke, profile=args.profile, debug_fail=args.debug_fail,
-                       **over)
+    base = from_preset(args.preset, smoke=args.smoke, profile=args.profile, **over)
     base.validate()
     grid = grid_fn(args, base)
     if args.smoke and smoke_grid is not None:

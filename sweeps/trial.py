@@ -63,6 +63,8 @@ def _final_metrics(res) -> dict[str, float]:
 
 
 def _log_artifacts(uri: str, run_id: str, res) -> None:
+    import pandas as pd
+
     from sall.metrics import to_jsonable
     from sall.plots import confusion_csv, plot_confusion, plot_reliability, reliability_csv
     from sall.tasks import TASKS
@@ -80,6 +82,10 @@ def _log_artifacts(uri: str, run_id: str, res) -> None:
             confusion_csv(m["confusion"], names, str(root / f"confusion_{task}.csv"))
             plot_reliability(m["reliability"], f"{task} reliability (ECE {m['ece']:.3f})", str(root / f"reliability_{task}.png"))
             reliability_csv(m["reliability"], str(root / f"reliability_{task}.csv"))
+        for task, p in res.predictions.items():  # per-image test predictions (analysis/ bootstraps)
+            cols = {"row": p["rows"], "label": p["labels"]}
+            cols.update({f"prob_{k}": p["probs"][:, k] for k in range(p["probs"].shape[1])})
+            pd.DataFrame(cols).to_csv(root / f"predictions_{task}.csv", index=False, float_format="%.6g")
         retry(c.log_artifacts, run_id, str(root))
     retry(c.log_artifact, run_id, res.student_path, "model")
 
@@ -93,6 +99,11 @@ def run_trial(config: dict[str, Any]) -> None:
 
     sw = config["sweep"]
     cfg = config_from_dict(config["cfg"])
+    # tests only: SALL_DEBUG_FAIL="student[:once][@label]" makes matching trials raise
+    spec = os.environ.get("SALL_DEBUG_FAIL", "")
+    mode, _, target = spec.partition("@")
+    if mode and target in ("", config["label"]):
+        cfg = cfg.replace(debug_fail=mode)
     uri, exp_id, parent_id = sw["mlflow_uri"], sw["experiment_id"], sw["parent_run_id"]
     key = cfg.key()
     existing = _find_trial_run(uri, exp_id, parent_id, key)
@@ -102,15 +113,18 @@ def run_trial(config: dict[str, Any]) -> None:
         tune.report({**_tune_metrics(metrics), "mlflow_run_id": existing.info.run_id, "reused_run": 1})
         return
     c = tr.client(uri)
-    if existing is not None:
+    if existing is not None:  # a retry, or a rerun after a crash: log into the same run
         run_id = existing.info.run_id
         retry(c.update_run, run_id, status="RUNNING")
+        attempts = int(existing.data.tags.get("sall.attempts", "1")) + 1
+        retry(c.set_tag, run_id, "sall.attempts", str(attempts))
     else:
         tags = {tr.TAG_STAGE: "student", tr.TAG_SWEEP: sw["sweep"], tr.TAG_FOLD: str(cfg.fold),
                 tr.TAG_TRIAL_KEY: cfg.trial_key(), tr.TAG_CONFIG_KEY: key, tr.TAG_LABEL: config["label"],
                 tr.TAG_PARENT: parent_id, "sall.node": _node(), "sall.host": socket.gethostname()}
         run = retry(c.create_run, exp_id, run_name=f"{config['label']} fold{cfg.fold}", tags=tags)
         run_id = run.info.run_id
+        retry(c.set_tag, run_id, "sall.attempts", "1")
         for k, v in cfg.params().items():
             retry(c.log_param, run_id, k, v[:6000])
     retry(c.set_tag, run_id, "sall.node", _node())

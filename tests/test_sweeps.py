@@ -116,3 +116,33 @@ def test_dry_run_lists_trials_and_teachers(tmp_path):
     assert "9 trials; 6 teachers: 6 to train" in out.stdout
     assert "[reuse]" in out.stdout
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_failing_trial_is_retried_reported_and_rerun_alone(tmp_path):
+    cmd = sweep_cmd("temperature", tmp_path, "--folds", "0", "--max-failures", "1")
+    env = dict(os.environ, SALL_DEBUG_FAIL="student@T=8", PYTHONUNBUFFERED="1")
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "1 trial(s) failed" in out.stderr and "T=8 fold0" in out.stderr
+    assert "rerun the same command" in out.stderr
+    rs = [r for r in runs(tmp_path, "sall-temperature") if r.data.tags["sall.stage"] == "student"]
+    status = {r.data.tags["sall.label"]: r for r in rs}
+    assert status["T=8"].info.status == "FAILED"
+    assert status["T=8"].data.tags["sall.attempts"] == "2"  # retried per FailureConfig(max_failures=1)
+    assert "injected failure" in status["T=8"].data.tags["sall.error"]
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert "error.txt" in [a.path for a in c.list_artifacts(status["T=8"].info.run_id)]
+    assert status["baseline"].info.status == "FINISHED" and status["T=1"].info.status == "FINISHED"
+    ends = {k: r.info.end_time for k, r in status.items() if k != "T=8"}
+    # the same command, now without the fault: only the failed trial runs again
+    again = run(cmd, tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rs = [r for r in runs(tmp_path, "sall-temperature") if r.data.tags["sall.stage"] == "student"]
+    assert len(rs) == 3 and all(r.info.status == "FINISHED" for r in rs)
+    for r in rs:
+        if r.data.tags["sall.label"] != "T=8":
+            assert r.info.end_time == ends[r.data.tags["sall.label"]]
+        else:
+            assert r.data.tags["sall.attempts"] == "3"

@@ -168,14 +168,16 @@ class Progress:
 
             def _line(self, trials) -> None:
                 running = sum(t.status == "RUNNING" for t in trials)
-                pending = self.total - self.done - self.failed - running
+                self.max_running = max(getattr(self, "max_running", 1), running)
+                pending = max(self.total - self.done - self.failed - running, 0)
                 el = time.time() - self.t0
                 eta = ""
-                if self.durations:
-                    par = max(running, 1)
-                    eta = f" · ETA {_fmt(sum(self.durations) / len(self.durations) * max(pending + running * 0.5, 0) / par)}"
+                if self.durations:  # recent trials: the first ones also trained the teachers
+                    recent = self.durations[-2 * self.max_running:]
+                    left = (pending + running * 0.5) * sum(recent) / len(recent) / self.max_running
+                    eta = f" · ETA {_fmt(left)}"
                 print(f"[sweep] done {self.done}/{self.total} · failed {self.failed} · running {running} · "
-                      f"pending {max(pending, 0)} · elapsed {_fmt(el)}{eta}", file=sys.stderr, flush=True)
+                      f"pending {pending} · elapsed {_fmt(el)}{eta}", file=sys.stderr, flush=True)
 
             def on_trial_complete(self, iteration, trials, trial, **info):
                 self.done += 1

@@ -123,8 +123,11 @@ class LocalCluster:
 
 
 @contextlib.contextmanager
-def start_local_cluster(directory: Path, workers: int = 2, cpus_per_node: int = 1, mlflow: bool = True):
+def start_local_cluster(directory: Path, workers: int = 2, cpus_per_node: int = 1, mlflow: bool = True,
+                        head_cpus: int | None = None):
     args = ["up", "--dir", str(directory), "--workers", str(workers), "--cpus-per-node", str(cpus_per_node)]
+    if head_cpus is not None:
+        args += ["--head-cpus", str(head_cpus)]
     if not mlflow:
         args.append("--no-mlflow")
     _cli(*args, timeout=240)

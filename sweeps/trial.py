@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -135,16 +137,24 @@ def run_trial(config: dict[str, Any]) -> None:
         retry(c.set_tag, run_id, f"sall.teacher.{teacher.task}", rid)
         retry(c.set_tag, run_id, f"{tr.TAG_TEACHER_KEY}.{teacher.task}", teacher.key)
 
+    logging_s = [0.0]  # time spent talking to MLflow, for --profile
+
     def student_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        t0 = time.perf_counter()
         tr.log_metrics(uri, run_id, {k: v for k, v in metrics.items() if "/" in k}, step=epoch)
+        logging_s[0] += time.perf_counter() - t0
 
     try:
         res = run_chain(cfg, sw["cache_dir"], Hooks(teacher_ready=teacher_ready, student_epoch=student_epoch))
         final = _final_metrics(res)
+        t0 = time.perf_counter()
         tr.log_metrics(uri, run_id, final)
-        if cfg.profile:
-            tr.log_metrics(uri, run_id, {f"profile/{k}": v for k, v in res.profile.items()})
         _log_artifacts(uri, run_id, res)
+        logging_s[0] += time.perf_counter() - t0
+        if cfg.profile:
+            prof = {**res.profile, "logging_s": logging_s[0]}
+            tr.log_metrics(uri, run_id, {f"profile/{k}": v for k, v in prof.items()})
+            print("[profile] " + ", ".join(f"{k} {v:.1f}s" for k, v in prof.items()), file=sys.stderr, flush=True)
         retry(c.set_tag, run_id, "sall.teachers_trained",
               ",".join(t for t, d in res.teachers.items() if d["built"]) or "none")
     except BaseException as e:

@@ -40,9 +40,10 @@ def log(msg: str) -> None:
 # data
 @functools.lru_cache(maxsize=8)
 def _load_manifest_cached(dataset: str, data_root: str | None, synthetic_n: int) -> tuple[pd.DataFrame, dict, str]:
-    from sall.data.sources import load_manifest
+    from sall.data.sources import format_summary, load_manifest
 
     manifest, summary = load_manifest(dataset, data_root, synthetic_n=synthetic_n)
+    log(format_summary(summary))  # once per process: what was loaded, what was skipped and why
     return manifest, summary, fingerprint(manifest)
 
 
@@ -121,11 +122,14 @@ def new_model(cfg: TrialConfig, heads: list[str], seed: int) -> MultiHeadNet:
 
 
 def evaluate(model: torch.nn.Module, task: str, data: Data, split: str, temperature: float,
-             rt: Runtime) -> dict[str, Any]:
-    """A head on its own task's split: softmax(z / T), the output it was trained to produce."""
+             rt: Runtime, predictions: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """A head on its own task's split: softmax(z / T), the output it was trained to produce.
+    With `predictions` (a dict), also fills it with the per-image rows, labels and probs."""
     rows = data.rows(split, task)
     z = predict(model, data.images, rows, rt)[task]
     probs = torch.softmax(torch.from_numpy(z) / temperature, dim=1).numpy()
+    if predictions is not None:
+        predictions.update(rows=rows, labels=data.labels(rows), probs=probs)
     return classification_metrics(probs, data.labels(rows))
 
 
@@ -229,6 +233,8 @@ class ChainResult:
     student_path: str
     seconds: float
     reused_teacher_as_baseline: list[str] = field(default_factory=list)
+    # task -> {rows, labels, probs} of its test split, per image (for paired bootstraps)
+    predictions: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         from sall.metrics import scalar_metrics, to_jsonable
@@ -289,6 +295,7 @@ def run_chain(cfg: TrialConfig, cache_dir: str | Path, hooks: Hooks | None = Non
     states: dict[str, dict] = {}
     history: dict[int, dict[str, float]] = {}
     reused: list[str] = []
+    predictions: dict[str, dict[str, np.ndarray]] = {}
     for g, heads in enumerate(groups):
         if len(heads) == 1 and baseline_is_teacher(cfg, heads[0]):
             model = teachers[heads[0]].model(cfg).to(rt.device)
@@ -307,7 +314,7 @@ def run_chain(cfg: TrialConfig, cache_dir: str | Path, hooks: Hooks | None = Non
                 profile[k] = profile.get(k, 0.0) + v
         t0 = time.time()
         for t in heads:
-            test[t] = evaluate(model, t, data, "test", cfg.temperature, rt)
+            test[t] = evaluate(model, t, data, "test", cfg.temperature, rt, predictions.setdefault(t, {}))
             val[t] = evaluate(model, t, data, "val", cfg.temperature, rt)
         profile["final_eval_s"] = profile.get("final_eval_s", 0.0) + time.time() - t0
         states.update({f"{g}.{k}": v for k, v in getattr(model, "_orig_mod", model).state_dict().items()})
@@ -328,7 +335,7 @@ def run_chain(cfg: TrialConfig, cache_dir: str | Path, hooks: Hooks | None = Non
                           path=str(tc.fetched.path), info=tc.info) for t, tc in teachers.items()},
         history=[{"epoch": e, **m} for e, m in sorted(history.items())],
         profile=profile, student_path=str(student_path), seconds=time.time() - t_start,
-        reused_teacher_as_baseline=reused,
+        reused_teacher_as_baseline=reused, predictions=predictions,
     )
 
 

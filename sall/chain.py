@@ -182,7 +182,9 @@ def get_teacher(cfg: TrialConfig, task: str, data: Data, store: ArtifactStore, r
         _save({"state": res.state, "info_json": _json(info)}, tmp)
 
     fetched = store.get_or_build("teachers", key, ".pt", build)
-    if not fetched.built:
+    if fetched.built:  # logits of an earlier (e.g. corrupt, rebuilt) teacher of this key are stale
+        store.path("logits", key, ".npy").unlink(missing_ok=True)
+    else:
         log(f"[teacher {task}] reusing {key}")
     import json
 

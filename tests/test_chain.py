@@ -73,3 +73,14 @@ def test_cli_prints_json_metrics(cache):
     assert set(res["test"]) == {"dr", "amd"}
     assert {"acc", "conf", "err", "ece", "nll", "brier", "kappa", "macro_f1"} <= set(res["test"]["dr"])
     assert "[teacher dr] reusing" in out.stderr
+
+
+def test_corrupt_teacher_is_rebuilt_with_a_warning(tmp_path, capsys):
+    a = run_chain(tiny(temperature=3.0, tasks=("dr", "amd")), tmp_path)
+    path = a.teachers["dr"]["path"]
+    with open(path, "r+b") as f:  # flip bytes in the middle: bit rot on shared storage
+        f.seek(200)
+        f.write(b"\x00" * 64)
+    b = run_chain(tiny(temperature=5.0), tmp_path)
+    assert b.teachers["dr"]["built"] and not b.teachers["amd"]["built"]
+    assert "corrupt" in capsys.readouterr().err

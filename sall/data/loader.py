@@ -6,6 +6,8 @@ augmentation on the device.
 """
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -14,12 +16,15 @@ import torch
 from sall.data.augment import augment_batch, standardize, to_float
 
 
+_END = object()
+
+
 class Batches:
     """Iterate (x, positions) over `rows` of `images`; positions index into `rows`."""
 
     def __init__(self, images: np.ndarray, rows: np.ndarray, batch_size: int, *, shuffle: bool,
                  augment: bool, device: torch.device, seed: int = 0, channels_last: bool = False,
-                 drop_last: bool = False) -> None:
+                 drop_last: bool = False, prefetch: bool = True) -> None:
         self.images = images
         self.rows = np.asarray(rows)
         self.batch_size = batch_size
@@ -31,12 +36,51 @@ class Batches:
         self.generator = torch.Generator().manual_seed(seed)
         self.rng = np.random.default_rng(seed)
         self.pin = device.type == "cuda"
+        self.prefetch = prefetch
 
     def __len__(self) -> int:
         n = len(self.rows)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+        if not self.prefetch:
+            yield from self._batches()
+            return
+        # one batch ahead in a background thread: numpy indexing and torch kernels release the
+        # GIL, so the next batch is assembled while the model computes on this one
+        q: queue.Queue = queue.Queue(maxsize=2)
+        stop = threading.Event()
+
+        def produce() -> None:
+            try:
+                for item in self._batches():
+                    while not stop.is_set():
+                        try:
+                            q.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                q.put(_END)
+            except BaseException as e:  # surfaced in the consumer
+                q.put(e)
+
+        t = threading.Thread(target=produce, daemon=True)
+        t.start()
+        try:
+            while True:
+                item = q.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            t.join(timeout=5)
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
         order = self.rng.permutation(len(self.rows)) if self.shuffle else np.arange(len(self.rows))
         for b in range(len(self)):
             pos = order[b * self.batch_size:(b + 1) * self.batch_size]

@@ -257,6 +257,12 @@ def run_sweep(sweep: str, description: str, grid_fn: GridFn,
 
 
 def _run(sweep: str, args: argparse.Namespace, grid_fn: GridFn, smoke_grid) -> int:
+    # services first: an unreachable tracking store or cluster is an error within seconds
+    uri = tr.resolve_uri(args.mlflow_uri)
+    if not args.dry_run:
+        tr.check_tracking_uri(uri)
+        if args.address:
+            check_ray_address(args.address)
     over = config_overrides(args)
     threads = max(1, int(args.cpus_per_trial)) if args.threads is None else args.threads
     over["threads"] = threads
@@ -266,21 +272,19 @@ def _run(sweep: str, args: argparse.Namespace, grid_fn: GridFn, smoke_grid) -> i
     if args.smoke and smoke_grid is not None:
         grid = smoke_grid(grid)
     trials = expand(grid, parse_folds(args.folds))
-    # every check that can fail, before anything starts
-    from sall.chain import preflight
-
+    # every check that can fail, before anything starts: services first (seconds at most), then data
     for t in trials:
         t.cfg.validate()
-        preflight(t.cfg)
-    cache_dir = str(Path(args.cache_dir).expanduser().resolve())
+    from sall.chain import preflight
     from sall.store import ArtifactStore
 
+    cache_dir = str(Path(args.cache_dir).expanduser().resolve())
     ArtifactStore(cache_dir)  # writable?
+    for t in trials:
+        preflight(t.cfg)
     if args.dry_run:
         dry_run(trials, cache_dir)
         return 0
-    uri = tr.resolve_uri(args.mlflow_uri)
-    tr.check_tracking_uri(uri)
     init_ray(args)
     try:
         return _tune(sweep, args, trials, uri, cache_dir)

@@ -35,16 +35,37 @@ def full_rows(n: int = 3) -> list[tuple[str, str, str]]:
     return rows
 
 
-def invoke(kind: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def invoke(kind: str, args: list[str], cwd: Path, subprocess_: bool = False) -> subprocess.CompletedProcess:
+    """Run `python -m sall run` or `python sweeps/temperature.py` with `args`: in this process (the
+    same entry points, fast) or, with `subprocess_`, exactly as a user types it."""
     common = ["--cache-dir", str(cwd / "cache")] if "--cache-dir" not in args else []
     if kind == "run":
-        cmd = [sys.executable, "-m", "sall", "run", *common, *args]
+        argv = ["run", *common, *args]
+        cmd = [sys.executable, "-m", "sall", *argv]
     else:
-        cmd = [sys.executable, str(ROOT / "sweeps" / "temperature.py"), "--storage-path", str(cwd / "ray"),
-               *common, *args]
-    if kind == "sweep" and "--mlflow-uri" not in args:
-        cmd += ["--mlflow-uri", f"sqlite:///{cwd / 'mlflow.db'}"]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120)
+        argv = ["--storage-path", str(cwd / "ray"), *common, *args]
+        if "--mlflow-uri" not in args:
+            argv += ["--mlflow-uri", f"sqlite:///{cwd / 'mlflow.db'}"]
+        cmd = [sys.executable, str(ROOT / "sweeps" / "temperature.py"), *argv]
+    if subprocess_:
+        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120)
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            if kind == "run":
+                from sall.cli import main
+
+                code = main(argv)
+            else:
+                import sweeps.temperature as t
+
+                code = t.run_sweep("temperature", t.__doc__, t.grid, t.add_args, t.smoke, argv=argv)
+        except SystemExit as e:  # argparse
+            code = e.code
+    return subprocess.CompletedProcess(cmd, code, "", err.getvalue())
 
 
 def assert_clear_failure(out: subprocess.CompletedProcess, cwd: Path, *needles: str, seconds: float = 60) -> None:
@@ -107,9 +128,12 @@ def test_bad_input(tmp_path, case, kind):
         if case == "fold out of range":
             needles = ["--folds '5'", "fold 5 out of range"]
     t0 = time.time()
-    out = invoke(kind, args, tmp_path)
+    out = invoke(kind, args, tmp_path, subprocess_=case == "image truncated")
     assert_clear_failure(out, tmp_path, *needles)
     assert time.time() - t0 < 60
+    import ray
+
+    assert not ray.is_initialized()
 
 
 def test_sweep_temperature_zero(tmp_path):
@@ -128,18 +152,18 @@ def test_sample_count_larger_than_the_data(tmp_path):
 @pytest.mark.parametrize("address", ["127.0.0.1:1", "ray://127.0.0.1:1"])
 def test_no_cluster_at_address(tmp_path, address):
     t0 = time.time()
-    out = invoke("sweep", ["--smoke", "--address", address], tmp_path)
+    out = invoke("sweep", ["--smoke", "--address", address], tmp_path, subprocess_=True)
     assert_clear_failure(out, tmp_path, "does not answer")
     assert time.time() - t0 < 30
 
 
 def test_unreachable_mlflow(tmp_path):
     t0 = time.time()
-    out = invoke("sweep", ["--smoke", "--mlflow-uri", "http://127.0.0.1:1"], tmp_path)
+    out = invoke("sweep", ["--smoke", "--mlflow-uri", "http://127.0.0.1:1"], tmp_path, subprocess_=True)
     assert_clear_failure(out, tmp_path, "http://127.0.0.1:1", "cannot be reached")
     assert time.time() - t0 < 30
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    out = invoke("run", ["--smoke", "-T", "0", "--debug"], tmp_path)
+    out = invoke("run", ["--smoke", "-T", "0", "--debug"], tmp_path, subprocess_=True)
     assert out.returncode != 0 and "Traceback" in out.stderr

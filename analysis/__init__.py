@@ -1,0 +1,1 @@
+"""Analysis of the sweeps: the paper's tables and figures from MLflow, external validation."""

@@ -1,0 +1,305 @@
+"""What the analysis tools share: reading a sweep's runs back from MLflow, grouping them into
+settings over folds, the command-line frame (one-line errors, progress on stderr).
+
+Runs are read with MLflow's client only (search_runs, download_artifacts), so the tools work
+against any tracking store the sweeps wrote to: a local SQLite file or a remote server.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep stderr readable
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python analysis/tables.py` from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from sall.cli import guarded  # noqa: E402
+from sall.config import N_FOLDS  # noqa: E402
+from sall.errors import SallError  # noqa: E402
+from sweeps import tracking as tr  # noqa: E402
+
+PAPER_TABLES = Path(__file__).with_name("paper_tables.json")
+DEFAULT_URI = "sqlite:///mlflow.db"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def paper_tables() -> dict[str, Any]:
+    return json.loads(PAPER_TABLES.read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+def add_common_args(p: argparse.ArgumentParser, experiment: bool = True) -> None:
+    if experiment:
+        p.add_argument("--experiment", required=True,
+                       help="MLflow experiment of the sweep, e.g. sall-temperature")
+    p.add_argument("--mlflow-uri", default=DEFAULT_URI,
+                   help="MLflow tracking URI (default: sqlite:///mlflow.db in the working directory)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def main(parser: argparse.ArgumentParser, fn: Callable[[argparse.Namespace], int], argv=None) -> int:
+    """Parse, then run `fn(args)`: a SallError (or an MLflow lookup failure turned into one)
+    becomes one line on stderr and exit code 2, unless --debug."""
+    args = parser.parse_args(argv)
+    return guarded(lambda: fn(args), args.debug)
+
+
+def client(uri: str):
+    return tr.client(uri)
+
+
+def open_store(uri: str) -> str:
+    """The resolved tracking URI; a SQLite file that does not exist is an error, not a new store."""
+    uri = tr.resolve_uri(uri)
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        if not path.is_file():
+            raise SallError(f"MLflow store {uri} does not exist; expected the sqlite file the sweep "
+                            "wrote (run from the sweep's folder or pass --mlflow-uri)")
+    return uri
+
+
+def experiment_id(uri: str, name: str) -> str:
+    exp = tr.retry(client(uri).get_experiment_by_name, name)
+    if exp is None:
+        names = [e.name for e in tr.retry(client(uri).search_experiments)]
+        raise SallError(f"no MLflow experiment '{name}' in {uri}; experiments there: "
+                        f"{', '.join(sorted(names)) or '(none)'}")
+    return exp.experiment_id
+
+
+# ---------------------------------------------------------------------------------------------
+# runs -> trials -> settings
+@dataclass
+class TrialRun:
+    """One student run (one setting on one fold)."""
+
+    run_id: str
+    status: str  # FINISHED, FAILED, RUNNING, KILLED, ...
+    label: str
+    fold: int
+    trial_key: str
+    parent: str
+    start_time: int
+    params: dict[str, str]
+    metrics: dict[str, float]
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "FINISHED"
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(t for t in self.params.get("tasks", "").split(",") if t)
+
+    @property
+    def temperature(self) -> float:
+        return float(self.params.get("temperature", "nan"))
+
+    @property
+    def sa(self) -> bool:
+        return self.params.get("sa_labels") == "True"
+
+    @property
+    def mt(self) -> bool:
+        return self.params.get("multitask") == "True"
+
+    @property
+    def class_cap(self) -> int | None:
+        v = self.params.get("class_cap", "None")
+        return None if v in ("None", "") else int(v)
+
+    @property
+    def sample_counts(self) -> dict[str, float]:
+        v = self.params.get("sample_counts", "")
+        return {a: float(b) for a, b in (x.split("=") for x in v.split(",") if "=" in x)}
+
+
+@dataclass
+class Setting:
+    """One grid point (a trial key) and its runs, one per fold."""
+
+    trial_key: str
+    runs: dict[int, TrialRun]  # fold -> the run that counts for that fold
+    expected_folds: tuple[int, ...]
+    superseded: list[TrialRun] = field(default_factory=list)
+
+    @cached_property
+    def first(self) -> TrialRun:
+        return sorted(self.runs.values(), key=lambda r: (not r.ok, r.fold))[0]
+
+    @property
+    def label(self) -> str:
+        return self.first.label
+
+    @property
+    def finished(self) -> dict[int, TrialRun]:
+        return {f: r for f, r in sorted(self.runs.items()) if r.ok}
+
+    @property
+    def failed(self) -> list[int]:
+        return sorted(f for f, r in self.runs.items() if not r.ok)
+
+    @property
+    def missing(self) -> list[int]:
+        return sorted(set(self.expected_folds) - set(self.runs))
+
+    def values(self, metric: str) -> dict[int, float]:
+        """Fold -> value of a metric over the finished folds that logged it (NaN is never logged)."""
+        return {f: r.metrics[metric] for f, r in self.finished.items() if metric in r.metrics}
+
+    def mean(self, metric: str) -> float:
+        v = list(self.values(metric).values())
+        return sum(v) / len(v) if v else math.nan
+
+    def fold_note(self) -> str:
+        """'3 of 3', or what is missing / failed: 'n=2 of 3, fold 2 missing'."""
+        n, total = len(self.finished), len(set(self.expected_folds) | set(self.runs))
+        parts = []
+        bad: dict[str, list[int]] = {}
+        for f in self.failed:
+            bad.setdefault(self.runs[f].status, []).append(f)
+        for status, folds in bad.items():
+            parts.append(f"{status} ({_folds(folds)})")
+        if self.missing:
+            parts.append(f"{_folds(self.missing)} missing")
+        if not parts:
+            return f"{n} of {total}"
+        return f"n={n} of {total}, " + ", ".join(parts)
+
+
+def _folds(folds: list[int]) -> str:
+    return ("fold " if len(folds) == 1 else "folds ") + ",".join(map(str, folds))
+
+
+def student_runs(uri: str, exp_id: str, parent: str | None = None) -> list[TrialRun]:
+    flt = f"tags.`{tr.TAG_STAGE}` = 'student'"
+    if parent:
+        flt += f" and tags.`{tr.TAG_PARENT}` = '{parent}'"
+    out = []
+    for r in tr.find_runs(uri, exp_id, flt, max_results=50000):
+        t = r.data.tags
+        out.append(TrialRun(
+            run_id=r.info.run_id, status=r.info.status, label=t.get(tr.TAG_LABEL, "?"),
+            fold=int(t.get(tr.TAG_FOLD, r.data.params.get("fold", -1))),
+            trial_key=t.get(tr.TAG_TRIAL_KEY, "?"), parent=t.get(tr.TAG_PARENT, ""),
+            start_time=r.info.start_time or 0, params=dict(r.data.params), metrics=dict(r.data.metrics),
+            error=t.get("sall.error", "")))
+    return out
+
+
+def settings(runs: list[TrialRun], expected_folds: tuple[int, ...] | None = None) -> list[Setting]:
+    """Group runs by trial key. Per fold the run that counts is the latest FINISHED one; a fold
+    with only failed (or unfinished) runs shows its latest as such; it is never averaged in."""
+    expected = tuple(range(N_FOLDS)) if expected_folds is None else expected_folds
+    by_key: dict[str, dict[int, list[TrialRun]]] = {}
+    for r in runs:
+        by_key.setdefault(r.trial_key, {}).setdefault(r.fold, []).append(r)
+    out = []
+    for key, folds in by_key.items():
+        chosen: dict[int, TrialRun] = {}
+        superseded: list[TrialRun] = []
+        for f, rs in folds.items():
+            rs = sorted(rs, key=lambda r: (r.ok, r.start_time), reverse=True)
+            chosen[f] = rs[0]
+            superseded += rs[1:]
+        out.append(Setting(key, chosen, expected, superseded))
+    return out
+
+
+def latest_parent(uri: str, exp_id: str) -> str | None:
+    runs = tr.retry(client(uri).search_runs, [exp_id], filter_string=f"tags.`{tr.TAG_STAGE}` = 'sweep'",
+                    order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def sweep_name(uri: str, exp_id: str, runs: list[TrialRun]) -> str | None:
+    """The sweep the experiment holds (`sall.sweep` of its parent runs, else of its students)."""
+    parents = tr.find_runs(uri, exp_id, f"tags.`{tr.TAG_STAGE}` = 'sweep'")
+    names = {p.data.tags.get(tr.TAG_SWEEP) for p in parents} - {None}
+    if not names:
+        names = {tr.retry(client(uri).get_run, r.run_id).data.tags.get(tr.TAG_SWEEP) for r in runs[:1]} - {None}
+    if len(names) > 1:
+        raise SallError(f"experiment holds runs of several sweeps ({', '.join(sorted(names))}); pass --table")
+    return names.pop() if names else None
+
+
+def load_sweep(uri: str, experiment: str, parent: str | None = None,
+               folds: tuple[int, ...] | None = None) -> tuple[str, list[Setting], str | None]:
+    """(experiment id, settings, sweep name) of an experiment; raises SallError when empty."""
+    uri = open_store(uri)
+    exp_id = experiment_id(uri, experiment)
+    runs = student_runs(uri, exp_id, parent)
+    if not runs:
+        raise SallError(f"experiment '{experiment}' has no trial runs (tag sall.stage=student)"
+                        + (f" under parent run {parent}" if parent else "") + "; expected a finished sweep")
+    log(f"[analysis] {experiment}: {len(runs)} trial runs "
+        f"({sum(r.ok for r in runs)} finished, {sum(not r.ok for r in runs)} failed or unfinished)")
+    return exp_id, settings(runs, folds), sweep_name(uri, exp_id, runs)
+
+
+def parse_folds(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise SallError(f"--folds '{text}' is invalid; expected e.g. 0,1,2") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# artifacts
+def download(uri: str, run_id: str, path: str, dst: Path) -> Path | None:
+    """Download one artifact of a run into dst; None when the run has no such artifact."""
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        return Path(tr.retry(client(uri).download_artifacts, run_id, path, str(dst)))
+    except Exception as e:  # MlflowException / OSError: the artifact is not there
+        text = str(e).lower()
+        if any(m in text for m in ("does not exist", "no such file", "failed to download", "not found")):
+            return None
+        raise
+
+
+def run_metrics_json(uri: str, run: TrialRun, cache: Path) -> dict | None:
+    p = download(uri, run.run_id, "metrics.json", cache / run.run_id)
+    return json.loads(p.read_text()) if p else None
+
+
+def predictions(uri: str, run: TrialRun, task: str, cache: Path):
+    """The per-image test predictions of a task (DataFrame row, label, prob_*), or None."""
+    import pandas as pd
+
+    p = download(uri, run.run_id, f"predictions_{task}.csv", cache / run.run_id)
+    return pd.read_csv(p) if p else None
+
+
+def log_outputs(uri: str, run_id: str, folder: Path, artifact_path: str) -> None:
+    tr.retry(client(uri).log_artifacts, run_id, str(folder), artifact_path)
+
+
+def student_file(uri: str, run_id: str, dst: Path) -> Path:
+    """Download a trial's stored student (its `model/` artifact); SallError when it has none."""
+    arts = tr.retry(client(uri).list_artifacts, run_id, "model")
+    pts = [a.path for a in arts if a.path.endswith(".pt")]
+    if not pts:
+        raise SallError(f"run {run_id} has no model artifact (model/*.pt); expected a finished trial "
+                        "run of a sweep")
+    got = download(uri, run_id, pts[0], dst)
+    if got is None:
+        raise SallError(f"run {run_id}: its model artifact {pts[0]} could not be downloaded")
+    return got

@@ -1,0 +1,463 @@
+"""Draw the paper's figures for a sweep, from its MLflow runs.
+
+    python analysis/figures.py --experiment sall-temperature --out DIR [--mlflow-uri URI]
+
+Writes the PNGs that apply to the experiment to DIR and logs them to its latest sweep (parent) run:
+  fig5_temperature.png   acc / confidence / error against T, mean +- std over folds, the baseline
+                         as a horizontal line with its +- std band       (temperature sweep)
+  fig_data_ratio.png     accuracy against the share of the reduced task, both directions
+                                                                           (data_ratio sweep)
+  fig_settings.png       accuracy per setting, mean +- std over folds      (other sweeps)
+  fig6_confusion.png     confusion matrices, baseline vs SALL, summed over folds
+  fig7_reliability.png   reliability diagrams, baseline vs SALL, bins pooled over folds
+  fig8_gradcam.png       Grad-CAM of test images through each head of the stored SALL student
+
+"SALL" is the best setting by mean accuracy over tasks (or the one at --temperature); the
+baseline is the single-task setting (T = 1, no soft labels, no multi-task). Grad-CAM downloads
+the student's `model/` artifact and needs the trial's images (the cache dir, and the dataset at
+the path the trial used); it is skipped with a warning where they cannot be had.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from analysis import common as cm  # noqa: E402
+from sall.errors import SallError  # noqa: E402
+from sall.tasks import TASKS  # noqa: E402
+
+COLORS = {"dr": "#1f77b4", "amd": "#d62728", "arter": "#2ca02c"}
+METRICS = (("acc", "accuracy"), ("conf", "confidence (correct)"), ("err", "error (confidence, wrong)"))
+DPI = 130
+
+
+def _figure(**kw):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**kw)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    fig.clear()
+    cm.log(f"[figures] wrote {path}")
+    return path
+
+
+def short(task: str, grade: int) -> str:
+    """A grade's name without its parenthesis: 'NPDR-II (moderate)' -> 'NPDR-II'."""
+    return TASKS[task].grades[grade].split(" (")[0]
+
+
+def _stat(s: cm.Setting, metric: str) -> tuple[float, float, int]:
+    v = list(s.values(metric).values())
+    if not v:
+        return math.nan, math.nan, 0
+    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v)
+
+
+def _is_baseline(s: cm.Setting) -> bool:
+    r = s.first
+    return not r.sa and not r.mt and r.temperature == 1.0
+
+
+def _tasks(sets: list[cm.Setting]) -> list[str]:
+    have = {t for s in sets for t in s.first.tasks}
+    return [t for t in TASKS if t in have]
+
+
+def _score(s: cm.Setting) -> float:
+    v = [s.mean(f"test/{t}/acc") for t in s.first.tasks]
+    v = [x for x in v if not math.isnan(x)]
+    return sum(v) / len(v) if v else -1.0
+
+
+def pick(sets: list[cm.Setting], temperature: float | None) -> tuple[cm.Setting | None, cm.Setting | None]:
+    """(baseline, SALL): SALL = the soft-label multi-task setting with the best mean accuracy, or
+    the one at `temperature`; with several such settings (e.g. task count) the one with most tasks."""
+    done = [s for s in sets if s.finished]
+    base = next((s for s in done if _is_baseline(s) and not s.first.sample_counts), None)
+    sall = [s for s in done if s.first.sa and s.first.mt]
+    if temperature is not None:
+        sall = [s for s in sall if abs(s.first.temperature - temperature) < 1e-9]
+        if not sall:
+            raise SallError(f"--temperature {temperature:g}: no finished SALL setting at that T; have "
+                            + ", ".join(sorted({f'{s.first.temperature:g}' for s in done if s.first.sa})))
+    if base is not None:  # compare like with like: the baseline's cap and tasks where possible
+        same = [s for s in sall if s.first.class_cap == base.first.class_cap]
+        sall = same or sall
+    best = max(sall, key=lambda s: (_score(s), len(s.first.tasks)), default=None)
+    return base, best
+
+
+# ---------------------------------------------------------------------------------------------
+def fig_temperature(sets: list[cm.Setting], out: Path) -> Path | None:
+    """Paper Fig. 5: acc / conf / err against T."""
+    sall = sorted((s for s in sets if s.first.sa and s.first.mt and s.finished), key=lambda s: s.first.temperature)
+    if not sall:
+        return None
+    base = next((s for s in sets if _is_baseline(s) and s.finished), None)
+    tasks = _tasks(sets)
+    ts = [s.first.temperature for s in sall]
+    fig = _figure(figsize=(5.0 * len(METRICS), 4.2))
+    axes = fig.subplots(1, len(METRICS))
+    for ax, (m, name) in zip(axes, METRICS):
+        for t in tasks:
+            st = [_stat(s, f"test/{t}/{m}") for s in sall]
+            y = np.array([100 * a for a, _, _ in st])
+            e = np.array([100 * b for _, b, _ in st])
+            ax.errorbar(ts, y, yerr=e, marker="o", capsize=3, color=COLORS.get(t), label=f"{t.upper()} SALL")
+            if base is not None:
+                bm, bs, _ = _stat(base, f"test/{t}/{m}")
+                if not math.isnan(bm):
+                    ax.axhline(100 * bm, color=COLORS.get(t), ls="--", lw=1.2, label=f"{t.upper()} baseline")
+                    ax.axhspan(100 * (bm - bs), 100 * (bm + bs), color=COLORS.get(t), alpha=0.08)
+        if len(ts) > 1 and max(ts) / min(ts) > 8:
+            ax.set_xscale("log")
+        ax.set_xticks(ts)
+        ax.set_xticklabels([f"{t:g}" for t in ts])
+        ax.minorticks_off()
+        ax.set_xlabel("temperature T")
+        ax.set_ylabel(f"{name} (%)")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    n = max(len(s.finished) for s in sall)
+    axes[0].legend(fontsize=8, loc="best")
+    fig.suptitle(f"SALL against temperature (mean ± std over up to {n} folds; dashed: baseline ± std)")
+    fig.tight_layout()
+    return _save(fig, out / "fig5_temperature.png")
+
+
+def fig_ratio(sets: list[cm.Setting], out: Path) -> Path | None:
+    """Accuracy against the share of the reduced task's training images, both directions."""
+    tasks = _tasks(sets)
+    if len(tasks) < 2:
+        return None
+    full = next((s for s in sets if not s.first.sample_counts and s.finished), None)
+    fig = _figure(figsize=(11, 4.2))
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, reduced in zip(axes, tasks[:2]):
+        pts = [(s.first.sample_counts[reduced], s) for s in sets
+               if set(s.first.sample_counts) == {reduced} and s.finished and s.first.sample_counts[reduced] <= 1]
+        if full is not None:
+            pts.append((1.0, full))
+        pts.sort(key=lambda p: p[0])
+        if not pts:
+            continue
+        x = [100 * f for f, _ in pts]
+        for t in tasks:
+            st = [_stat(s, f"test/{t}/acc") for _, s in pts]
+            ls = "-" if t != reduced else ":"
+            ax.errorbar(x, [100 * a for a, _, _ in st], yerr=[100 * b for _, b, _ in st], marker="o", capsize=3,
+                        ls=ls, color=COLORS.get(t), label=f"{t.upper()} acc" + (" (reduced task)" if t == reduced else ""))
+        ax.set_xscale("log")
+        ax.set_xticks(x)
+        ax.set_xticklabels([f"{v:.3g}" for v in x], rotation=30)
+        ax.minorticks_off()
+        ax.set_xlabel(f"{reduced.upper()} training images used (%)")
+        ax.set_title(f"fewer {reduced.upper()} images")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("test accuracy (%)")
+    fig.suptitle("Data ratio (paper Table VI): mean ± std over folds")
+    fig.tight_layout()
+    return _save(fig, out / "fig_data_ratio.png")
+
+
+def fig_settings(sets: list[cm.Setting], out: Path) -> Path | None:
+    """Accuracy per setting (bars, mean +- std over folds), for the sweeps without a curve."""
+    sets = [s for s in sets if s.finished]
+    if not sets:
+        return None
+    tasks = _tasks(sets)
+    sets = sorted(sets, key=lambda s: (not _is_baseline(s), s.first.class_cap or 0, s.label))
+    w = 0.8 / len(tasks)
+    fig = _figure(figsize=(max(6.0, 1.3 * len(sets) + 2), 4.5))
+    ax = fig.subplots()
+    for i, t in enumerate(tasks):
+        st = [_stat(s, f"test/{t}/acc") for s in sets]
+        x = np.arange(len(sets)) + (i - (len(tasks) - 1) / 2) * w
+        ax.bar(x, [100 * a if n else 0 for a, _, n in st], w, yerr=[100 * b for _, b, _ in st], capsize=3,
+               color=COLORS.get(t), label=t.upper())
+    ax.set_xticks(np.arange(len(sets)))
+    ax.set_xticklabels([f"{s.label}\n({len(s.finished)} folds)" for s in sets], fontsize=8,
+                       rotation=20 if len(sets) > 5 else 0)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("accuracy per setting (mean ± std over folds)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return _save(fig, out / "fig_settings.png")
+
+
+# ---------------------------------------------------------------------------------------------
+def _test_metrics(uri: str, s: cm.Setting, cache: Path) -> list[dict]:
+    out = []
+    for r in s.finished.values():
+        m = cm.run_metrics_json(uri, r, cache)
+        if m is not None:
+            out.append(m["test"])
+    return out
+
+
+def fig_confusion(uri: str, pair: list[tuple[str, cm.Setting]], tasks: list[str], out: Path, cache: Path) -> Path:
+    """Paper Fig. 6: confusion matrices of the baseline and SALL, summed over folds."""
+    mets = {name: _test_metrics(uri, s, cache) for name, s in pair}
+    fig = _figure(figsize=(5.2 * len(pair), 4.6 * len(tasks)))
+    axes = np.atleast_2d(fig.subplots(len(tasks), len(pair)))
+    if len(pair) == 1:
+        axes = axes.reshape(len(tasks), 1)
+    for i, t in enumerate(tasks):
+        k = TASKS[t].num_classes
+        for j, (name, s) in enumerate(pair):
+            ax = axes[i, j]
+            cmx = np.zeros((k, k), dtype=int)
+            n = 0
+            for m in mets[name]:
+                if t in m:
+                    cmx += np.asarray(m[t]["confusion"], dtype=int)
+                    n += 1
+            rows = cmx.sum(1, keepdims=True)
+            norm = np.where(rows > 0, cmx / np.maximum(rows, 1), 0.0)
+            ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+            for a in range(k):
+                for b in range(k):
+                    ax.text(b, a, f"{cmx[a, b]}\n{100 * norm[a, b]:.0f}%", ha="center", va="center", fontsize=8,
+                            color="white" if norm[a, b] > 0.55 else "black")
+            ax.set_xticks(range(k))
+            ax.set_yticks(range(k))
+            ax.set_xticklabels([str(g) for g in range(k)])
+            ax.set_yticklabels([f"{g} {short(t, g)}" for g in range(k)], fontsize=8)
+            ax.set_xlabel("predicted grade")
+            ax.set_ylabel("true grade")
+            acc = np.trace(cmx) / max(cmx.sum(), 1)
+            ax.set_title(f"{t.upper()} · {name}: {s.label}\n(sum of {n} folds, {cmx.sum()} images, acc {100 * acc:.1f}%)",
+                         fontsize=9)
+    fig.suptitle("Confusion matrices (rows: true grade; colour: row fraction)")
+    fig.tight_layout()
+    return _save(fig, out / "fig6_confusion.png")
+
+
+def pooled_bins(per_fold: list[list[dict]]) -> list[dict]:
+    """Reliability bins pooled over folds: counts add, acc and conf are count-weighted means."""
+    out = []
+    for bins in zip(*per_fold):
+        n = sum(b["count"] for b in bins)
+        acc = sum(b["acc"] * b["count"] for b in bins if b["count"]) / n if n else None
+        conf = sum(b["conf"] * b["count"] for b in bins if b["count"]) / n if n else None
+        out.append(dict(lo=bins[0]["lo"], hi=bins[0]["hi"], count=n, acc=acc, conf=conf))
+    return out
+
+
+def fig_reliability(uri: str, pair: list[tuple[str, cm.Setting]], tasks: list[str], out: Path, cache: Path) -> Path:
+    """Paper Fig. 7: reliability diagrams of the baseline and SALL, bins pooled over folds."""
+    from matplotlib.patches import Patch
+
+    mets = {name: _test_metrics(uri, s, cache) for name, s in pair}
+    fig = _figure(figsize=(4.8 * len(pair), 5.4 * len(tasks)))
+    grid = fig.add_gridspec(2 * len(tasks), len(pair), height_ratios=[3, 1] * len(tasks))
+    for i, t in enumerate(tasks):
+        for j, (name, s) in enumerate(pair):
+            per_fold = [m[t]["reliability"] for m in mets[name] if t in m]
+            ax = fig.add_subplot(grid[2 * i, j])
+            axh = fig.add_subplot(grid[2 * i + 1, j], sharex=ax)
+            if not per_fold:
+                ax.set_title(f"{t.upper()} · {name}: no metrics")
+                continue
+            bins = pooled_bins(per_fold)
+            n = sum(b["count"] for b in bins)
+            full = [b for b in bins if b["count"]]
+            ece = sum(abs(b["acc"] - b["conf"]) * b["count"] for b in full) / n if n else math.nan
+            lo = [b["lo"] for b in full]
+            wd = [b["hi"] - b["lo"] for b in full]
+            ax.bar(lo, [b["acc"] for b in full], wd, align="edge", color="#1f77b4", edgecolor="black", lw=0.6,
+                   label="outputs (accuracy)")
+            ax.bar(lo, [abs(b["conf"] - b["acc"]) for b in full], wd, bottom=[min(b["acc"], b["conf"]) for b in full],
+                   align="edge", color="red", alpha=0.3, edgecolor="red", hatch="//", lw=0.6, label="gap")
+            ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1)
+            ax.set_ylabel("accuracy")
+            ax.set_title(f"{t.upper()} · {name}: {s.label} ({len(per_fold)} folds, {n} images)", fontsize=9)
+            h, lab = ax.get_legend_handles_labels()
+            ax.legend(h + [Patch(color="none")], lab + [f"ECE = {100 * ece:.2f}%"], loc="upper left", fontsize=7)
+            ax.grid(alpha=0.3)
+            axh.bar([b["lo"] for b in bins], [b["count"] for b in bins], [b["hi"] - b["lo"] for b in bins],
+                    align="edge", color="gray", edgecolor="black", lw=0.5)
+            axh.set_xlabel("confidence")
+            axh.set_ylabel("count")
+            axh.grid(alpha=0.3)
+    fig.suptitle("Reliability diagrams (bins pooled over folds)")
+    fig.tight_layout()
+    return _save(fig, out / "fig7_reliability.png")
+
+
+# ---------------------------------------------------------------------------------------------
+def target_layer(model, image_size: int, name: str | None = None):
+    """The Grad-CAM layer: --target-layer, else the deepest backbone stage whose feature map is at
+    least 4 x 4 at this image size (the last stage of a small input is 1 x 1: no map to show)."""
+    bb = model.backbone
+    if name:
+        try:
+            return name, model.get_submodule(name)
+        except AttributeError:
+            raise SallError(f"--target-layer '{name}' is not a module of the student model") from None
+    info = list(getattr(bb, "feature_info", []))
+    if not info:
+        convs = [n for n, m in bb.named_modules() if type(m).__name__ == "Conv2d"]
+        if not convs:
+            raise SallError("no conv layer in the backbone for Grad-CAM; pass --target-layer")
+        return f"backbone.{convs[-1]}", bb.get_submodule(convs[-1])
+    ok = [f for f in info if image_size / f["reduction"] >= 4] or info[:1]
+    mod = ok[-1]["module"]
+    return f"backbone.{mod}", bb.get_submodule(mod)
+
+
+class _Head:
+    """A torch module returning one head's tempered logits, as Grad-CAM wants."""
+
+    def __new__(cls, model, task: str, temperature: float):
+        import torch
+
+        class Head(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def forward(self, x):
+                return self.model(x)[task] / temperature
+
+        return Head()
+
+
+def fig_gradcam(uri: str, s: cm.Setting, out: Path, cache: Path, cache_dir: str, per_task: int,
+                layer_name: str | None) -> Path | None:
+    """Paper Fig. 8: test images of each task and the Grad-CAM of every head on them."""
+    import torch
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from sall.chain import load_student, prepare
+    from sall.data.loader import Batches
+    from sall.store import ArtifactStore
+
+    run = s.finished[min(s.finished)]
+    cfg, models = load_student(cm.student_file(uri, run.run_id, cache / run.run_id))
+    data = prepare(cfg, ArtifactStore(cache_dir))
+    heads = list(cfg.tasks)
+    picks = []  # (task, row, grade)
+    for t in heads:
+        rows = data.rows("test", t)
+        grades = data.labels(rows)
+        order = sorted(set(grades.tolist()), reverse=True)[:per_task]  # the most severe grades first
+        picks += [(t, int(rows[grades == g][0]), int(g)) for g in order]
+    ncol = 1 + len(heads)
+    fig = _figure(figsize=(2.6 * ncol, 2.8 * len(picks)))
+    axes = np.atleast_2d(fig.subplots(len(picks), ncol))
+    used = {}
+    for i, (t, row, g) in enumerate(picks):
+        x, _ = next(iter(Batches(data.images, np.array([row]), 1, shuffle=False, augment=False,
+                                 device=torch.device("cpu"))))
+        img = np.asarray(data.images[row], dtype=np.float32) / 255.0
+        axes[i, 0].imshow(img, interpolation="bilinear")
+        axes[i, 0].set_title(f"{t.upper()} test image\ntrue: {g} {short(t, g)}", fontsize=8)
+        for j, h in enumerate(heads, 1):
+            model = models[h].eval()
+            lname, layer = target_layer(model, cfg.image_size, layer_name)
+            used[h] = lname
+            head = _Head(model, h, cfg.temperature)
+            with torch.no_grad():
+                p = torch.softmax(head(x), 1)[0]
+            pred = int(p.argmax())
+            with GradCAM(model=head, target_layers=[layer]) as cam:
+                heat = cam(input_tensor=x, targets=[ClassifierOutputTarget(pred)])[0]
+            axes[i, j].imshow(show_cam_on_image(img, heat, use_rgb=True), interpolation="bilinear")
+            own = "own task" if h == t else "other task"
+            axes[i, j].set_title(f"→ {h.upper()} head ({own})\npred {pred} {short(h, pred)} "
+                                 f"p={float(p[pred]):.2f}", fontsize=8)
+        for ax in axes[i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    layers = ", ".join(sorted(set(used.values())))
+    fig.suptitle(f"Grad-CAM of {s.label} (fold {run.fold}, {cfg.image_size}px, layer {layers}):\n"
+                 "each test image through every head", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out / "fig8_gradcam.png")
+
+
+# ---------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python analysis/figures.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    cm.add_common_args(p)
+    p.add_argument("--out", required=True, help="folder for the PNGs")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="SALL setting of Figs. 6-8 at this T (default: the best mean accuracy)")
+    p.add_argument("--parent", default=None, help="only the trials of this sweep (parent) run")
+    p.add_argument("--cache-dir", default=".sall-cache", help="the sweep's cache dir (images for Grad-CAM)")
+    p.add_argument("--gradcam-per-task", type=int, default=2, help="Grad-CAM test images per task (0: none)")
+    p.add_argument("--target-layer", default=None,
+                   help="Grad-CAM layer, e.g. backbone.layer4 (default: the deepest stage with a >= 4x4 map)")
+    p.add_argument("--no-log", action="store_true", help="do not log the figures to the parent run")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    uri = cm.open_store(args.mlflow_uri)
+    exp_id, sets, sweep = cm.load_sweep(uri, args.experiment, args.parent)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path | None] = []
+    tasks = _tasks(sets)
+    if sweep == "temperature":
+        written.append(fig_temperature(sets, out))
+    elif sweep == "data_ratio":
+        written.append(fig_ratio(sets, out))
+    else:
+        written.append(fig_settings(sets, out))
+    base, best = pick(sets, args.temperature)
+    with tempfile.TemporaryDirectory() as tmp:
+        pair = [(n, s) for n, s in (("baseline", base), ("SALL", best)) if s is not None]
+        if pair:
+            both = [t for t in tasks if all(t in s.first.tasks for _, s in pair)]
+            written.append(fig_confusion(uri, pair, both, out, Path(tmp)))
+            written.append(fig_reliability(uri, pair, both, out, Path(tmp)))
+        target = best or base
+        if target is not None and args.gradcam_per_task > 0:
+            try:
+                written.append(fig_gradcam(uri, target, out, Path(tmp), args.cache_dir, args.gradcam_per_task,
+                                           args.target_layer))
+            except SallError as e:
+                cm.log(f"[figures] Grad-CAM skipped: {e}")
+    written = [p for p in written if p is not None]
+    (out / "figures.json").write_text(json.dumps(
+        {"experiment": args.experiment, "sweep": sweep, "baseline": base.label if base else None,
+         "sall": best.label if best else None, "figures": [p.name for p in written]}, indent=2))
+    print("\n".join(str(p) for p in written))
+    if not args.no_log and written:
+        parent = args.parent or cm.latest_parent(uri, exp_id)
+        if parent:
+            cm.log_outputs(uri, parent, out, "analysis/figures")
+            cm.log(f"[figures] logged {len(written)} figures to parent run {parent} under analysis/figures")
+    return 0
+
+
+def main(argv=None) -> int:
+    return cm.main(build_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

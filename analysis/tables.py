@@ -1,0 +1,528 @@
+"""Print the paper's table for a sweep: our mean +- std over folds beside the paper's numbers.
+
+    python analysis/tables.py --experiment sall-temperature [--mlflow-uri URI] [--out DIR]
+
+Reads the sweep's trial runs from MLflow, groups them by setting (trial key) over folds and
+prints the paper's table for that study as Markdown: Table III (ablation), IV and V
+(temperature), VI (data ratio), VIII (task count), IX (per-class caps); the experiment's
+`sall.sweep` tag picks it, --table overrides. Each of our cells is `mean +- std (n folds)`, in
+percent like the paper; the paper's value (analysis/paper_tables.json) stands beside it.
+Missing folds and failed trials are named in the `folds` column and never averaged in.
+
+Below the tables, "Is the gain real?": each setting against its reference (the baseline, or the
+single-task models), per task: the mean paired accuracy difference over folds with a paired
+t-test, and a bootstrap 95 % CI of the difference over test images, pooled over folds.
+
+Writes tables.md, tables.tex and one CSV per table (plus gain_<table>.csv) to --out (default
+analysis_out/<experiment>/) and logs them to the experiment's latest sweep (parent) run.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from analysis import common as cm  # noqa: E402
+from analysis import stats  # noqa: E402
+from sall.errors import SallError  # noqa: E402
+
+SWEEP_TABLES = {"ablation": ["III"], "temperature": ["IV", "V"], "data_ratio": ["VI"],
+                "task_count": ["VIII"], "sample_caps": ["IX"]}
+TABLES = ("III", "IV", "V", "VI", "VIII", "IX")
+TASK_ORDER = ("dr", "amd", "arter")
+METRIC_NAMES = {"acc": "acc", "conf": "con", "err": "err"}
+DASH = "—"
+
+
+# ---------------------------------------------------------------------------------------------
+# the table model
+@dataclass
+class Column:
+    id: str  # "dr/acc"
+    header: str  # "DR acc"
+    metric: str  # "test/dr/acc"
+    task: str
+    scale: float = 100.0
+    decimals: int = 1
+    paper: bool = True  # the paper reports it: a paper column follows ours
+    paper_decimals: int = 2
+
+
+@dataclass
+class Row:
+    keys: list[str]
+    setting: cm.Setting | None
+    paper: dict[str, float] = field(default_factory=dict)  # column id -> the paper's value
+    ref: Row | None = None  # compare against this row ("Is the gain real?")
+    reference: bool = False  # this row is a reference (baseline / single-task models)
+
+    @property
+    def label(self) -> str:
+        return self.setting.label if self.setting else self.keys[0]
+
+
+@dataclass
+class Table:
+    id: str
+    title: str
+    key_headers: list[str]
+    columns: list[Column]
+    rows: list[Row]
+    notes: list[str] = field(default_factory=list)
+    gains: list[dict] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# cells
+def ours(row: Row, col: Column) -> tuple[str, float, float, int]:
+    """(display, mean, std, n) of our value over the finished folds."""
+    s = row.setting
+    if s is None:
+        return DASH, math.nan, math.nan, 0
+    if col.task not in s.first.tasks:
+        return "NA", math.nan, math.nan, 0
+    v = list(s.values(col.metric).values())
+    if not v:
+        if not s.finished:
+            return ("FAILED" if s.failed else "missing"), math.nan, math.nan, 0
+        return "n/a", math.nan, math.nan, 0  # finished, but undefined (e.g. err with no error)
+    mean = sum(v) / len(v)
+    std = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else math.nan
+    spec = f".{col.decimals}f"
+    if col.scale == 1.0 and 0 < abs(mean) < 10 ** -col.decimals * 10:  # tiny (soft-label var): show digits
+        spec = ".2e"
+    text = f"{col.scale * mean:{spec}}"
+    if len(v) > 1:
+        text += f" ± {col.scale * std:{spec}}"
+    return f"{text} ({len(v)})", mean, std, len(v)
+
+
+def paper_cell(row: Row, col: Column) -> str:
+    v = row.paper.get(col.id)
+    return DASH if v is None else f"{v:.{col.paper_decimals}f}"
+
+
+def headers(t: Table) -> list[str]:
+    out = list(t.key_headers)
+    for c in t.columns:
+        out.append(f"{c.header} (ours)" if c.paper else c.header)
+        if c.paper:
+            out.append(f"{c.header} (paper)")
+    return out + ["folds"]
+
+
+def display_rows(t: Table) -> list[list[str]]:
+    out = []
+    for r in t.rows:
+        line = list(r.keys)
+        for c in t.columns:
+            line.append(ours(r, c)[0])
+            if c.paper:
+                line.append(paper_cell(r, c))
+        line.append(r.setting.fold_note() if r.setting else "not run")
+        out.append(line)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# building the tables
+def _tasks(sets: list[cm.Setting]) -> list[str]:
+    have = {t for s in sets for t in s.first.tasks}
+    return [t for t in TASK_ORDER if t in have]
+
+
+def _fmt_t(t: float) -> str:
+    return f"{t:g}"
+
+
+def _yn(b: bool) -> str:
+    return "yes" if b else "no"
+
+
+def _metric_columns(tasks: list[str], metrics: list[str], paper_metrics=("acc", "conf", "err")) -> list[Column]:
+    return [Column(f"{t}/{m}", f"{t.upper()} {METRIC_NAMES.get(m, m)}", f"test/{t}/{m}", t,
+                   paper=m in paper_metrics, decimals=1 if m in ("acc", "conf", "err", "macro_f1") else 3,
+                   scale=100.0 if m in ("acc", "conf", "err", "macro_f1", "ece") else 1.0)
+            for m in metrics for t in tasks]
+
+
+def _paper_values(prow: dict, tasks: list[str]) -> dict[str, float]:
+    return {f"{t}/{m}": v for t in tasks for m, v in prow.get(t, {}).items()}
+
+
+def _is_baseline(s: cm.Setting) -> bool:
+    r = s.first
+    return not r.sa and not r.mt and r.temperature == 1.0
+
+
+def switch_table(tid: str, sets: list[cm.Setting], paper: dict, metrics: list[str]) -> Table:
+    """Table III (ablation) or IV (temperature): rows keyed by (T, SA-label, multi-task)."""
+    lookup: dict[tuple, tuple[str, int, dict]] = {}
+    for src in ("III", "IV"):
+        for i, p in enumerate(paper[src]["rows"]):
+            lookup[(float(p["T"]), p["sa"], p["mt"])] = (src, i, p)
+    tasks = _tasks(sets)
+    cols = _metric_columns(tasks, metrics)
+    rows = []
+    for s in sets:
+        r = s.first
+        k = (r.temperature, r.sa, r.mt)
+        src, i, p = lookup.get(k, (DASH, 99, {}))
+        row = Row([s.label, _fmt_t(r.temperature), _yn(r.sa), _yn(r.mt),
+                   f"{src}{'*' if k == (1.0, False, False) else ''}"], s, _paper_values(p, tasks),
+                  reference=_is_baseline(s))
+        row._order = ((0, 0, 0) if row.reference else (1, i, 0)) if tid == "III" else \
+            ((0, 0, 0) if row.reference else (1, r.temperature, (not r.sa, not r.mt)))
+        rows.append(row)
+    rows.sort(key=lambda r: r._order)
+    base = next((r for r in rows if r.reference), None)
+    for r in rows:
+        if base is not None and r is not base:
+            r.ref = base
+    title = (paper["III"]["title"] if tid == "III" else
+             "Table IV: SALL at each temperature T beside the single-task baseline")
+    notes = ["`paper` names the paper's table of the matching row (* = the paper's baseline); "
+             "the paper reports T = 1, 2, 3 and the baseline in Table III, T = 4 ... 50 in Table IV."]
+    if base is None:
+        notes.append("No baseline (T=1, sa=no, mt=no) in this experiment: no gain tests.")
+    return Table(tid, title, ["setting", "T", "SA-label", "Multi-task", "paper"], cols, rows, notes)
+
+
+def soft_table(sets: list[cm.Setting], paper: dict) -> Table:
+    """Table V: the soft labels' mean max and variance against T (per task's teacher)."""
+    pv = {float(p["T"]): p for p in paper["V"]["rows"]}
+    sets = [s for s in sets if s.first.sa]
+    tasks = _tasks(sets)
+    cols = []
+    for t in tasks:
+        cols.append(Column(f"{t}/max", f"{t.upper()} max", f"soft/{t}/max_mean", t, 1.0, 4, True, 4))
+        cols.append(Column(f"{t}/var", f"{t.upper()} var", f"soft/{t}/var", t, 1.0, 4, True, 4))
+    rows = []
+    for s in sorted(sets, key=lambda s: (s.first.temperature, not s.first.mt)):
+        p = pv.get(s.first.temperature, {})
+        vals = {f"{t}/{k}": p[k] for t in tasks for k in ("max", "var") if k in p}
+        rows.append(Row([s.label, _fmt_t(s.first.temperature)], s, vals))
+    return Table("V", paper["V"]["title"], ["setting", "T"], cols, rows,
+                 ["Ours: soft labels of each task's teacher on the other tasks' training images at T. "
+                  "The paper gives one max / var over both tasks, repeated beside each task."])
+
+
+def ratio_tables(sets: list[cm.Setting], paper: dict, metrics: list[str]) -> list[Table]:
+    """Table VI: one half per direction; the reduced task's share and the paper's image counts."""
+    tasks = list(sets[0].first.tasks)
+    if len(tasks) < 2:
+        raise SallError("the data-ratio table needs two tasks; the trials have " + ",".join(tasks))
+    totals = paper["VI"]["totals"]
+    out = []
+    for a, b in ((tasks[0], tasks[1]), (tasks[1], tasks[0])):
+        prow = {p["count"]: p for p in paper["VI"]["rows"] if p["reduced"] == b and a in p}
+        rows = []
+        for s in sets:
+            counts = s.first.sample_counts
+            if set(counts) - {b}:
+                continue
+            f = counts.get(b, 1.0)
+            paper_count = None
+            if b in totals and f <= 1.0:
+                near = [c for c in prow if abs(c - f * totals[b]) <= 0.005 * totals[b]]
+                paper_count = near[0] if near else None
+            share = f"{100 * f:.2f} %" if f <= 1.0 else f"{f:g} images"
+            pa = totals.get(a, DASH)
+            keys = [s.label, share, f"{pa} / {paper_count if paper_count else DASH}"]
+            r = Row(keys, s, _paper_values(prow.get(paper_count, {}), [a]))
+            r._order = f if f <= 1 else 1e9
+            rows.append(r)
+        rows.sort(key=lambda r: r._order)
+        cols = _metric_columns([a], metrics)
+        out.append(Table(f"VI-{b}", f"Table VI: fewer {b.upper()} training images; {a.upper()} metrics",
+                         ["setting", f"{b.upper()} share", f"paper images {a.upper()} / {b.upper()}"],
+                         cols, rows,
+                         [f"Our fractions are the paper's counts over its training set ({b.upper()}: "
+                          f"{totals.get(b, '?')} images); the matching paper row is the one whose count "
+                          "the fraction reproduces."]))
+    return out
+
+
+def count_table(sets: list[cm.Setting], paper: dict, metrics: list[str]) -> Table:
+    """Table VIII: single-task models vs SALL with 2 and 3 sub-tasks."""
+    pv = {p["setting"]: p for p in paper["VIII"]["rows"]}
+    tasks = [t for t in TASK_ORDER if t in {t for s in sets for t in s.first.tasks}]
+    cols = _metric_columns(tasks, metrics)
+    rows = []
+    for s in sets:
+        r = s.first
+        name = "single" if _is_baseline(s) else (f"{len(r.tasks)} sub-task" if r.sa and r.mt else None)
+        row = Row([s.label, f"T={_fmt_t(r.temperature)}"], s, _paper_values(pv.get(name, {}), tasks),
+                  reference=name == "single")
+        row._order = (0 if row.reference else 1, len(r.tasks), r.temperature)
+        rows.append(row)
+    rows.sort(key=lambda r: r._order)
+    base = next((r for r in rows if r.reference), None)
+    for r in rows:
+        if base is not None and r is not base:
+            r.ref = base
+    return Table("VIII", paper["VIII"]["title"], ["setting", "T"], cols, rows,
+                 ["NA: the setting has no such task. The paper's 2 sub-task row is its T = 8 row of Table IV."])
+
+
+def caps_table(sets: list[cm.Setting], paper: dict, metrics: list[str]) -> Table:
+    """Table IX: per-class caps, single-task models vs ours; caps map in order to 1500, 3000."""
+    caps = sorted({s.first.class_cap for s in sets if s.first.class_cap is not None})
+    paper_caps = sorted({p["cap"] for p in paper["IX"]["rows"]})
+    cap_map = {c: (paper_caps[i] if i < len(paper_caps) and len(caps) == len(paper_caps) else None)
+               for i, c in enumerate(caps)}
+    pv = {(p["cap"], p["kind"]): p for p in paper["IX"]["rows"]}
+    tasks = [t for t in TASK_ORDER if t in {t for s in sets for t in s.first.tasks}]
+    cols = _metric_columns(tasks, metrics, paper_metrics=("acc",))
+    rows, singles = [], {}
+    for s in sets:
+        r = s.first
+        kind = "single" if _is_baseline(s) else "ours"
+        pc = cap_map.get(r.class_cap)
+        row = Row([s.label, str(r.class_cap), f"{pc} + {'Single Model' if kind == 'single' else 'ours'}"
+                   if pc else DASH], s, _paper_values(pv.get((pc, kind), {}), tasks), reference=kind == "single")
+        row._order = (r.class_cap or 0, kind != "single", r.temperature)
+        rows.append(row)
+        if kind == "single":
+            singles[r.class_cap] = row
+    rows.sort(key=lambda r: r._order)
+    for r in rows:
+        if not r.reference:
+            r.ref = singles.get(r.setting.first.class_cap)
+    notes = ["Our caps map in order to the paper's 1500 and 3000 images per class: "
+             + ", ".join(f"cap={c} ↔ {p}" for c, p in cap_map.items() if p) if any(cap_map.values())
+             else "Our caps do not map one to one to the paper's 1500 / 3000: no paper values."]
+    return Table("IX", paper["IX"]["title"], ["setting", "cap", "paper row"], cols, rows, notes)
+
+
+def build(tid: str, sets: list[cm.Setting], metrics: list[str]) -> list[Table]:
+    paper = cm.paper_tables()
+    if tid in ("III", "IV"):
+        return [switch_table(tid, sets, paper, metrics)]
+    if tid == "V":
+        return [soft_table(sets, paper)]
+    if tid == "VI":
+        return ratio_tables(sets, paper, metrics)
+    if tid == "VIII":
+        return [count_table(sets, paper, metrics)]
+    if tid == "IX":
+        return [caps_table(sets, paper, metrics)]
+    raise SallError(f"unknown table '{tid}'; expected one of {', '.join(TABLES)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Is the gain real?
+def gains(t: Table, uri: str, cache: Path, n_boot: int) -> None:
+    """Each row with a reference: paired differences of acc per task, over folds and over images."""
+    best = _best(t)
+    for r in t.rows:
+        if r.ref is None or r.setting is None or r.ref.setting is None:
+            continue
+        for task in r.setting.first.tasks:
+            if task not in r.ref.setting.first.tasks:
+                continue
+            metric = f"test/{task}/acc"
+            ft = stats.paired_folds(r.setting.values(metric), r.ref.setting.values(metric))
+            pairs, note = [], ""
+            for f in sorted(ft.diffs):
+                a = cm.predictions(uri, r.setting.finished[f], task, cache)
+                b = cm.predictions(uri, r.ref.setting.finished[f], task, cache)
+                if a is None or b is None:
+                    note = "no per-image predictions logged for some fold"
+                    continue
+                m = a.merge(b, on="row", suffixes=("_o", "_r"))
+                if (m["label_o"] != m["label_r"]).any() or len(m) != len(a):
+                    note = "test images differ between the runs; paired on the common ones"
+                pcols = sorted(c for c in a.columns if c.startswith("prob_"))
+                po = m[[f"{c}_o" for c in pcols]].to_numpy().argmax(1)
+                pr = m[[f"{c}_r" for c in pcols]].to_numpy().argmax(1)
+                y = m["label_o"].to_numpy()
+                pairs.append((po == y, pr == y))
+            bs = stats.paired_bootstrap(pairs, n_boot=n_boot) if pairs else stats.Bootstrap(
+                math.nan, math.nan, math.nan, 0, 0)
+            t.gains.append(dict(setting=("★ " if r is best else "") + r.label, reference=r.ref.label,
+                                task=task, folds=ft, boot=bs, note=note))
+
+
+def _best(t: Table) -> Row | None:
+    """The non-reference row with the best mean accuracy over tasks (finished folds)."""
+    cands = [r for r in t.rows if r.ref is not None and r.setting and r.setting.finished]
+    if not cands:
+        return None
+
+    def score(r: Row) -> float:
+        v = [r.setting.mean(f"test/{task}/acc") for task in r.setting.first.tasks]
+        v = [x for x in v if not math.isnan(x)]
+        return sum(v) / len(v) if v else -1
+
+    return max(cands, key=score)
+
+
+GAIN_HEADERS = ["setting", "vs", "task", "Δ acc over folds, pp [per fold] (paired test)",
+                "bootstrap 95 % CI of Δ acc over test images, pp", "note"]
+
+
+def gain_rows(t: Table) -> list[list[str]]:
+    return [[g["setting"], g["reference"], g["task"], g["folds"].text(), g["boot"].text(), g["note"]]
+            for g in t.gains]
+
+
+def gain_note(t: Table) -> str:
+    n = max((len(g["folds"].diffs) for g in t.gains), default=0)
+    return (f"Paired over the {n} fold(s) both settings finished (t-test with n-1 = {max(n - 1, 0)} degrees "
+            "of freedom, or a sign test without scipy): with so few folds the power is low, and p > 0.05 is "
+            "not evidence of no effect. The bootstrap resamples test images within each fold (paired by "
+            "image: both models saw the same test images) and pools the folds; it captures test-set "
+            "sampling, not training randomness. ★ = best mean accuracy.")
+
+
+# ---------------------------------------------------------------------------------------------
+# output
+def markdown(tables: list[Table], experiment: str) -> str:
+    out = [f"# {experiment}", ""]
+    for t in tables:
+        out += [f"## {t.title}", "", _md(headers(t), display_rows(t)), ""]
+        out += [f"_{n}_" for n in t.notes] + [""]
+        if t.gains:
+            out += [f"### Is the gain real? ({t.id})", "", _md(GAIN_HEADERS, gain_rows(t)), "",
+                    f"_{gain_note(t)}_", ""]
+    return "\n".join(out)
+
+
+def _md(head: list[str], rows: list[list[str]]) -> str:
+    esc = lambda x: str(x).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(map(esc, head)) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(map(esc, r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def latex(tables: list[Table]) -> str:
+    out = ["% generated by analysis/tables.py; needs \\usepackage{booktabs}"]
+    for t in tables:
+        for title, head, rows in ((t.title, headers(t), display_rows(t)),
+                                  (f"Is the gain real? ({t.id})", GAIN_HEADERS, gain_rows(t))):
+            if not rows:
+                continue
+            out += ["\\begin{table}[ht]", "\\centering\\small", f"\\caption{{{_tex(title)}}}",
+                    "\\begin{tabular}{" + "l" * len(head) + "}", "\\toprule",
+                    " & ".join(_tex(h) for h in head) + " \\\\", "\\midrule"]
+            out += [" & ".join(_tex(c) for c in r) + " \\\\" for r in rows]
+            out += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
+    return "\n".join(out)
+
+
+def _tex(s: str) -> str:
+    s = str(s)
+    for a, b in (("\\", "\\textbackslash "), ("&", "\\&"), ("%", "\\%"), ("_", "\\_"), ("#", "\\#"),
+                 ("±", "$\\pm$"), ("Δ", "$\\Delta$"), ("★", "$\\star$"), ("↔", "$\\leftrightarrow$"),
+                 ("—", "--")):
+        s = s.replace(a, b)
+    return s
+
+
+def write_csv(t: Table, path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        head = list(t.key_headers)
+        for c in t.columns:
+            head += [f"{c.id}_mean", f"{c.id}_std", f"{c.id}_n", f"{c.id}_paper"]
+        w.writerow(head + ["folds_finished", "folds_failed", "folds_missing", "folds", "run_ids"])
+        for r in t.rows:
+            line = list(r.keys)
+            for c in t.columns:
+                _, mean, std, n = ours(r, c)
+                line += [_num(c.scale * mean), _num(c.scale * std), n, _num(r.paper.get(c.id))]
+            s = r.setting
+            line += [",".join(map(str, s.finished)), ",".join(map(str, s.failed)),
+                     ",".join(map(str, s.missing)), s.fold_note(),
+                     " ".join(s.runs[f].run_id for f in sorted(s.runs))]
+            w.writerow(line)
+
+
+def write_gain_csv(t: Table, path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["setting", "reference", "task", "fold_diffs_pp", "mean_diff_pp", "p", "test", "n_folds",
+                    "boot_diff_pp", "boot_lo_pp", "boot_hi_pp", "n_images", "note"])
+        for g in t.gains:
+            ft, bs = g["folds"], g["boot"]
+            w.writerow([g["setting"], g["reference"], g["task"],
+                        " ".join(f"{100 * d:.3f}" for d in ft.diffs.values()), _num(100 * ft.mean),
+                        _num(ft.p), ft.test, len(ft.diffs), _num(100 * bs.diff), _num(100 * bs.lo),
+                        _num(100 * bs.hi), bs.n_images, g["note"]])
+
+
+def _num(v) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.6g}"
+
+
+# ---------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python analysis/tables.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    cm.add_common_args(p)
+    p.add_argument("--table", default=None, help="which paper table(s), comma-separated, among "
+                   f"{', '.join(TABLES)} (default: from the experiment's sall.sweep tag: "
+                   + ", ".join(f"{k} -> {'+'.join(v)}" for k, v in SWEEP_TABLES.items()) + ")")
+    p.add_argument("--out", default=None, help="output folder (default analysis_out/<experiment>/)")
+    p.add_argument("--metrics", default="acc,conf,err",
+                   help="metrics per task (paper: acc,conf,err; also ece, nll, brier, kappa, macro_f1)")
+    p.add_argument("--folds", default=None, help="the folds a complete setting has (default 0,1,2)")
+    p.add_argument("--parent", default=None, help="only the trials of this sweep (parent) run; default: "
+                   "every trial of the experiment, the latest finished run per setting and fold")
+    p.add_argument("--bootstrap", type=int, default=10000, help="bootstrap replicates (0: skip the gain tests)")
+    p.add_argument("--no-log", action="store_true", help="do not log the outputs to the parent run")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    uri = cm.open_store(args.mlflow_uri)
+    exp_id, sets, sweep = cm.load_sweep(uri, args.experiment, args.parent, cm.parse_folds(args.folds))
+    if args.table:
+        ids = [x.strip().upper() for x in args.table.split(",") if x.strip()]
+    elif sweep in SWEEP_TABLES:
+        ids = SWEEP_TABLES[sweep]
+    else:
+        raise SallError(f"experiment '{args.experiment}' is of sweep '{sweep}', which has no paper table; "
+                        f"pass --table among {', '.join(TABLES)}")
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    tables: list[Table] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for tid in ids:
+            for t in build(tid, sets, metrics):
+                if args.bootstrap > 0:
+                    gains(t, uri, Path(tmp), args.bootstrap)
+                tables.append(t)
+    md = markdown(tables, args.experiment)
+    print(md)
+    out = Path(args.out or Path("analysis_out") / args.experiment)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tables.md").write_text(md)
+    (out / "tables.tex").write_text(latex(tables))
+    for t in tables:
+        write_csv(t, out / f"table_{t.id}.csv")
+        if t.gains:
+            write_gain_csv(t, out / f"gain_{t.id}.csv")
+    cm.log(f"[analysis] wrote {out}/tables.md, tables.tex and "
+           f"{', '.join('table_' + t.id + '.csv' for t in tables)}")
+    if not args.no_log:
+        parent = args.parent or cm.latest_parent(uri, exp_id)
+        if parent:
+            cm.log_outputs(uri, parent, out, "analysis/tables")
+            cm.log(f"[analysis] logged to parent run {parent} under analysis/tables")
+    return 0
+
+
+def main(argv=None) -> int:
+    return cm.main(build_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

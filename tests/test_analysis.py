@@ -1,0 +1,231 @@
+"""analysis/: tables, figures and external evaluation, on a real MLflow store filled by a small sweep.
+
+One temperature sweep (baseline + T=8, folds 0,1) runs once per module: fold 2 of every setting is
+missing. A copy of its store with the T=8 fold-1 run marked FAILED (MlflowClient.set_terminated,
+as a crashed trial leaves it) adds a failed trial. Every end-to-end test reads those stores.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sweep_helpers import ROOT, run, sweep_cmd
+from conftest import write_image
+
+sys.path.insert(0, str(ROOT))
+
+from analysis import common as cm  # noqa: E402
+from analysis import evaluate as ev  # noqa: E402
+from analysis import stats  # noqa: E402
+from analysis import tables as tb  # noqa: E402
+
+EXP = "sall-temperature"
+
+
+# ---------------------------------------------------------------------------------------------
+# fast: statistics and the paper's data
+def test_sign_test_exact():
+    assert stats.sign_test(np.array([1.0, 2.0, 3.0])) == pytest.approx(0.25)  # 3 folds: never below 0.25
+    assert stats.sign_test(np.array([1.0, -1.0])) == 1.0
+    assert stats.sign_test(np.zeros(3)) == 1.0
+
+
+def test_paired_folds_uses_only_common_folds():
+    ft = stats.paired_folds({0: 0.6, 1: 0.7, 2: 0.8}, {0: 0.5, 1: 0.5})
+    assert list(ft.diffs) == [0, 1]
+    assert ft.mean == pytest.approx(0.15)
+    assert 0 < ft.p < 1 and ft.test == "paired t"
+    assert math.isnan(stats.paired_folds({0: 0.5}, {1: 0.5}).mean)
+
+
+def test_paired_bootstrap_is_paired_and_pooled():
+    rng = np.random.default_rng(1)
+    same = rng.random(200) < 0.6
+    b = stats.paired_bootstrap([(same, same)], n_boot=500)
+    assert (b.diff, b.lo, b.hi) == (0.0, 0.0, 0.0)  # identical predictions: no uncertainty at all
+    ours = np.ones(100, bool)
+    ref = np.r_[np.ones(80, bool), np.zeros(20, bool)]
+    b = stats.paired_bootstrap([(ours, ref), (ours[:50], ours[:50])], n_boot=4000)
+    assert b.diff == pytest.approx(20 / 150) and b.n_images == 150 and b.n_folds == 2
+    assert b.lo < b.diff < b.hi and b.lo > 0
+
+
+def test_paper_tables_transcribed():
+    p = cm.paper_tables()
+    t8 = next(r for r in p["IV"]["rows"] if r["T"] == 8)
+    assert t8["dr"]["acc"] == 78.77 and t8["amd"]["acc"] == 81.73
+    base = p["III"]["rows"][0]
+    assert (base["sa"], base["mt"], base["dr"]["acc"]) == (False, False, 75.39)
+    assert len(p["III"]["rows"]) == 9 and len(p["VI"]["rows"]) == 10 and len(p["IX"]["rows"]) == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# the store: one small real sweep, plus one failed trial
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    d = tmp_path_factory.mktemp("analysis")
+    r = run(sweep_cmd("temperature", d, "--folds", "0,1", "--temperatures", "8"), d)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d
+
+
+@pytest.fixture(scope="module")
+def failed_store(store, tmp_path_factory):
+    """The same store (a copy of its database; artifacts shared) with T=8 fold 1 FAILED."""
+    import shutil
+
+    d = tmp_path_factory.mktemp("analysis_failed")
+    shutil.copy(store / "mlflow.db", d / "mlflow.db")
+    c = cm.client(uri(d))
+    rid = student(d, "T=8", 1).info.run_id
+    c.set_tag(rid, "sall.error", "RuntimeError: injected")
+    c.set_terminated(rid, "FAILED")
+    return d
+
+
+def uri(d: Path) -> str:
+    return f"sqlite:///{d / 'mlflow.db'}"
+
+
+def student(d: Path, label: str, fold: int):
+    c = cm.client(uri(d))
+    exp = c.get_experiment_by_name(EXP)
+    return c.search_runs([exp.experiment_id], f"tags.`sall.stage` = 'student' and tags.`sall.label` = '{label}' "
+                                              f"and tags.`sall.fold` = '{fold}'")[0]
+
+
+@pytest.mark.slow
+def test_tables_from_a_real_sweep(store):
+    r = run([sys.executable, str(ROOT / "analysis" / "tables.py"), "--experiment", EXP, "--bootstrap", "500"],
+            store)  # default URI sqlite:///mlflow.db in the sweep's folder
+    assert r.returncode == 0, r.stderr
+    md = r.stdout
+    assert "Table IV" in md and "Table V" in md
+    table_iv = md.split("## Table V")[0]
+    rows = {line.split("|")[1].strip(): line for line in table_iv.splitlines() if line.startswith("| ")}
+    # our mean +- std (n) beside the paper's number, matched by setting
+    t8 = rows["T=8"]
+    assert "78.77" in t8 and "81.73" in t8 and "(2)" in t8 and "±" in t8
+    assert "75.39" in rows["baseline"]
+    # the value is the mean over the two folds, read independently from MLflow
+    accs = [student(store, "T=8", f).data.metrics["test/dr/acc"] for f in (0, 1)]
+    assert f"{100 * np.mean(accs):.1f} ± {100 * np.std(accs, ddof=1):.1f} (2)" in t8
+    # the missing fold is named
+    assert "n=2 of 3, fold 2 missing" in t8 and "fold 2 missing" in rows["baseline"]
+    # the gain section: paired over folds and bootstrapped over test images
+    assert "Is the gain real?" in md and "paired t, n=2" in md and "images, 2 folds" in md
+    # outputs on disk and on the parent run
+    files = Path(store / "analysis_out" / EXP)
+    for name in ("tables.md", "tables.tex", "table_IV.csv", "table_V.csv", "gain_IV.csv"):
+        assert (files / name).stat().st_size > 100, name
+    assert "\\begin{tabular}" in (files / "tables.tex").read_text()
+    c = cm.client(uri(store))
+    parent = cm.latest_parent(uri(store), c.get_experiment_by_name(EXP).experiment_id)
+    assert "analysis/tables/tables.md" in {a.path for a in c.list_artifacts(parent, "analysis/tables")}
+
+
+@pytest.mark.slow
+def test_tables_show_failed_trials(failed_store, tmp_path, capsys):
+    assert tb.main(["--experiment", EXP, "--mlflow-uri", uri(failed_store), "--out", str(tmp_path),
+                    "--bootstrap", "200", "--no-log"]) == 0
+    md = capsys.readouterr().out
+    t8 = next(line for line in md.splitlines() if line.startswith("| T=8 |"))
+    assert "n=1 of 3, FAILED (fold 1), fold 2 missing" in t8
+    acc0 = student(failed_store, "T=8", 0).data.metrics["test/dr/acc"]
+    assert f"| {100 * acc0:.1f} (1) | 78.77 |" in t8  # fold 0 only: the failed fold is not averaged in
+    assert "paired t, n=1" not in md and "n=1)" in md
+
+
+@pytest.mark.slow
+def test_tables_override_and_csv(failed_store, tmp_path, capsys):
+    assert tb.main(["--experiment", EXP, "--mlflow-uri", uri(failed_store), "--out", str(tmp_path),
+                    "--table", "III", "--bootstrap", "0", "--no-log", "--metrics", "acc,kappa"]) == 0
+    md = capsys.readouterr().out
+    assert "Table III" in md and "Is the gain real?" not in md and "DR kappa" in md
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "table_III.csv")))
+    t8 = next(r for r in rows if r["setting"] == "T=8")
+    assert t8["folds_failed"] == "1" and t8["folds_finished"] == "0" and t8["dr/acc_n"] == "1"
+    base = next(r for r in rows if r["setting"] == "baseline")
+    assert base["folds_missing"] == "2" and float(base["dr/acc_paper"]) == 75.39
+    assert base["folds_finished"] == "0,1"
+
+
+@pytest.mark.slow
+def test_tables_errors(store, capsys):
+    assert tb.main(["--experiment", "nope", "--mlflow-uri", uri(store)]) == 2
+    assert "no MLflow experiment 'nope'" in capsys.readouterr().err
+    assert tb.main(["--experiment", EXP, "--mlflow-uri", uri(store / "absent"), "--no-log"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_figures_written(store, tmp_path):
+    out = tmp_path / "figs"
+    r = run([sys.executable, str(ROOT / "analysis" / "figures.py"), "--experiment", EXP, "--out", str(out),
+             "--mlflow-uri", uri(store), "--cache-dir", str(store / "cache"), "--gradcam-per-task", "1"], store)
+    assert r.returncode == 0, r.stderr
+    for name in ("fig5_temperature.png", "fig6_confusion.png", "fig7_reliability.png", "fig8_gradcam.png"):
+        assert (out / name).stat().st_size > 20_000, name
+    assert json.loads((out / "figures.json").read_text())["sall"] == "T=8"
+
+
+@pytest.fixture(scope="module")
+def external(tmp_path_factory) -> Path:
+    """A small external CSV dataset: 3 dr and 2 amd images per grade."""
+    root = tmp_path_factory.mktemp("external")
+    lines, k = ["image,task,grade,patient"], 0
+    for task, per in (("dr", 3), ("amd", 2)):
+        for g in range(5 if task == "dr" else 4):
+            for _ in range(per):
+                write_image(root / f"img/{k}.png", 40, seed=k)
+                lines.append(f"img/{k}.png,{task},{g},p{k}")
+                k += 1
+    (root / "manifest.csv").write_text("\n".join(lines) + "\n")
+    (root / "dr_only.csv").write_text("\n".join(lines[:16]) + "\n")
+    return root
+
+
+@pytest.mark.slow
+def test_evaluate_external_end_to_end(store, external):
+    rid = student(store, "T=8", 0).info.run_id
+    r = run([sys.executable, str(ROOT / "analysis" / "evaluate.py"), "--run-id", rid,
+             "--dataset", str(external / "manifest.csv"), "--mlflow-uri", uri(store),
+             "--cache-dir", str(store / "cache")], store)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["n_images"] == {"dr": 15, "amd": 8} and out["temperature"] == 8.0
+    assert 0 <= out["metrics"]["dr"]["acc"] <= 1
+    c = cm.client(uri(store))
+    ext = c.get_run(out["external_run"])
+    assert ext.data.tags["sall.stage"] == "external" and ext.data.tags["sall.evaluated_run"] == rid
+    assert ext.info.experiment_id == c.get_run(rid).info.experiment_id
+    assert ext.data.metrics["external/dr/acc"] == pytest.approx(out["metrics"]["dr"]["acc"])
+    assert "predictions_dr.csv" in {a.path for a in c.list_artifacts(ext.info.run_id)}
+    # the tables still see only the trials
+    assert len(cm.student_runs(uri(store), ext.info.experiment_id)) == 4
+
+
+@pytest.mark.slow
+def test_evaluate_errors(store, external, capsys):
+    rid = student(store, "T=8", 0).info.run_id
+    c = cm.client(uri(store))
+    parent = cm.latest_parent(uri(store), c.get_experiment_by_name(EXP).experiment_id)
+    base = ["--mlflow-uri", uri(store), "--cache-dir", str(store / "cache"), "--no-log"]
+    cases = [
+        (["--run-id", "0123456789abcdef", "--dataset", "synthetic"], "unknown run id"),
+        (["--run-id", parent, "--dataset", "synthetic"], "has no model artifact"),
+        (["--run-id", rid, "--dataset", "synthetic", "--task", "arter"], "has no arter head"),
+        (["--run-id", rid, "--dataset", str(external / "dr_only.csv"), "--task", "amd"], "no images of task amd"),
+    ]
+    for argv, msg in cases:
+        assert ev.main(argv + base) == 2
+        err = capsys.readouterr().err.strip()
+        last = err.splitlines()[-1]  # progress lines, then one error line, no traceback
+        assert last.startswith("error: ") and msg in last and "Traceback" not in err, err

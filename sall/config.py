@@ -18,7 +18,7 @@ N_FOLDS = 3
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(
         backbone="test_resnet", image_size=64, pretrained=False, lr=3e-3, batch_size=32,
-        teacher_epochs=15, student_epochs=15, synthetic_n=1000,
+        teacher_epochs=10, student_epochs=10, synthetic_n=800,
     ),
     "paper": dict(
         backbone="inception_v3", image_size=299, pretrained=True, lr=1e-5, batch_size=32,
@@ -39,7 +39,7 @@ class TrialConfig:
     # data
     dataset: str = "synthetic"
     data_root: str | None = None
-    synthetic_n: int = 1000
+    synthetic_n: int = 800
     tasks: tuple[str, ...] = ("dr", "amd")
     fold: int = 0
     class_cap: int | None = None
@@ -57,8 +57,8 @@ class TrialConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     batch_size: int = 32
-    teacher_epochs: int = 15
-    student_epochs: int = 15
+    teacher_epochs: int = 10
+    student_epochs: int = 10
     augment: bool = True
     seed: int = 0
     # the SALL switches

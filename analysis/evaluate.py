@@ -157,8 +157,7 @@ def log_run(uri, orig, args, cfg, metrics, preds, manifest, summary) -> str:
     params = {"dataset": args.dataset, "data_root": args.data_root, "split": args.split,
               "tasks": ",".join(metrics), "temperature": cfg.temperature, "evaluated_run": orig.info.run_id,
               "image_size": cfg.image_size}
-    for k, v in params.items():
-        tr.retry(c.log_param, rid, k, str(v))
+    tr.log_params(uri, rid, params)
     flat = {}
     for task, m in metrics.items():
         flat.update({f"external/{task}/{k}": v for k, v in scalar_metrics(m).items()})

@@ -44,7 +44,12 @@ def _load_manifest_cached(dataset: str, data_root: str | None, synthetic_n: int)
 
     manifest, summary = load_manifest(dataset, data_root, synthetic_n=synthetic_n)
     log(format_summary(summary))  # once per process: what was loaded, what was skipped and why
-    return manifest, summary, fingerprint(manifest)
+    fp = fingerprint(manifest)
+    if dataset == "synthetic":  # the pixels come from code: its version is part of the data
+        from sall.data.synthetic import RENDER_VERSION
+
+        fp = stable_hash([fp, RENDER_VERSION])
+    return manifest, summary, fp
 
 
 @dataclass

@@ -132,9 +132,17 @@ def parent_run(uri: str, experiment_id: str, sweep: str, sweep_id: str, params: 
         return run_id
     run = retry(c.create_run, experiment_id, run_name=f"{sweep} sweep",
                 tags={TAG_STAGE: "sweep", TAG_SWEEP: sweep, TAG_SWEEP_ID: sweep_id})
-    for k, v in params.items():
-        retry(c.log_param, run.info.run_id, k, str(v)[:6000])
+    log_params(uri, run.info.run_id, params)
     return run.info.run_id
+
+
+def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
+    """All params in one write (one SQLite transaction instead of one per param)."""
+    from mlflow.entities import Param
+
+    batch = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(batch), 90):
+        retry(client(uri).log_batch, run_id, params=batch[i:i + 90])
 
 
 def end_run(uri: str, run_id: str, status: str) -> None:

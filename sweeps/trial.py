@@ -32,8 +32,7 @@ def teacher_run(uri: str, experiment_id: str, parent_id: str, sweep: str, store:
                           tr.TAG_FOLD: str(info["fields"]["fold"]), tr.TAG_PARENT: parent_id,
                           "sall.task": teacher.task, "sall.trained_now": str(teacher.fetched.built)})
         rid = run.info.run_id
-        for k, v in info["fields"].items():
-            retry(c.log_param, rid, k, v)
+        tr.log_params(uri, rid, info["fields"])
         for h in info["history"]:
             tr.log_metrics(uri, rid, {k: v for k, v in h.items() if "/" in k}, step=int(h["epoch"]))
         tr.log_metrics(uri, rid, {f"test/{teacher.task}/{k}": v for k, v in info["test"].items()
@@ -127,8 +126,7 @@ def run_trial(config: dict[str, Any]) -> None:
         run = retry(c.create_run, exp_id, run_name=f"{config['label']} fold{cfg.fold}", tags=tags)
         run_id = run.info.run_id
         retry(c.set_tag, run_id, "sall.attempts", "1")
-        for k, v in cfg.params().items():
-            retry(c.log_param, run_id, k, v[:6000])
+        tr.log_params(uri, run_id, cfg.params())
     retry(c.set_tag, run_id, "sall.node", _node())
     store = ArtifactStore(sw["cache_dir"])
 

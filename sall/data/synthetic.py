@@ -30,6 +30,9 @@ from sall.errors import DataError
 from sall.tasks import TASKS
 
 SOURCE = "synthetic"
+# Bump when the drawing changes: it is part of the data fingerprint, so cached images and the
+# teachers trained on them are not reused across renderer versions.
+RENDER_VERSION = 2
 LABEL_NOISE = 0.05
 
 # Grade distributions: imbalanced like the real data sets, every grade well represented.
@@ -137,7 +140,7 @@ def synthetic_manifest(n_per_task: int = 800, seed: int = 0,
 # random draws do not depend on the output size; pixels are drawn at twice the output size and
 # box-downsampled (anti-aliasing).
 
-_DARK = np.array([0.40, 0.16, 0.17], np.float32)   # multiplier at full opacity: vessels, haemorrhages
+_DARK = np.array([0.50, 0.20, 0.20], np.float32)   # multiplier at full opacity: vessels, haemorrhages
 _YELLOW = np.array([1.00, 0.86, 0.36], np.float32)  # hard exudates
 _PALE = np.array([0.96, 0.84, 0.56], np.float32)    # drusen, cotton-wool spots, arterial reflex
 _CNV = np.array([0.40, 0.42, 0.30], np.float32)     # choroidal neovascular membrane (grey-green)
@@ -182,15 +185,16 @@ class _Canvas:
         """Line through pts (normalised, shape (n, 2)) of the given width (normalised)."""
         w = width * self.half
         wi = max(1, int(round(w)))
-        a = alpha * min(1.0, w / wi)
-        xy = [self.px(p[0], p[1]) for p in pts]
-        self.draw(name).line(xy, fill=int(np.clip(a, 0, 1) * 255), width=wi, joint="curve" if wi > 2 else None)
+        a = min(1.0, max(0.0, alpha * min(1.0, w / wi)))
+        xy = ((pts + 1.0) * self.half).ravel().tolist()
+        self.draw(name).line(xy, fill=int(a * 255), width=wi, joint="curve" if wi > 2 else None)
 
     def alpha(self, name: str, blur: float = 0.0) -> np.ndarray | None:
+        """The layer box-downsampled 2x (anti-aliased coverage), then blurred by `blur` pixels."""
         if name not in self.layers:
             return None
-        im = self.layers[name]
-        if blur > 0:
+        im = self.layers[name].reduce(2)
+        if blur > 0.1:
             im = im.filter(ImageFilter.GaussianBlur(blur))
         return np.asarray(im, dtype=np.float32) * (1.0 / 255.0)
 
@@ -211,13 +215,13 @@ def _walk(rng: np.random.Generator, start: tuple[float, float], angle: float, le
 
 
 def _draw_vessel(cv: _Canvas, layer: str, pts: np.ndarray, w0: float, w1: float, alpha: float,
-                 chunk: int = 4) -> None:
-    """A tapering vessel: chunks of the polyline drawn with decreasing width."""
+                 pieces: int = 3) -> None:
+    """A tapering vessel: the polyline drawn in a few pieces of decreasing width (cheap)."""
     n = len(pts)
-    for i in range(0, n - 1, chunk):
-        j = min(n, i + chunk + 1)
-        w = w0 + (w1 - w0) * (i / max(1, n - 1))
-        cv.polyline(layer, pts[i:j], w, alpha)
+    step = max(1, -(-(n - 1) // pieces))
+    for i in range(0, n - 1, step):
+        w = w0 + (w1 - w0) * ((i + 0.5 * step) / max(1, n - 1))
+        cv.polyline(layer, pts[i:min(n, i + step + 1)], w, alpha)
 
 
 def _spots(rng: np.random.Generator, n: int, centre: tuple[float, float], spread: float,
@@ -232,6 +236,15 @@ def _spots(rng: np.random.Generator, n: int, centre: tuple[float, float], spread
     if len(good) < n:  # extremely unlikely: fall back to the candidates regardless
         good = np.concatenate([good, cand[~ok]])
     return good[:n]
+
+
+def _box(u: float, v: float, rad: float, ax: np.ndarray) -> tuple[slice, slice, np.ndarray, np.ndarray]:
+    """Row/column slices of the pixels within rad of (u, v) and their local coordinate grids."""
+    n = len(ax)
+    lo = lambda c: int(np.clip(np.floor((c - rad + 1.0) * n / 2.0), 0, n))  # noqa: E731
+    hi = lambda c: int(np.clip(np.ceil((c + rad + 1.0) * n / 2.0) + 1, 0, n))  # noqa: E731
+    sy, sx = slice(lo(v), hi(v)), slice(lo(u), hi(u))
+    return sy, sx, ax[sx][None, :], ax[sy][:, None]
 
 
 def render(image_id: str, size: int) -> np.ndarray:
@@ -257,34 +270,36 @@ def render(image_id: str, size: int) -> np.ndarray:
 
     # ---- geometry
     fr = rng.uniform(0.90, 0.99)
-    fc = rng.normal(0.0, 0.015, 2)
+    fc = [float(x) for x in rng.normal(0.0, 0.015, 2)]
     disc = (m * rng.uniform(0.42, 0.56) + fc[0], rng.uniform(-0.10, 0.08) + fc[1])
-    disc_r = rng.uniform(0.095, 0.125)
+    disc_r = rng.uniform(0.10, 0.13)
     mac = (disc[0] - m * rng.uniform(0.58, 0.72), disc[1] + rng.uniform(0.0, 0.10))
     mac_r = rng.uniform(0.16, 0.24)
 
-    # ---- base fundus (numpy, float)
-    ax = np.linspace(-1.0 + 1.0 / res, 1.0 - 1.0 / res, res, dtype=np.float32)
+    # ---- base fundus (numpy, float32, at the output size: it is smooth, so no supersampling)
+    ax = np.linspace(-1.0 + 1.0 / size, 1.0 - 1.0 / size, size, dtype=np.float32)
     U, V = ax[None, :], ax[:, None]
     low = rng.uniform(-1.0, 1.0, (9, 9)).astype(np.float32)
-    tex = np.asarray(Image.fromarray(low, mode="F").resize((res, res), Image.BICUBIC), dtype=np.float32)
-    img = tint[None, None, :] * (1.0 + texture_amp * tex)[:, :, None]
-    # macula: darker, browner, with a tiny foveal reflex
-    d2m = (U - mac[0]) ** 2 + (V - mac[1]) ** 2
-    mac_dark = rng.uniform(0.22, 0.45) * np.exp(-d2m / (2 * (0.55 * mac_r) ** 2))
-    img *= (1.0 - mac_dark[:, :, None] * np.array([0.75, 1.0, 0.9], np.float32))
+    tex = np.asarray(Image.fromarray(low, mode="F").resize((size, size), Image.BICUBIC), dtype=np.float32)
+    img = tint * (1.0 + texture_amp * tex)[:, :, None]
+    # macula: darker, browner (drawn in its bounding box only)
+    mac_s = 0.55 * mac_r
+    sy, sx, lu, lv = _box(mac[0], mac[1], 3.0 * mac_s, ax)
+    mac_dark = rng.uniform(0.22, 0.45) * np.exp(((lu - mac[0]) ** 2 + (lv - mac[1]) ** 2) * (-0.5 / mac_s ** 2))
+    img[sy, sx] *= 1.0 - mac_dark[:, :, None] * np.array([0.75, 1.0, 0.9], np.float32)
     # optic disc: bright yellow-pink rim, paler cup, faint halo
     dr_u, dr_v = disc_r * rng.uniform(0.9, 1.0), disc_r * rng.uniform(1.0, 1.12)
-    dd = np.sqrt(((U - disc[0]) / dr_u) ** 2 + ((V - disc[1]) / dr_v) ** 2)
+    sy, sx, lu, lv = _box(disc[0], disc[1], 2.6 * disc_r, ax)
+    dd = np.sqrt(((lu - disc[0]) / dr_u) ** 2 + ((lv - disc[1]) / dr_v) ** 2)
     disc_a = 1.0 / (1.0 + np.exp(np.clip((dd - 1.0) * 14.0, -30, 30)))
     cup_r = rng.uniform(0.3, 0.6)
-    cup_a = 1.0 / (1.0 + np.exp(np.clip((dd - cup_r) * 18.0, -30, 30)))
+    cup_a = (1.0 / (1.0 + np.exp(np.clip((dd - cup_r) * 18.0, -30, 30))))[:, :, None]
     halo = 0.25 * np.exp(-np.maximum(dd - 1.0, 0.0) * 3.0) * (1.0 - disc_a)
-    disc_col = np.array([1.0, 0.78, 0.50], np.float32) * rng.uniform(0.95, 1.1)
+    disc_col = np.array([1.0, 0.78, 0.50], np.float32) * np.float32(rng.uniform(0.95, 1.1))
     cup_col = np.array([1.0, 0.93, 0.78], np.float32)
-    img = img * (1.0 - disc_a[:, :, None]) + disc_a[:, :, None] * (
-        disc_col * (1.0 - cup_a[:, :, None]) + cup_col * cup_a[:, :, None])
-    img = img + halo[:, :, None] * np.array([0.25, 0.18, 0.08], np.float32)
+    disc_a = disc_a[:, :, None]
+    img[sy, sx] = img[sy, sx] * (1.0 - disc_a) + disc_a * (disc_col * (1.0 - cup_a) + cup_col * cup_a) \
+        + halo[:, :, None] * np.array([0.25, 0.18, 0.08], np.float32)
 
     cv = _Canvas(res)
     contrast = rng.uniform(0.55, 1.0)  # how visible this image's lesions are
@@ -299,7 +314,7 @@ def render(image_id: str, size: int) -> np.ndarray:
     veins: list[tuple[np.ndarray, np.ndarray]] = []
     arteries: list[np.ndarray] = []
     arcades = [  # (start angle in the right-eye frame, curvature, length, width scale)
-        (math.pi + 1.05, -1.55, 1.5, 1.0), (math.pi - 1.05, 1.55, 1.5, 1.0),
+        (math.pi + 1.0, -1.0, 1.4, 1.0), (math.pi - 1.0, 1.0, 1.4, 1.0),
         (-1.15, 0.5, 0.95, 0.75), (1.15, -0.5, 0.95, 0.75),
         (math.pi + 0.2, -0.3, 0.45, 0.45), (0.1, 0.0, 0.6, 0.5),
     ]
@@ -340,8 +355,8 @@ def render(image_id: str, size: int) -> np.ndarray:
 
     def microaneurysms(n: int) -> None:
         for u, v in dots(n, 0.33):
-            r = rng.uniform(0.007, 0.013)
-            cv.ellipse("dark", u, v, r, r, contrast * rng.uniform(0.75, 1.0))
+            r = rng.uniform(0.011, 0.019)
+            cv.ellipse("dark", u, v, r, r, contrast * rng.uniform(0.8, 1.0))
 
     def haemorrhages(n: int, rmin: float, rmax: float, spread: float = 0.40) -> None:
         for u, v in dots(n, spread):
@@ -381,16 +396,16 @@ def render(image_id: str, size: int) -> np.ndarray:
         if grade == 1:
             microaneurysms(int(rng.integers(1, 7)))
             haemorrhages(int(rng.random() < 0.3), 0.010, 0.018)
-            exudates(int(rng.random() < 0.2) * int(rng.integers(1, 3)), 0.006, 0.010)
+            exudates(int(rng.random() < 0.2) * int(rng.integers(1, 3)), 0.008, 0.013)
         elif grade == 2:
             microaneurysms(int(rng.integers(3, 12)))
             haemorrhages(int(rng.integers(1, 7)), 0.013, 0.030)
-            exudates(int(rng.integers(0, 11)), 0.007, 0.016)
+            exudates(int(rng.integers(0, 11)), 0.010, 0.020)
             cotton_wool(int(rng.random() < 0.3))
         else:
             microaneurysms(int(rng.integers(6, 18)) if grade == 3 else int(rng.integers(4, 16)))
             haemorrhages(int(rng.integers(6, 19)) if grade == 3 else int(rng.integers(4, 17)), 0.018, 0.045, 0.5)
-            exudates(int(rng.integers(5, 26)) if grade == 3 else int(rng.integers(2, 21)), 0.008, 0.022)
+            exudates(int(rng.integers(5, 26)) if grade == 3 else int(rng.integers(2, 21)), 0.012, 0.028)
             cotton_wool(int(rng.integers(0, 5)) if grade == 3 else int(rng.integers(0, 4)))
         if grade == 4:
             # neovessels: fine tortuous tufts at the disc (NVD) or along a vein (NVE)
@@ -413,12 +428,12 @@ def render(image_id: str, size: int) -> np.ndarray:
     elif task == "amd" and grade >= 0:
         if grade == 0:
             if rng.random() < 0.15:  # a couple of tiny hard drusen are common in normal eyes
-                drusen(int(rng.integers(1, 3)), 0.006, 0.009, 0.12)
+                drusen(int(rng.integers(1, 3)), 0.010, 0.016, 0.12)
         elif grade == 1:
-            drusen(int(rng.integers(4, 19)), 0.007, 0.017, 0.12)
+            drusen(int(rng.integers(4, 19)), 0.014, 0.028, 0.12)
         elif grade == 2:
-            drusen(int(rng.integers(0, 13)), 0.007, 0.015, 0.14)
-            drusen(int(rng.integers(4, 15)), 0.018, 0.045, 0.09)
+            drusen(int(rng.integers(0, 13)), 0.014, 0.026, 0.14)
+            drusen(int(rng.integers(4, 15)), 0.028, 0.055, 0.09)
             for u, v in dots(int(rng.integers(0, 4)), 0.1):  # pigment clumps
                 cv.ellipse("dark", u, v, 0.01, 0.01, contrast * 0.6)
         else:
@@ -454,46 +469,47 @@ def render(image_id: str, size: int) -> np.ndarray:
                             [u + math.cos(ca) * 0.06, v + math.sin(ca) * 0.06]])
             cv.polyline("dark", seg, art_w, art_alpha)
             cv.polyline("pale", seg, max(art_w * 0.35, 0.004), 0.5)
-        # flame-shaped haemorrhages: elongated, along the vessels near the disc
-        for _ in range(int(rng.integers(0, 6))):
+        # flame-shaped haemorrhages: elongated, beside and along the vessels near the disc
+        for _ in range(int(rng.integers(2, 9))):
             pts, th = veins[int(rng.integers(0, len(veins)))]
-            k = int(rng.integers(1, max(2, len(pts) // 2)))
-            off = rng.normal(0, 0.02, 2)
-            cv.rot_ellipse("dark", pts[k][0] + off[0], pts[k][1] + off[1], rng.uniform(0.025, 0.05),
-                           rng.uniform(0.007, 0.013), th[k], contrast * rng.uniform(0.7, 0.95))
-        cotton_wool(int(rng.integers(0, 3)))
+            k = int(rng.integers(1, max(2, len(pts) // 3)))
+            side = rng.uniform(0.012, 0.03) * (1.0 if rng.random() < 0.5 else -1.0)
+            u = pts[k][0] - math.sin(th[k]) * side
+            v = pts[k][1] + math.cos(th[k]) * side
+            cv.rot_ellipse("dark", u, v, rng.uniform(0.04, 0.08), rng.uniform(0.015, 0.024),
+                           th[k] + rng.normal(0, 0.15), contrast * rng.uniform(0.75, 1.0))
+        cotton_wool(int(rng.integers(0, 4)))
 
     # ---- compose the layers
-    a = cv.alpha("dark", blur=0.35 * res / 128)
+    a = cv.alpha("dark", blur=0.2 * size / 64)
     if a is not None:
         img *= 1.0 - a[:, :, None] * (1.0 - _DARK)
     for name, col, blur in (("cnv", _CNV, 1.2), ("yellow", _YELLOW, 0.3), ("pale", _PALE, 1.0)):
-        a = cv.alpha(name, blur=blur * res / 128)
+        a = cv.alpha(name, blur=blur * size / 128)
         if a is not None:
             a = a[:, :, None]
-            img = img * (1.0 - a) + a * col * np.maximum(img.max(axis=2, keepdims=True), 0.55)
+            img = img * (1.0 - a) + a * col * np.maximum(img[:, :, :1], 0.55)
 
     # ---- illumination (gain, vignetting, gradient), colour cast, haze, circular mask
     r2 = ((U - fc[0]) ** 2 + (V - fc[1]) ** 2) / (fr * fr)
     gain = rng.uniform(0.7, 1.25)
     vig = rng.uniform(0.25, 0.65)
-    g = rng.normal(0.0, 0.18, 2)
+    g = [float(x) for x in rng.normal(0.0, 0.18, 2)]
     illum = gain * (1.0 - vig * r2 ** 1.5) + g[0] * U + g[1] * V
     illum = np.clip(illum, 0.08, None)
     cast = rng.uniform(0.88, 1.12, 3).astype(np.float32)
     img = img * illum[:, :, None] * cast + rng.uniform(0.0, 0.06)
-    edge = np.clip((1.0 - np.sqrt(r2)) * fr * res * 0.5, 0.0, 1.0)  # ~1 px soft edge
+    edge = np.clip((1.0 - np.sqrt(r2)) * fr * size * 0.5 + 0.5, 0.0, 1.0)  # ~1 px soft edge
     bg = rng.uniform(0.0, 0.03)
     img = img * edge[:, :, None] + bg * (1.0 - edge[:, :, None])
 
-    # ---- blur, downsample, sensor noise
+    # ---- blur, sensor noise
     out = Image.fromarray((np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), mode="RGB")
-    blur = rng.uniform(0.0, 1.3) ** 1.5 * res / 128
+    blur = rng.uniform(0.0, 1.3) ** 1.5 * size / 128
     if blur > 0.15:
         out = out.filter(ImageFilter.GaussianBlur(blur))
-    out = out.reduce(2)
     arr = np.asarray(out, dtype=np.int16)
     sigma = rng.uniform(1.0, 7.0)
-    noise = rng.normal(0.0, sigma, (size, size, 1)) * 0.6 + rng.normal(0.0, sigma, (size, size, 3)) * 0.4
-    arr = arr + noise.astype(np.int16)
+    noise = rng.standard_normal((size, size, 4), dtype=np.float32) * np.float32(sigma)
+    arr = arr + (noise[:, :, :1] * 0.6 + noise[:, :, 1:] * 0.4).astype(np.int16)
     return np.clip(arr, 0, 255).astype(np.uint8)

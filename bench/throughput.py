@@ -42,9 +42,13 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds of (our epoch, bare loop)")
     p.add_argument("--cache-dir", default=".sall-cache")
+    p.add_argument("--no-prefetch", action="store_true", help="assemble batches in the training thread (before)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    import sall.data.loader
+
+    sall.data.loader.PREFETCH = not args.no_prefetch
 
     from sall.chain import prepare, student_train_rows
     from sall.config import from_preset
@@ -97,7 +101,7 @@ def main() -> int:
                loader_images_per_s=round(loader_ips, 1), train_vs_bare=round(ratio, 3),
                loader_vs_train=round(loader_ips / train_ips, 2),
                data_share_of_train=round(res.profile["data_s"] / (res.profile["data_s"] + res.profile["step_s"]), 3),
-               rounds=args.rounds)
+               rounds=args.rounds, prefetch=not args.no_prefetch)
     print(f"{'student step (ours, incl. data)':<34} {train_ips:9.1f} images/s", file=sys.stderr)
     print(f"{'bare timm + torch loop':<34} {bare_ips:9.1f} images/s", file=sys.stderr)
     print(f"{'data loader alone':<34} {loader_ips:9.1f} images/s", file=sys.stderr)

@@ -17,6 +17,7 @@ from sall.data.augment import augment_batch, standardize, to_float
 
 
 _END = object()
+PREFETCH = True  # benchmarks switch it off to measure what the background thread buys
 
 
 class Batches:
@@ -24,7 +25,7 @@ class Batches:
 
     def __init__(self, images: np.ndarray, rows: np.ndarray, batch_size: int, *, shuffle: bool,
                  augment: bool, device: torch.device, seed: int = 0, channels_last: bool = False,
-                 drop_last: bool = False, prefetch: bool = True) -> None:
+                 drop_last: bool = False, prefetch: bool | None = None) -> None:
         self.images = images
         self.rows = np.asarray(rows)
         self.batch_size = batch_size
@@ -36,7 +37,7 @@ class Batches:
         self.generator = torch.Generator().manual_seed(seed)
         self.rng = np.random.default_rng(seed)
         self.pin = device.type == "cuda"
-        self.prefetch = prefetch
+        self.prefetch = PREFETCH if prefetch is None else prefetch
 
     def __len__(self) -> int:
         n = len(self.rows)

@@ -140,8 +140,8 @@ def init_ray(args: argparse.Namespace) -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if args.address:
         addr = check_ray_address(args.address)
-        try:
-            ray.init(address=addr, **{k: v for k, v in quiet.items() if k != "include_dashboard"})
+        try:  # "auto" stays "auto": only then does Ray pick up this node's auth token by itself
+            ray.init(address="auto" if args.address == "auto" else addr, **{k: v for k, v in quiet.items() if k != "include_dashboard"})
         except Exception as e:  # ConnectionError and friends
             raise SallError(f"could not join the Ray cluster at '{addr}': {e}") from None
     else:

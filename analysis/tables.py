@@ -81,6 +81,16 @@ class Table:
 
 # ---------------------------------------------------------------------------------------------
 # cells
+
+def _order_and_link(rows: list):
+    """Sort rows by their `_order`, point every row at the reference row (the baseline), return it."""
+    rows.sort(key=lambda r: r._order)
+    base = next((r for r in rows if r.reference), None)
+    for r in rows:
+        if base is not None and r is not base:
+            r.ref = base
+    return base
+
 def ours(row: Row, col: Column) -> tuple[str, float, float, int]:
     """(display, mean, std, n) of our value over the finished folds."""
     s = row.setting
@@ -181,11 +191,7 @@ def switch_table(tid: str, sets: list[cm.Setting], paper: dict, metrics: list[st
         row._order = ((0, 0, 0) if row.reference else (1, i, 0)) if tid == "III" else \
             ((0, 0, 0) if row.reference else (1, r.temperature, (not r.sa, not r.mt)))
         rows.append(row)
-    rows.sort(key=lambda r: r._order)
-    base = next((r for r in rows if r.reference), None)
-    for r in rows:
-        if base is not None and r is not base:
-            r.ref = base
+    base = _order_and_link(rows)
     title = (paper["III"]["title"] if tid == "III" else
              "Table IV: SALL at each temperature T beside the single-task baseline")
     notes = ["`paper` names the paper's table of the matching row (* = the paper's baseline); "
@@ -263,11 +269,7 @@ def count_table(sets: list[cm.Setting], paper: dict, metrics: list[str]) -> Tabl
                   reference=name == "single")
         row._order = (0 if row.reference else 1, len(r.tasks), r.temperature)
         rows.append(row)
-    rows.sort(key=lambda r: r._order)
-    base = next((r for r in rows if r.reference), None)
-    for r in rows:
-        if base is not None and r is not base:
-            r.ref = base
+    base = _order_and_link(rows)
     return Table("VIII", paper["VIII"]["title"], ["setting", "T"], cols, rows,
                  ["NA: the setting has no such task. The paper's 2 sub-task row is its T = 8 row of Table IV."])
 

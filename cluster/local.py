@@ -137,20 +137,12 @@ def stop_sessions(sids, marker: str | None = None, grace: float = 10.0) -> list[
         if not session_members(sids, marker):
             return []
         time.sleep(0.2)
-    for _ in range(3):  # members may fork while we kill; a few rounds
-        left = session_members(sids, marker)
-        if not left:
-            return []
-        _signal_all(left, signal.SIGKILL)
-        end = time.monotonic() + 3.0
-        while time.monotonic() < end and session_members(sids, marker):
-            time.sleep(0.1)
-    return session_members(sids, marker)
+    return kill_sessions(sids, marker)
 
 
 def kill_sessions(sids, marker: str | None = None) -> list[int]:
     """SIGKILL every process of the sessions at once (a node crash, not a shutdown)."""
-    for _ in range(3):
+    for _ in range(3):  # members may fork while we kill; a few rounds
         left = session_members(sids, marker)
         if not left:
             return []

@@ -42,6 +42,12 @@ def _ece(reliability: Sequence[dict]) -> float:
     )
 
 
+def _save(fig, path: str) -> None:
+    fig.tight_layout()
+    _ensure_dir(path)
+    fig.savefig(path, dpi=_DPI)
+
+
 def plot_confusion(
     confusion: list[list[int]],
     class_names: list[str],
@@ -91,9 +97,7 @@ def plot_confusion(
                     text += f"\n{100.0 * norm[i, j]:.1f}%"
                 colour = "white" if values[i, j] > 0.55 * vmax else "black"
                 ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=fontsize)
-        fig.tight_layout()
-        _ensure_dir(path)
-        fig.savefig(path, dpi=_DPI)
+        _save(fig, path)
     finally:
         fig.clear()
     return path
@@ -161,9 +165,7 @@ def plot_reliability(reliability: list[dict], title: str, path: str) -> str:
         axh.set_xlabel("confidence")
         axh.set_ylabel("count")
         axh.grid(alpha=0.3)
-        fig.tight_layout()
-        _ensure_dir(path)
-        fig.savefig(path, dpi=_DPI)
+        _save(fig, path)
     finally:
         fig.clear()
     return path

@@ -82,7 +82,11 @@ def main() -> int:
 
     base = from_preset("paper")
     ips = args.train_images_per_s or measure(base.backbone, base.image_size, args.batch)
-    measured_on = "given" if args.train_images_per_s else "measured here"
+    import torch
+
+    measured_on = "given" if args.train_images_per_s else (
+        "measured here on " + ("CUDA" if torch.cuda.is_available() else "the CPU"))
+    unit = "GPU-h" if args.train_images_per_s or torch.cuda.is_available() else "CPU-h"
     E = base.teacher_epochs
     teacher_cost: dict[tuple, float] = {}  # unique teacher -> images processed
     totals = {"with_reuse": 0.0, "without_reuse": 0.0}
@@ -118,7 +122,7 @@ def main() -> int:
         totals["with_reuse"] += s_with
     totals["with_reuse"] += sum(teacher_cost.values())
     out = dict(backbone=base.backbone, image_size=base.image_size, epochs=E, train_images_per_s=round(ips, 1),
-               throughput_source=measured_on, unique_teachers=len(teacher_cost),
+               throughput_source=measured_on, unit=unit, unique_teachers=len(teacher_cost),
                gpu_hours_with_reuse=round(totals["with_reuse"] / ips / 3600, 1),
                gpu_hours_without_reuse=round(totals["without_reuse"] / ips / 3600, 1),
                per_study={k: {kk: round(vv, 1) if isinstance(vv, float) else vv for kk, vv in v.items()}
@@ -126,9 +130,9 @@ def main() -> int:
     print(f"{base.backbone} at {base.image_size}px, {E} epochs, {ips:.1f} training images/s ({measured_on})",
           file=sys.stderr)
     for k, v in out["per_study"].items():
-        print(f"  {k:<12} {v['trials']:>3} trials: students {v['student_gpu_h']:8.1f} h, without reuse "
-              f"{v['without_reuse_gpu_h']:8.1f} h", file=sys.stderr)
-    print(f"  {len(teacher_cost)} unique teachers; total {out['gpu_hours_with_reuse']} GPU-h with reuse, "
+        print(f"  {k:<12} {v['trials']:>3} trials: students {v['student_gpu_h']:8.1f} {unit}, without reuse "
+              f"{v['without_reuse_gpu_h']:8.1f} {unit}", file=sys.stderr)
+    print(f"  {len(teacher_cost)} unique teachers; total {out['gpu_hours_with_reuse']} {unit} with reuse, "
           f"{out['gpu_hours_without_reuse']} without", file=sys.stderr)
     if args.json:
         print(json.dumps(out))

@@ -332,10 +332,8 @@ def run_chain(cfg: TrialConfig, cache_dir: str | Path, hooks: Hooks | None = Non
         if len(other):
             stats[task] = soft_label_stats(s[other])
 
-    student_path = store.path("students", cfg.key(), ".pt")
-    student_path.parent.mkdir(parents=True, exist_ok=True)
-    store.get_or_build("students", cfg.key(), ".pt", lambda tmp: _save(
-        {"state": states, "groups_json": _json(groups), "config_json": cfg.to_json()}, tmp))
+    student_path = store.get_or_build("students", cfg.key(), ".pt", lambda tmp: _save(
+        {"state": states, "groups_json": _json(groups), "config_json": cfg.to_json()}, tmp)).path
     return ChainResult(
         config=cfg, test=test, val=val, soft=stats,
         teachers={t: dict(key=tc.key, built=tc.fetched.built, seconds=tc.fetched.seconds,

@@ -148,60 +148,60 @@ def init_ray(args: argparse.Namespace) -> None:
         ray.init(**quiet)
 
 
-class Progress:
-    """A line per finished trial with its key metrics, and done / running / pending with an ETA."""
+def make_progress(total: int, tasks: tuple[str, ...]):
+    """A Tune callback: a line per finished trial with its key metrics, and done / running /
+    pending with an ETA. (Defined here so that ray.tune is imported only when a sweep runs.)"""
+    from ray.tune import Callback
 
-    def __new__(cls, *a: Any, **k: Any):  # built lazily: ray.tune must be importable first
-        from ray.tune import Callback
+    class _Progress(Callback):
+        def __init__(self, total: int, tasks: tuple[str, ...]) -> None:
+            self.total, self.tasks = total, tasks
+            self.t0 = time.time()
+            self.started: dict[str, float] = {}
+            self.done = 0
+            self.failed = 0
+            self.durations: list[float] = []
+            self.max_running = 1
 
-        class _Progress(Callback):
-            def __init__(self, total: int, tasks: tuple[str, ...]) -> None:
-                self.total, self.tasks = total, tasks
-                self.t0 = time.time()
-                self.started: dict[str, float] = {}
-                self.done = 0
-                self.failed = 0
-                self.durations: list[float] = []
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.started[trial.trial_id] = time.time()
 
-            def on_trial_start(self, iteration, trials, trial, **info):
-                self.started[trial.trial_id] = time.time()
+        def _line(self, trials) -> None:
+            running = sum(t.status == "RUNNING" for t in trials)
+            self.max_running = max(self.max_running, running)
+            pending = max(self.total - self.done - self.failed - running, 0)
+            el = time.time() - self.t0
+            eta = ""
+            if self.durations:  # recent trials: the first ones also trained the teachers
+                recent = self.durations[-2 * self.max_running:]
+                left = (pending + running * 0.5) * sum(recent) / len(recent) / self.max_running
+                eta = f" · ETA {_fmt(left)}"
+            print(f"[sweep] done {self.done}/{self.total} · failed {self.failed} · running {running} · "
+                  f"pending {pending} · elapsed {_fmt(el)}{eta}", file=sys.stderr, flush=True)
 
-            def _line(self, trials) -> None:
-                running = sum(t.status == "RUNNING" for t in trials)
-                self.max_running = max(getattr(self, "max_running", 1), running)
-                pending = max(self.total - self.done - self.failed - running, 0)
-                el = time.time() - self.t0
-                eta = ""
-                if self.durations:  # recent trials: the first ones also trained the teachers
-                    recent = self.durations[-2 * self.max_running:]
-                    left = (pending + running * 0.5) * sum(recent) / len(recent) / self.max_running
-                    eta = f" · ETA {_fmt(left)}"
-                print(f"[sweep] done {self.done}/{self.total} · failed {self.failed} · running {running} · "
-                      f"pending {pending} · elapsed {_fmt(el)}{eta}", file=sys.stderr, flush=True)
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done += 1
+            dt = time.time() - self.started.get(trial.trial_id, self.t0)
+            self.durations.append(dt)
+            r = trial.last_result or {}
+            label, fold = _label(trial)
+            parts = []
+            for t in trial.config["trial"]["cfg"].get("tasks", self.tasks):
+                if f"{t}_acc" in r:
+                    parts.append(f"{t} acc {r[f'{t}_acc']:.3f} kappa {r.get(f'{t}_kappa', float('nan')):.3f} "
+                                 f"ece {r.get(f'{t}_ece', float('nan')):.3f}")
+            note = " (already logged)" if r.get("reused_run") else ""
+            print(f"[trial] {label} fold{fold}: {' | '.join(parts)} ({_fmt(dt)}){note}", file=sys.stderr, flush=True)
+            self._line(trials)
 
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                self.done += 1
-                dt = time.time() - self.started.get(trial.trial_id, self.t0)
-                self.durations.append(dt)
-                r = trial.last_result or {}
-                label, fold = _label(trial)
-                parts = []
-                for t in trial.config["trial"]["cfg"].get("tasks", self.tasks):
-                    if f"{t}_acc" in r:
-                        parts.append(f"{t} acc {r[f'{t}_acc']:.3f} kappa {r.get(f'{t}_kappa', float('nan')):.3f} "
-                                     f"ece {r.get(f'{t}_ece', float('nan')):.3f}")
-                note = " (already logged)" if r.get("reused_run") else ""
-                print(f"[trial] {label} fold{fold}: {' | '.join(parts)} ({_fmt(dt)}){note}", file=sys.stderr, flush=True)
-                self._line(trials)
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.failed += 1
+            label, fold = _label(trial)
+            print(f"[trial] {label} fold{fold}: FAILED "
+                  f"({trial.error_file or 'see MLflow'})", file=sys.stderr, flush=True)
+            self._line(trials)
 
-            def on_trial_error(self, iteration, trials, trial, **info):
-                self.failed += 1
-                label, fold = _label(trial)
-                print(f"[trial] {label} fold{fold}: FAILED "
-                      f"({trial.error_file or 'see MLflow'})", file=sys.stderr, flush=True)
-                self._line(trials)
-
-        return _Progress(*a, **k)
+    return _Progress(total, tasks)
 
 
 def _label(trial: Any) -> tuple[str, int]:
@@ -317,7 +317,7 @@ def _tune(sweep: str, args: argparse.Namespace, trials: list[Trial], uri: str, c
     space = {"trial": tune.grid_search([{"label": t.label, "cfg": dataclasses.asdict(t.cfg)} for t in trials]),
              "sweep": sw, "private_cache": bool(args.no_teacher_reuse)}
     trainable = tune.with_resources(_trainable, {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
-    progress = Progress(len(trials), tuple(args.tasks.split(",")))
+    progress = make_progress(len(trials), tuple(args.tasks.split(",")))
     run_config = tune.RunConfig(
         name=sweep_id, storage_path=storage,
         failure_config=tune.FailureConfig(max_failures=args.max_failures),

@@ -136,6 +136,19 @@ def test_csv_wrong_columns(tmp_path, make_image):
     assert "bad.csv" in msg and "image, task, grade" in msg and "path, label" in msg
 
 
+@pytest.mark.parametrize("rows", [[], ["a.png,dr,1,p1"], ["a.png,dr,1,"]], ids=["no rows", "a row", "empty patient"])
+def test_regression_issue13_header_file_disease_level_patient(tmp_path, make_image, capsys, rows):
+    """Issue 13: this header ended in KeyError: 'image' (the patient fill-in read the missing column)."""
+    from sall.cli import guarded
+
+    make_image(tmp_path / "a.png")
+    path = _write_csv(tmp_path / "x.csv", ["file,disease,level,patient", *rows])
+    assert guarded(lambda: load_manifest(str(path)) and 0, debug=False) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {path}: missing column(s) image, task, grade; expected columns image, task, grade "
+                   "(patient optional), found file, disease, level, patient\n")
+
+
 @pytest.mark.parametrize(
     "row, expected",
     [

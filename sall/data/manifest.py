@@ -11,17 +11,23 @@ from sall.tasks import TASKS
 COLUMNS: tuple[str, ...] = ("image", "task", "grade", "patient", "source")
 
 
+def check_columns(columns, origin: str) -> None:
+    """The label columns image, task and grade must be there (the first check of any manifest)."""
+    cols = [str(c) for c in columns]
+    missing = [c for c in ("image", "task", "grade") if c not in cols]
+    if missing:
+        raise DataError(
+            f"{origin}: missing column(s) {', '.join(missing)}; expected columns image, task, grade "
+            f"(patient optional), found {', '.join(cols) or 'none'}"
+        )
+
+
 def check_manifest(df: pd.DataFrame, origin: str) -> pd.DataFrame:
     """Check the label columns of a manifest (not the image files) and return it normalised.
 
     `origin` names where the rows came from (a file path or a source name) for the error message.
     """
-    missing = [c for c in ("image", "task", "grade") if c not in df.columns]
-    if missing:
-        raise DataError(
-            f"{origin}: missing column(s) {', '.join(missing)}; expected columns image, task, grade "
-            f"(patient optional), found {', '.join(map(str, df.columns)) or 'none'}"
-        )
+    check_columns(df.columns, origin)
     if len(df) == 0:
         raise DataError(f"{origin}: the manifest has no rows")
     df = df.copy()

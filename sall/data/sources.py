@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from sall.data.images import IMAGE_EXTENSIONS, check_images
-from sall.data.manifest import COLUMNS, check_manifest
+from sall.data.manifest import COLUMNS, check_columns, check_manifest
 from sall.errors import DataError
 from sall.tasks import ALL_TASKS, TASKS
 
@@ -158,14 +158,14 @@ def _csv(path: str) -> tuple[str, pd.DataFrame, list[str]]:
         raise DataError(f"{path}: not a readable CSV file ({' '.join(str(e).split())[:160]}); "
                         "expected columns image, task, grade") from None
     raw.columns = [str(c).strip() for c in raw.columns]
+    check_columns(raw.columns, path)  # before any column is read: a wrong header is one line, not a KeyError
     for col in ("image", "task", "grade", "patient"):
         if col in raw.columns:
             raw[col] = raw[col].str.strip()
-    if "image" in raw.columns:
-        empty = raw["image"] == ""
-        if empty.any():
-            i = int(np.flatnonzero(empty.to_numpy())[0])
-            raise DataError(f"{path}: row {i + 2}: empty image path; expected a file path")
+    empty = raw["image"] == ""
+    if empty.any():
+        i = int(np.flatnonzero(empty.to_numpy())[0])
+        raise DataError(f"{path}: row {i + 2}: empty image path; expected a file path")
     if "patient" in raw.columns:
         raw.loc[raw["patient"] == "", "patient"] = raw.loc[raw["patient"] == "", "image"]
     df = check_manifest(raw, path)  # labels, with the user's own image names in the messages

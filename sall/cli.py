@@ -16,8 +16,26 @@ from sall.errors import SallError
 DEFAULT_CACHE = ".sall-cache"
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (exit code 2), like every other error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        one_line_error(self, message)
+
+
+def one_line_error(p: argparse.ArgumentParser, message: str):
+    message = " ".join(str(message).split())
+    p.exit(2, f"error: {message}; expected the flags of `{p.prog} --help`\n")
+
+
+def one_line_errors(p: argparse.ArgumentParser) -> None:
+    """Make a parser (built elsewhere, e.g. a sweep's) report a bad flag in one line, not usage + error."""
+    p.error = lambda message: one_line_error(p, message)  # type: ignore[method-assign]
+
+
 def add_data_model_args(p: argparse.ArgumentParser) -> None:
-    """Flags shared by `python -m sall run` and the sweeps (design.md)."""
+    """Flags shared by `python -m sall run` and the sweeps (design.md). Also makes `p`'s errors one line."""
+    one_line_errors(p)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="synthetic",
                    help="synthetic (built-in, the default), odir (needs --data-root), a CSV manifest "
@@ -74,7 +92,7 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m sall",
         description="Synergic Adversarial Label Learning: train the teachers (cached), make the soft "
                     "labels at temperature T, train the student and print its per-task test metrics "
@@ -99,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the paper's baseline: --no-multitask --no-sa-labels -T 1")
     s.add_argument("--profile", action="store_true", help="report where the time goes (stderr and JSON)")
     s.add_argument("--full", action="store_true", help="print every metric (confusion, reliability bins)")
+    s.add_argument("--dry-run", action="store_true",
+                   help="check the flags and the data, print the resolved config and which teachers would "
+                        "be trained or reused; train nothing, write nothing")
     return p
 
 
@@ -112,6 +133,8 @@ def run_command(args: argparse.Namespace) -> int:
     cfg: TrialConfig = from_preset(args.preset, smoke=args.smoke, temperature=args.temperature,
                                    fold=args.fold, multitask=args.multitask, sa_labels=args.sa_labels,
                                    profile=args.profile, **over)
+    if args.dry_run:
+        return dry_run(cfg, args.cache_dir)
     res = run_chain(cfg, args.cache_dir)
     out = res.summary()
     if args.full:
@@ -119,6 +142,23 @@ def run_command(args: argparse.Namespace) -> int:
     if args.profile:
         print("profile: " + ", ".join(f"{k} {v:.1f}s" for k, v in res.profile.items()), file=sys.stderr)
     print(json.dumps(out, indent=2))
+    return 0
+
+
+def dry_run(cfg: TrialConfig, cache_dir: str) -> int:
+    """Every check of a run (config, weights, data, folds, subsets); nothing trained or written."""
+    from pathlib import Path
+
+    from sall.chain import needs_teachers, preflight, teacher_key
+
+    data = preflight(cfg)
+    teachers = {}
+    for task in needs_teachers(cfg):
+        key = teacher_key(cfg, task, data.fingerprint)
+        cached = (Path(cache_dir).expanduser() / "teachers" / f"{key}.pt").exists()
+        teachers[task] = {"key": key, "cached": cached}
+    print(json.dumps({"config_key": cfg.key(), "config": json.loads(cfg.to_json()), "teachers": teachers,
+                      "data": data.summary}, indent=2))
     return 0
 
 

@@ -8,6 +8,7 @@ corrupt one is detected, reported and rebuilt.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import sys
@@ -20,6 +21,9 @@ from pathlib import Path
 from filelock import FileLock
 
 from sall.errors import SallError
+
+# A full disk, a quota, a file-size limit: one clear error instead of a traceback.
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 # Tests only: called between writing the temporary file and renaming it into place.
 _BEFORE_RENAME: Callable[[Path], None] | None = None
@@ -44,12 +48,22 @@ class ArtifactStore:
     """A folder of content-addressed artifacts: `<root>/<kind>/<key><suffix>`."""
 
     def __init__(self, root: str | os.PathLike) -> None:
+        """Check that `root` can be written. An absent folder is not created here but by the first
+        write, so a run that fails its checks leaves no empty cache dir behind."""
         self.root = Path(root).expanduser().resolve()
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / f".write-test-{uuid.uuid4().hex}"
-            probe.write_bytes(b"ok")
-            probe.unlink()
+            if self.root.exists():
+                probe = self.root / f".write-test-{uuid.uuid4().hex}"
+                probe.write_bytes(b"ok")
+                probe.unlink()
+            else:
+                parent = self.root.parent
+                while not parent.exists():
+                    parent = parent.parent
+                if not parent.is_dir():
+                    raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))
+                if not os.access(parent, os.W_OK | os.X_OK):
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(parent))
         except OSError as e:
             raise SallError(f"cache dir '{self.root}' cannot be written ({e.strerror or e}); "
                             "expected a writable folder (--cache-dir), shared by all nodes on a cluster") from None
@@ -89,22 +103,32 @@ class ArtifactStore:
         final = self.path(kind, key, suffix)
         if self.is_valid(final):
             return Fetched(final, built=False)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        with self.lock(f"{kind}-{key}"):
-            if self.is_valid(final):  # another process built it while we waited
-                return Fetched(final, built=False)
-            t0 = time.time()
-            tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
-            side = final.with_name(final.name + ".sha256")
-            side_tmp = side.with_name(f".{side.name}.{uuid.uuid4().hex}.tmp")
-            try:
-                build(tmp)
-                side_tmp.write_text(sha256_file(tmp) + "\n")
-                if _BEFORE_RENAME is not None:
-                    _BEFORE_RENAME(tmp)
-                os.replace(side_tmp, side)
-                os.replace(tmp, final)
-            finally:  # a kill -9 can still leave these; they are never read, only the final name is
-                tmp.unlink(missing_ok=True)
-                side_tmp.unlink(missing_ok=True)
-            return Fetched(final, built=True, seconds=time.time() - t0)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            with self.lock(f"{kind}-{key}"):
+                if self.is_valid(final):  # another process built it while we waited
+                    return Fetched(final, built=False)
+                t0 = time.time()
+                tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
+                side = final.with_name(final.name + ".sha256")
+                side_tmp = side.with_name(f".{side.name}.{uuid.uuid4().hex}.tmp")
+                try:
+                    build(tmp)
+                    side_tmp.write_text(sha256_file(tmp) + "\n")
+                    if _BEFORE_RENAME is not None:
+                        _BEFORE_RENAME(tmp)
+                    os.replace(side_tmp, side)
+                    os.replace(tmp, final)
+                except BaseException:
+                    side.unlink(missing_ok=True)  # never a sidecar without its artifact
+                    raise
+                finally:  # a kill -9 can still leave these; they are never read, only the final name is
+                    tmp.unlink(missing_ok=True)
+                    side_tmp.unlink(missing_ok=True)
+                return Fetched(final, built=True, seconds=time.time() - t0)
+        except OSError as e:
+            if e.errno not in _FULL:
+                raise
+            raise SallError(f"cache dir '{self.root}' is full ({os.strerror(e.errno)}) while writing "
+                            f"{kind}/{key}{suffix}; nothing of it was kept; expected free space in "
+                            "--cache-dir (or another --cache-dir)") from None

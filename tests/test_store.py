@@ -99,3 +99,77 @@ def test_unwritable_cache_dir(tmp_path):
     f.write_text("x")
     with pytest.raises(SallError, match="cache dir .* cannot be written"):
         ArtifactStore(f / "sub")
+
+
+def test_absent_cache_dir_is_created_by_the_first_write_only(tmp_path):
+    root = tmp_path / "a" / "cache"
+    s = ArtifactStore(root)
+    assert not root.exists(), "a store that was never written to leaves no folder behind"
+    assert s.get_or_build("teachers", "k", ".pt", writer("t")).built
+    assert (root / "teachers" / "k.pt").read_text() == "t"
+
+
+# ----------------------------------------------------------------------- a full disk
+
+_FULL_DISK_SCRIPT = r"""
+import io, resource, sys
+import torch
+from sall.cli import guarded
+from sall.store import ArtifactStore
+
+limit = int(sys.argv[2])
+if limit:  # a file-size limit: writes past it fail with EFBIG (Python ignores SIGXFSZ)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+store = ArtifactStore(sys.argv[1])
+
+
+def build(tmp):  # what a teacher build does (sall.chain._save): torch.save ~4 MB of weights, write them
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(1 << 20)}, buf)
+    tmp.write_bytes(buf.getvalue())
+
+
+sys.exit(guarded(lambda: store.get_or_build("teachers", "dr-abc", ".pt", build) and 0, False))
+"""
+
+
+def _assert_full_disk_error(out, root: Path) -> None:
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert lines[0].startswith(f"error: cache dir '{root}' is full (") and "teachers/dr-abc.pt" in lines[0]
+    entries = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+    assert entries == ["locks/teachers-dr-abc.lock"], f"a partial entry was left: {entries}"
+
+
+def _full_disk_run(root: Path, limit: int):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", _FULL_DISK_SCRIPT, str(root), str(limit)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_full_disk_by_file_size_limit_is_one_error_and_no_partial_entry(tmp_path):
+    """RLIMIT_FSIZE makes every write past 256 KiB fail as on a full disk (works without root)."""
+    root = tmp_path / "cache"
+    _assert_full_disk_error(_full_disk_run(root, 256 * 1024), root)
+
+
+def test_full_disk_on_a_tiny_tmpfs_is_one_error_and_no_partial_entry(tmp_path):
+    """A real full file system (ENOSPC): a 256 KiB tmpfs; needs the right to mount (root)."""
+    import os
+    import subprocess
+
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root); the file-size-limit test covers the same path")
+    try:
+        root = mnt / "cache"
+        out = _full_disk_run(root, 0)
+        _assert_full_disk_error(out, root)
+        assert "No space left on device" in out.stderr
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sall import pretrained as pretrained_lib
 from sall.errors import ConfigError
 
 HUB_HOST = ("huggingface.co", 443)
@@ -25,11 +26,22 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def check_pretrained(backbone: str, pretrained: bool, pretrained_path: str | None) -> None:
-    """Fail before training when ImageNet weights are asked for but cannot be had."""
+    """Fail before training when ImageNet weights are asked for but cannot be had.
+
+    A file in EfficientNet-PyTorch naming (detected by its keys) has every tensor's name and shape
+    checked here; a timm-named file is checked by timm when the model is built. With no path, a
+    backbone whose weights come from an installed package (sall.pretrained) needs no network, so
+    the hub is not asked.
+    """
     if pretrained_path:
         if not Path(pretrained_path).is_file():
             raise ConfigError(f"--pretrained-path '{pretrained_path}' does not exist; expected a "
                               f"weights file for {backbone} (.pth, .bin or .safetensors)")
+        if pretrained_lib.file_is_efficientnet_pytorch(pretrained_path):
+            pretrained_lib.check_efficientnet_pytorch_file(pretrained_path, backbone)
+        return
+    if pretrained and (packaged := pretrained_lib.packaged_weights(backbone)):
+        pretrained_lib.check_efficientnet_pytorch_file(packaged, backbone)
         return
     if pretrained and not hub_reachable():
         raise ConfigError(
@@ -47,13 +59,22 @@ class MultiHeadNet(nn.Module):
         import timm
 
         kwargs: dict = dict(num_classes=0)
+        # EfficientNet-PyTorch files (--pretrained-path in that naming, or the installed package's
+        # file when pretrained=True) are mapped by sall.pretrained; timm loads everything else.
+        mapped = None
         if pretrained_path:
-            kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(pretrained_path)))
-        else:
-            kwargs.update(pretrained=pretrained)
+            if pretrained_lib.file_is_efficientnet_pytorch(pretrained_path):
+                mapped = str(pretrained_path)
+            else:
+                kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(pretrained_path)))
+        elif pretrained:
+            mapped = pretrained_lib.packaged_weights(backbone)
+            kwargs.update(pretrained=mapped is None)
         if backbone.startswith("inception"):
             kwargs["aux_logits"] = False
         self.backbone = timm.create_model(backbone, **kwargs)
+        if mapped is not None:
+            pretrained_lib.load_efficientnet_pytorch(self.backbone, mapped, backbone)
         # the pooled feature width: after a timm model's own pre-logits layer where it has one
         width = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
         self.heads = nn.ModuleDict({t: nn.Linear(width, k) for t, k in heads.items()})

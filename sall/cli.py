@@ -51,7 +51,9 @@ def add_data_model_args(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model and training")
     m.add_argument("--preset", default="cpu", choices=None,
                    help=f"settings bundle: {', '.join(PRESETS)} (cpu: small timm model at 64 px, fits a "
-                        "laptop; paper: inception_v3 at 299 px, ImageNet weights, Adam lr 1e-5)")
+                        "laptop; cpu-real: ImageNet-initialised tf_efficientnet_lite0 at 128 px from an "
+                        "installed package, no network, for real photographs such as ODIR on a CPU; "
+                        "paper: inception_v3 at 299 px, ImageNet weights, Adam lr 1e-5)")
     m.add_argument("--backbone", default=None, help="any timm model name (default from the preset)")
     m.add_argument("--image-size", type=int, default=None, help="input size in pixels (default from the preset)")
     m.add_argument("--pretrained", dest="pretrained", action="store_true", default=None,

@@ -24,6 +24,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         backbone="inception_v3", image_size=299, pretrained=True, lr=1e-5, batch_size=32,
         teacher_epochs=30, student_epochs=30, synthetic_n=2000,
     ),
+    # real photographs on a CPU: ImageNet-initialised EfficientNet-Lite0 from an installed package
+    # (sall/pretrained.py, no network); values measured on ODIR's validation split (README)
+    "cpu-real": dict(
+        backbone="tf_efficientnet_lite0", image_size=128, pretrained=True, lr=1e-3, batch_size=32,
+        teacher_epochs=5, student_epochs=5, synthetic_n=800,
+    ),
 }
 # --smoke: tiny data and epochs, on top of a preset.
 SMOKE: dict[str, Any] = dict(image_size=32, teacher_epochs=2, student_epochs=2, synthetic_n=90)

@@ -102,8 +102,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
                 state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any reader failure means an unusable file
-        raise ConfigError(f"weights file '{path}' cannot be read ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}); expected a PyTorch state dict") from e
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ConfigError(f"weights file '{path}' cannot be read ({type(e).__name__}: {first}); "
+                          "expected a PyTorch state dict") from e
     for wrapper in ("state_dict", "model"):  # checkpoints that wrap the state dict
         if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
             state = state[wrapper]

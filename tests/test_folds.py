@@ -85,3 +85,36 @@ def test_empty_class_after_cap_is_an_error(manifest):
     no_pdr = train[~((manifest["task"].to_numpy()[train] == "dr") & (manifest["grade"].to_numpy()[train] == 4))]
     with pytest.raises(DataError, match="task dr has no training image of grade\\(s\\) 4"):
         check_nonempty(manifest, no_pdr, ("dr", "amd"), "fold 0 train split")
+
+
+def test_patients_and_images_with_two_tasks_stay_in_one_split():
+    """A patient whose eyes carry DR and AMD grades (or one image graded for both) must not train
+    one task while it tests the other: folds group by patient across tasks."""
+    base = synthetic_manifest(200, seed=0, tasks=("dr", "amd"))
+    # the AMD rows borrow the DR rows' patients: every patient now has rows of both tasks, and
+    # every second AMD row is the very same image as a DR row
+    amd = base["task"] == "amd"
+    base.loc[amd, "patient"] = base.loc[base["task"] == "dr", "patient"].to_numpy()
+    same = base.index[amd][::2]
+    base.loc[same, "image"] = base.loc[base.index[~amd][::2], "image"].to_numpy()
+    for fold in range(3):
+        s = fold_splits(base, fold)
+        for key in ("patient", "image"):
+            seen = {k: set(base[key].iloc[v]) for k, v in s.items()}
+            assert not seen["train"] & seen["test"], (fold, key)
+            assert not seen["train"] & seen["val"], (fold, key)
+            assert not seen["val"] & seen["test"], (fold, key)
+
+
+def test_train_cap_per_task_is_nested_and_stratified(manifest):
+    from sall.data.subset import cap_per_task
+
+    train = fold_splits(manifest, 0)["train"]
+    small, large = cap_per_task(manifest, train, 50), cap_per_task(manifest, train, 120)
+    counts = manifest.iloc[small].groupby("task").size()
+    assert counts.max() == 50 and counts.min() == 50
+    assert set(small) <= set(large) <= set(train)
+    whole = manifest.iloc[train].groupby(["task", "grade"]).size() / manifest.iloc[train].groupby("task").size()
+    part = manifest.iloc[large].groupby(["task", "grade"]).size() / 120
+    assert np.abs(part - whole).max() < 0.03
+    assert cap_per_task(manifest, train, None) is train

@@ -38,6 +38,15 @@ def cap_per_class(manifest: pd.DataFrame, idx: np.ndarray, cap: int | None, seed
     return np.sort(np.concatenate(keep)) if keep else idx[:0]
 
 
+def cap_per_task(manifest: pd.DataFrame, idx: np.ndarray, cap: int | None, seed: int = 0) -> np.ndarray:
+    """Keep at most `cap` images of each task among `idx`: a stratified, nested subset (the same
+    rule as the data-ratio study), so a smaller cap keeps a subset of what a larger one keeps."""
+    if cap is None:
+        return idx
+    tasks, counts = np.unique(manifest["task"].to_numpy()[idx], return_counts=True)
+    return take_per_task(manifest, idx, {t: min(cap, int(n)) for t, n in zip(tasks, counts)}, "", seed)
+
+
 def resolve_count(value: float, available: int, task: str, where: str) -> int:
     """A count (> 1) or a fraction (0, 1] of the available images, as an int."""
     if value <= 0:

@@ -20,10 +20,10 @@ import pandas as pd
 import torch
 
 from sall.config import TrialConfig, stable_hash
-from sall.data.folds import fold_splits
+from sall.data.folds import SPLIT_VERSION, fold_splits
 from sall.data.image_cache import image_array
 from sall.data.manifest import check_classes, fingerprint
-from sall.data.subset import cap_per_class, check_nonempty, take_per_task
+from sall.data.subset import cap_per_class, cap_per_task, check_nonempty, take_per_task
 from sall.losses import soft_labels
 from sall.metrics import classification_metrics, soft_label_stats
 from sall.model import MultiHeadNet, check_pretrained
@@ -86,6 +86,8 @@ def preflight(cfg: TrialConfig) -> Data:
     splits = fold_splits(manifest, cfg.fold)
     where = f"fold {cfg.fold}"
     splits["train"] = cap_per_class(manifest, splits["train"], cfg.class_cap, seed=cfg.fold)
+    splits["train"] = cap_per_task(manifest, splits["train"], cfg.train_per_task, seed=cfg.fold)
+    splits["val"] = cap_per_task(manifest, splits["val"], cfg.val_per_task, seed=cfg.fold)
     cap_note = f" with class cap {cfg.class_cap}" if cfg.class_cap else ""
     check_nonempty(manifest, splits["train"], cfg.tasks, f"{where} train split{cap_note}")
     data = Data(manifest, summary, fp, splits)
@@ -111,7 +113,7 @@ def student_train_rows(cfg: TrialConfig, data: Data) -> np.ndarray:
 # stage 1 and 2: teachers and their logits
 def teacher_key(cfg: TrialConfig, task: str, data_fingerprint: str) -> str:
     """Names a teacher by everything it depends on (design.md) and nothing else."""
-    return f"{task}-{stable_hash({**cfg.teacher_fields(task), 'data': data_fingerprint})}"
+    return f"{task}-{stable_hash({**cfg.teacher_fields(task), 'data': data_fingerprint, 'split': SPLIT_VERSION})}"
 
 
 def one_hot(labels: np.ndarray, k: int) -> np.ndarray:

@@ -22,15 +22,39 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]
         one_line_error(self, message)
 
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        return _no_empty_values(self, super().parse_known_args(args, namespace))
+
+
+def _no_empty_values(p: argparse.ArgumentParser, parsed):
+    """`--fold=--` gives `fold == []` on Python <= 3.12 (argparse drops the '--' and converts
+    nothing): a flag that takes one value must have one."""
+    ns, extras = parsed
+    for a in p._actions:
+        if a.nargs is None and a.option_strings and isinstance(getattr(ns, a.dest, None), list):
+            p.error(f"argument {'/'.join(a.option_strings)}: expected one value, got '--'")
+    return ns, extras
+
+
+def one_line(message: object) -> str:
+    """`message` as one printable line: control characters and line breaks of user input (a CSV cell,
+    a flag value) are shown escaped, so an error is always exactly one line on a terminal."""
+    return "".join(c if c.isprintable() else (" " if c in "\r\n" else repr(c)[1:-1]) for c in str(message))
+
 
 def one_line_error(p: argparse.ArgumentParser, message: str):
-    message = " ".join(str(message).split())
-    p.exit(2, f"error: {message}; expected the flags of `{p.prog} --help`\n")
+    p.exit(2, f"error: {one_line(message)}; expected the flags of `{p.prog} --help`\n")
 
 
 def one_line_errors(p: argparse.ArgumentParser) -> None:
-    """Make a parser (built elsewhere, e.g. a sweep's) report a bad flag in one line, not usage + error."""
+    """Make a parser (built elsewhere, e.g. a sweep's) report a bad flag in one line, not usage + error,
+    and refuse a flag left without its value (`--temperatures=--`)."""
+    if isinstance(p, OneLineParser):
+        return
     p.error = lambda message: one_line_error(p, message)  # type: ignore[method-assign]
+    parse = p.parse_known_args
+    p.parse_known_args = lambda args=None, namespace=None: _no_empty_values(  # type: ignore[method-assign]
+        p, parse(args, namespace))
 
 
 def add_data_model_args(p: argparse.ArgumentParser) -> None:
@@ -46,6 +70,10 @@ def add_data_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tasks", default="dr,amd", help="comma-separated tasks among dr,amd,arter (default dr,amd)")
     g.add_argument("--class-cap", type=int, default=None,
                    help="at most this many training images per task and grade (teachers and students)")
+    g.add_argument("--train-per-task", type=int, default=None,
+                   help="at most this many training images per task, stratified (default from the preset)")
+    g.add_argument("--val-per-task", type=int, default=None,
+                   help="at most this many validation images per task (default from the preset)")
     g.add_argument("--synthetic-n", type=int, default=None,
                    help="synthetic images per task (default from the preset)")
     m = p.add_argument_group("model and training")
@@ -62,6 +90,10 @@ def add_data_model_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--pretrained-path", default=None, help="local ImageNet weights file for the backbone")
     m.add_argument("--lr", type=float, default=None, help="learning rate (Adam)")
     m.add_argument("--batch-size", type=int, default=None)
+    m.add_argument("--schedule", default=None, choices=["constant", "cosine"],
+                   help="learning rate: constant, or cosine decay to 0 (default from the preset)")
+    m.add_argument("--checkpoint", default=None, choices=["best", "last"],
+                   help="keep the best validation epoch, or the last (the paper's choice; default from the preset)")
     m.add_argument("--teacher-epochs", type=int, default=None)
     m.add_argument("--student-epochs", type=int, default=None)
     m.add_argument("--no-augment", dest="augment", action="store_false", default=None,
@@ -85,7 +117,8 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The data/model flags as TrialConfig overrides (None = take the preset's value)."""
     return dict(
         dataset=args.dataset, data_root=args.data_root, tasks=args.tasks, class_cap=args.class_cap,
-        synthetic_n=args.synthetic_n, backbone=args.backbone, image_size=args.image_size,
+        synthetic_n=args.synthetic_n, train_per_task=args.train_per_task, val_per_task=args.val_per_task,
+        schedule=args.schedule, checkpoint=args.checkpoint, backbone=args.backbone, image_size=args.image_size,
         pretrained=args.pretrained, pretrained_path=args.pretrained_path, lr=args.lr,
         batch_size=args.batch_size, teacher_epochs=args.teacher_epochs,
         student_epochs=args.student_epochs, augment=args.augment, seed=args.seed, device=args.device,
@@ -149,15 +182,15 @@ def run_command(args: argparse.Namespace) -> int:
 
 def dry_run(cfg: TrialConfig, cache_dir: str) -> int:
     """Every check of a run (config, weights, data, folds, subsets); nothing trained or written."""
-    from pathlib import Path
-
     from sall.chain import needs_teachers, preflight, teacher_key
+    from sall.store import ArtifactStore
 
+    store = ArtifactStore(cache_dir)  # writable? (an absent folder is not created)
     data = preflight(cfg)
     teachers = {}
     for task in needs_teachers(cfg):
         key = teacher_key(cfg, task, data.fingerprint)
-        cached = (Path(cache_dir).expanduser() / "teachers" / f"{key}.pt").exists()
+        cached = store.exists("teachers", key, ".pt")
         teachers[task] = {"key": key, "cached": cached}
     print(json.dumps({"config_key": cfg.key(), "config": json.loads(cfg.to_json()), "teachers": teachers,
                       "data": data.summary}, indent=2))
@@ -171,7 +204,7 @@ def guarded(fn: Callable[[], int], debug: bool) -> int:
     except SallError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

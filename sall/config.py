@@ -31,6 +31,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         teacher_epochs=5, student_epochs=5, synthetic_n=800,
     ),
 }
+# The seeds a sweep repeats every setting and fold with, per preset (sweeps' --seeds overrides).
+SWEEP_SEEDS: dict[str, tuple[int, ...]] = {"cpu": (0,), "paper": (0,)}
 # --smoke: tiny data and epochs, on top of a preset.
 SMOKE: dict[str, Any] = dict(image_size=32, teacher_epochs=2, student_epochs=2, synthetic_n=90)
 
@@ -49,6 +51,11 @@ class TrialConfig:
     tasks: tuple[str, ...] = ("dr", "amd")
     fold: int = 0
     class_cap: int | None = None
+    # at most this many training images per task (stratified, nested; teachers and students):
+    # synthetic data is free to draw, so its val and test splits can be far larger than training
+    train_per_task: int | None = None
+    # at most this many validation images per task (per-epoch monitoring, best-epoch choice)
+    val_per_task: int | None = None
     # per-task training-sample counts for the student (data-ratio study): int count or fraction
     sample_counts: tuple[tuple[str, float], ...] = ()
     # model and optimisation
@@ -63,6 +70,8 @@ class TrialConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     batch_size: int = 32
+    schedule: str = "constant"  # learning rate: constant, or cosine decay to 0 over the run
+    checkpoint: str = "best"  # keep the best validation epoch, or the last (the paper, Sec. III-A)
     teacher_epochs: int = 10
     student_epochs: int = 10
     augment: bool = True
@@ -107,7 +116,9 @@ class TrialConfig:
         """What a teacher depends on (design.md): not T, not the student's data ratio or switches."""
         return dict(
             task=task, dataset=self.dataset, data_root=self.data_root, synthetic_n=self.synthetic_n,
-            fold=self.fold, class_cap=self.class_cap, backbone=self.backbone,
+            fold=self.fold, class_cap=self.class_cap, train_per_task=self.train_per_task,
+            val_per_task=self.val_per_task,
+            schedule=self.schedule, checkpoint=self.checkpoint, backbone=self.backbone,
             image_size=self.image_size, pretrained=self.pretrained,
             pretrained_path=self.pretrained_path, optimizer=self.optimizer, lr=self.lr,
             betas=list(self.betas), eps=self.eps, weight_decay=self.weight_decay,
@@ -154,8 +165,14 @@ class TrialConfig:
         for name in ("teacher_epochs", "student_epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} {getattr(self, name)} is invalid; expected an integer >= 1")
-        if self.class_cap is not None and self.class_cap < 1:
-            raise ConfigError(f"class_cap {self.class_cap} is invalid; expected an integer >= 1")
+        for name in ("class_cap", "train_per_task", "val_per_task"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} {value} is invalid; expected an integer >= 1")
+        if self.schedule not in ("constant", "cosine"):
+            raise ConfigError(f"schedule '{self.schedule}' is invalid; expected constant or cosine")
+        if self.checkpoint not in ("best", "last"):
+            raise ConfigError(f"checkpoint '{self.checkpoint}' is invalid; expected best or last")
         if self.lr <= 0:
             raise ConfigError(f"lr {self.lr} is invalid; expected > 0")
         if self.optimizer not in ("adam", "sgd"):

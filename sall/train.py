@@ -2,7 +2,10 @@
 
 A model has one head per entry of `targets`; each row has a target distribution and a mask per
 head. Teachers are single-head, hard targets, T = 1; the multi-task student has a head per task
-with soft targets where `sa_labels` is on. The best epoch on validation accuracy is kept.
+with soft targets where `sa_labels` is on. Which weights are kept is the config's `checkpoint`:
+the best epoch on validation accuracy, or the last one (the paper's choice, Sec. III-A). The
+learning rate is constant or follows a cosine decay over all steps (`schedule`): a decayed rate
+ends training at a settled point, so the last epoch is as good as the best and much less noisy.
 """
 from __future__ import annotations
 
@@ -71,6 +74,13 @@ class FitResult:
     profile: dict[str, float] = field(default_factory=dict)
 
 
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrialConfig, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step learning-rate schedule: constant, or cosine decay from lr to 0 over the run."""
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _step: 1.0)
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrialConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
@@ -100,7 +110,8 @@ def fit(model: torch.nn.Module, images: np.ndarray, train: TrainSet,
         val: dict[str, tuple[np.ndarray, np.ndarray]], *, epochs: int, temperature: float,
         cfg: TrialConfig, rt: Runtime, name: str, seed: int,
         on_epoch: EpochCallback | None = None) -> FitResult:
-    """Train for `epochs`, keep the best epoch by mean validation accuracy over the heads.
+    """Train for `epochs`; keep the best epoch by mean validation accuracy over the heads, or
+    the last one (`cfg.checkpoint`).
 
     `val` maps a head to (rows, labels) of its own task's validation images.
     """
@@ -114,6 +125,7 @@ def fit(model: torch.nn.Module, images: np.ndarray, train: TrainSet,
     masks = {t: torch.from_numpy(train.masks[t]).to(rt.device) for t in heads}
     batches = Batches(images, train.rows, cfg.batch_size, shuffle=True, augment=cfg.augment,
                       device=rt.device, seed=seed, channels_last=rt.channels_last, drop_last=True)
+    sched = make_scheduler(opt, cfg, epochs * len(batches))
     prof = {"data_s": 0.0, "step_s": 0.0, "eval_s": 0.0}
     best_score, best_epoch, best_state = -np.inf, 0, state_dict_cpu(model)
     history: list[dict[str, float]] = []
@@ -139,6 +151,7 @@ def fit(model: torch.nn.Module, images: np.ndarray, train: TrainSet,
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
             rt.sync()
             t2 = time.perf_counter()
             prof["data_s"] += t1 - t0
@@ -156,7 +169,8 @@ def fit(model: torch.nn.Module, images: np.ndarray, train: TrainSet,
             accs.append(acc)
         prof["eval_s"] += time.perf_counter() - t3
         score = float(np.mean(accs)) if accs else -float(sum(sums.values()))
-        if score > best_score:
+        keep = epoch == epochs if cfg.checkpoint == "last" else score > best_score
+        if keep:
             best_score, best_epoch, best_state = score, epoch, state_dict_cpu(model)
         metrics["epoch_s"] = time.time() - t_epoch
         history.append({"epoch": epoch, **metrics})

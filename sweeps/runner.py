@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sall.cli import add_data_model_args, config_overrides, guarded
-from sall.config import N_FOLDS, TrialConfig, from_preset, stable_hash
+from sall.config import N_FOLDS, SWEEP_SEEDS, TrialConfig, from_preset, stable_hash
 from sall.errors import ConfigError, SallError
 from sweeps import tracking as tr
 
@@ -44,6 +44,24 @@ def parse_folds(text: str) -> list[int]:
     return folds
 
 
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds '{text}' is invalid; expected comma-separated integers >= 0, e.g. 0,1,2") from None
+    if not seeds or min(seeds) < 0:
+        raise ConfigError(f"--seeds '{text}' is invalid; expected comma-separated integers >= 0, e.g. 0,1,2")
+    return list(dict.fromkeys(seeds))
+
+
+def sweep_seeds(args: argparse.Namespace) -> list[int]:
+    """--seeds, else the preset's default (one seed with --smoke): each seed repeats every
+    setting on every fold with its own teachers, which measures the training noise."""
+    if args.seeds is not None:
+        return parse_seeds(args.seeds)
+    return [0] if args.smoke else list(SWEEP_SEEDS.get(args.preset, (0,)))
+
+
 def build_parser(sweep: str, description: str, add_args: Callable[[argparse.ArgumentParser], None] | None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=f"python sweeps/{sweep}.py", description=description,
@@ -65,6 +83,10 @@ def build_parser(sweep: str, description: str, add_args: Callable[[argparse.Argu
                    "(default: as many as the resources allow)")
     c.add_argument("--max-failures", type=int, default=1, help="retries of a failing trial (Tune FailureConfig)")
     c.add_argument("--folds", default="0,1,2", help="which folds to run")
+    c.add_argument("--seeds", default=None, help="repeat every setting and fold with these seeds (teachers "
+                   "are keyed by seed too), e.g. 0,1,2; default: the preset's ("
+                   + ", ".join(f"{k}: {','.join(map(str, v))}" for k, v in SWEEP_SEEDS.items())
+                   + "), 0 with --smoke")
     c.add_argument("--dry-run", action="store_true", help="print the trial grid and which teachers will be "
                    "trained or reused; run nothing")
     c.add_argument("--fresh", action="store_true", help="start over instead of resuming")
@@ -91,17 +113,19 @@ class Trial:
     cfg: TrialConfig
 
 
-def expand(grid: Grid, folds: list[int]) -> list[Trial]:
-    """Grid x folds, ordered fold-interleaved so that concurrent trials need different teachers."""
+def expand(grid: Grid, folds: list[int], seeds: list[int] = (0,)) -> list[Trial]:
+    """Grid x seeds x folds, ordered fold-interleaved so that concurrent trials need different
+    teachers (a teacher is one task on one fold with one seed)."""
     seen: set[str] = set()
     out: list[Trial] = []
     for label, cfg in grid:
-        for f in folds:
-            c = cfg.replace(fold=f)
-            if c.key() in seen:  # two grid points that coincide are one trial
-                continue
-            seen.add(c.key())
-            out.append(Trial(label, c))
+        for s in seeds:
+            for f in folds:
+                c = cfg.replace(fold=f, seed=s)
+                if c.key() in seen:  # two grid points that coincide are one trial
+                    continue
+                seen.add(c.key())
+                out.append(Trial(label, c))
     return out
 
 
@@ -184,36 +208,39 @@ def make_progress(total: int, tasks: tuple[str, ...]):
             dt = time.time() - self.started.get(trial.trial_id, self.t0)
             self.durations.append(dt)
             r = trial.last_result or {}
-            label, fold = _label(trial)
+            label, rep = _label(trial)
             parts = []
             for t in trial.config["trial"]["cfg"].get("tasks", self.tasks):
                 if f"{t}_acc" in r:
                     parts.append(f"{t} acc {r[f'{t}_acc']:.3f} kappa {r.get(f'{t}_kappa', float('nan')):.3f} "
                                  f"ece {r.get(f'{t}_ece', float('nan')):.3f}")
             note = " (already logged)" if r.get("reused_run") else ""
-            print(f"[trial] {label} fold{fold}: {' | '.join(parts)} ({_fmt(dt)}){note}", file=sys.stderr, flush=True)
+            print(f"[trial] {label} {rep}: {' | '.join(parts)} ({_fmt(dt)}){note}", file=sys.stderr, flush=True)
             self._line(trials)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self.failed += 1
-            label, fold = _label(trial)
-            print(f"[trial] {label} fold{fold}: FAILED "
+            label, rep = _label(trial)
+            print(f"[trial] {label} {rep}: FAILED "
                   f"({trial.error_file or 'see MLflow'})", file=sys.stderr, flush=True)
             self._line(trials)
 
     return _Progress(total, tasks)
 
 
-def _label(trial: Any) -> tuple[str, int]:
+def _label(trial: Any) -> tuple[str, str]:
+    """(setting label, 'fold1' or 'fold1 seed2') of a Tune trial."""
+    from sweeps.trial import replicate_name
+
     t = trial.config["trial"]
-    return t["label"], t["cfg"]["fold"]
+    return t["label"], replicate_name(t["cfg"]["fold"], t["cfg"].get("seed", 0))
 
 
 def _trial_name(trial: Any) -> str:
     """Short, readable trial names (the default embeds the whole config)."""
-    label, fold = _label(trial)
-    safe = "".join(ch if ch.isalnum() or ch in "=.-" else "_" for ch in label)
-    return f"{safe}_fold{fold}_{trial.trial_id}"
+    label, rep = _label(trial)
+    safe = "".join(ch if ch.isalnum() or ch in "=.-" else "_" for ch in f"{label}_{rep}")
+    return f"{safe}_{trial.trial_id}"
 
 
 def _fmt(seconds: float) -> str:
@@ -227,7 +254,7 @@ def dry_run(trials: list[Trial], cache_dir: str) -> None:
     from sall.chain import needs_teachers, preflight, teacher_key
 
     plan: dict[str, str] = {}
-    print(f"{'#':>3}  {'setting':<24} {'fold':>4}  {'config':<12}  teachers")
+    print(f"{'#':>3}  {'setting':<24} {'fold':>4} {'seed':>4}  {'config':<12}  teachers")
     for i, t in enumerate(trials):
         data = preflight(t.cfg)
         notes = []
@@ -239,7 +266,7 @@ def dry_run(trials: list[Trial], cache_dir: str) -> None:
                 notes.append(f"{k} [{plan[k]}]")
             else:
                 notes.append(f"{k} [reuse]")
-        print(f"{i:>3}  {t.label:<24} {t.cfg.fold:>4}  {t.cfg.key():<12}  {' '.join(notes) or '-'}")
+        print(f"{i:>3}  {t.label:<24} {t.cfg.fold:>4} {t.cfg.seed:>4}  {t.cfg.key():<12}  {' '.join(notes) or '-'}")
     n_train = sum(v == "train" for v in plan.values())
     print(f"\n{len(trials)} trials; {len(plan)} teachers: {n_train} to train (once each), "
           f"{len(plan) - n_train} already in {cache_dir}")
@@ -271,7 +298,7 @@ def _run(sweep: str, args: argparse.Namespace, grid_fn: GridFn, smoke_grid) -> i
     grid = grid_fn(args, base)
     if args.smoke and smoke_grid is not None:
         grid = smoke_grid(grid)
-    trials = expand(grid, parse_folds(args.folds))
+    trials = expand(grid, parse_folds(args.folds), sweep_seeds(args))
     # every check that can fail, before anything starts: services first (seconds at most), then data
     for t in trials:
         t.cfg.validate()
@@ -309,6 +336,7 @@ def _tune(sweep: str, args: argparse.Namespace, trials: list[Trial], uri: str, c
             tr.retry(tr.client(uri).set_tag, r.info.run_id, tr.TAG_SWEEP_ID, f"{sweep_id}-superseded-{int(time.time())}")
     parent = tr.parent_run(uri, exp_id, sweep, sweep_id, {
         "sweep": sweep, "trials": len(trials), "folds": args.folds, "preset": args.preset,
+        "seeds": ",".join(map(str, sweep_seeds(args))),
         "dataset": args.dataset, "tasks": args.tasks, "smoke": args.smoke, "address": args.address or "local",
         "cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial})
     print(f"[sweep] {sweep}: {len(trials)} trials · MLflow {uri} experiment '{args.experiment}' "
@@ -345,7 +373,10 @@ def _tune(sweep: str, args: argparse.Namespace, trials: list[Trial], uri: str, c
         print(f"[sweep] {len(errors)} trial(s) failed:", file=sys.stderr)
         for r in errors:
             c = r.config["trial"]
-            print(f"  - {c['label']} fold{c['cfg']['fold']}: {str(r.error).strip().splitlines()[-1][:300]}",
+            from sweeps.trial import replicate_name
+
+            rep = replicate_name(c["cfg"]["fold"], c["cfg"].get("seed", 0))
+            print(f"  - {c['label']} {rep}: {str(r.error).strip().splitlines()[-1][:300]}",
                   file=sys.stderr)
         print("[sweep] rerun the same command to retry only the failed trials", file=sys.stderr)
         return 1

@@ -26,6 +26,7 @@ TAG_STAGE = "sall.stage"
 TAG_SWEEP = "sall.sweep"
 TAG_SWEEP_ID = "sall.sweep_id"
 TAG_FOLD = "sall.fold"
+TAG_SEED = "sall.seed"
 TAG_TRIAL_KEY = "sall.trial_key"
 TAG_CONFIG_KEY = "sall.config_key"
 TAG_TEACHER_KEY = "sall.teacher_key"
@@ -52,18 +53,30 @@ def retry(fn: Callable[..., T], *args: Any, attempts: int = 40, **kwargs: Any) -
 
 def resolve_uri(uri: str) -> str:
     """Make a relative sqlite/file URI absolute, so trials in other working dirs find the same store."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).expanduser().resolve())
-    if "://" not in uri:
-        return Path(uri).expanduser().resolve().as_uri()
+    try:
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).expanduser().resolve())
+        if "://" not in uri:
+            return Path(uri).expanduser().resolve().as_uri()
+    except RuntimeError as e:  # "~nosuchuser/mlflow.db": Could not determine home directory
+        raise SallError(f"MLflow tracking URI '{uri}' cannot be resolved ({e}); expected e.g. "
+                        "sqlite:///mlflow.db or http://HOST:5000 (--mlflow-uri)") from None
     return uri
 
 
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     """Fail within seconds, naming the URI, when the tracking store cannot be reached or written."""
-    parsed = urllib.parse.urlparse(uri)
+    try:
+        parsed = urllib.parse.urlparse(uri)
+        port = parsed.port if parsed.scheme in ("http", "https") else None
+    except ValueError as e:  # "Invalid IPv6 URL", "Port out of range 0-65535", a port that is not a number
+        raise SallError(f"MLflow tracking URI '{uri}' is malformed ({e}); expected e.g. http://HOST:5000 or "
+                        "sqlite:///mlflow.db (--mlflow-uri)") from None
     if parsed.scheme in ("http", "https"):
-        host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+        host, port = parsed.hostname, port or (443 if parsed.scheme == "https" else 80)
+        if not host:
+            raise SallError(f"MLflow tracking URI '{uri}' names no host; expected e.g. http://HOST:5000 "
+                            "(--mlflow-uri)")
         try:
             with socket.create_connection((host, port), timeout=timeout):
                 pass

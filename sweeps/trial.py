@@ -27,9 +27,10 @@ def teacher_run(uri: str, experiment_id: str, parent_id: str, sweep: str, store:
             return runs[0].info.run_id
         c = tr.client(uri)
         info = teacher.info
-        run = retry(c.create_run, experiment_id, run_name=f"teacher {teacher.task} fold{info['fields']['fold']}",
+        fold, seed = int(info["fields"]["fold"]), int(info["fields"]["seed"])
+        run = retry(c.create_run, experiment_id, run_name=f"teacher {teacher.task} {replicate_name(fold, seed)}",
                     tags={tr.TAG_STAGE: "teacher", tr.TAG_SWEEP: sweep, tr.TAG_TEACHER_KEY: teacher.key,
-                          tr.TAG_FOLD: str(info["fields"]["fold"]), tr.TAG_PARENT: parent_id,
+                          tr.TAG_FOLD: str(fold), tr.TAG_SEED: str(seed), tr.TAG_PARENT: parent_id,
                           "sall.task": teacher.task, "sall.trained_now": str(teacher.fetched.built)})
         rid = run.info.run_id
         tr.log_params(uri, rid, info["fields"])
@@ -40,6 +41,11 @@ def teacher_run(uri: str, experiment_id: str, parent_id: str, sweep: str, store:
         tr.log_metrics(uri, rid, {"best_epoch": info["best_epoch"], "train_seconds": info["seconds"]})
         tr.end_run(uri, rid, "FINISHED")
         return rid
+
+
+def replicate_name(fold: int, seed: int) -> str:
+    """'fold1', or 'fold1 seed2' when the trial repeats a setting with another seed."""
+    return f"fold{fold}" + (f" seed{seed}" if seed else "")
 
 
 def _find_trial_run(uri: str, experiment_id: str, parent_id: str, config_key: str):
@@ -121,9 +127,10 @@ def run_trial(config: dict[str, Any]) -> None:
         retry(c.set_tag, run_id, "sall.attempts", str(attempts))
     else:
         tags = {tr.TAG_STAGE: "student", tr.TAG_SWEEP: sw["sweep"], tr.TAG_FOLD: str(cfg.fold),
-                tr.TAG_TRIAL_KEY: cfg.trial_key(), tr.TAG_CONFIG_KEY: key, tr.TAG_LABEL: config["label"],
+                tr.TAG_SEED: str(cfg.seed), tr.TAG_TRIAL_KEY: cfg.trial_key(), tr.TAG_CONFIG_KEY: key, tr.TAG_LABEL: config["label"],
                 tr.TAG_PARENT: parent_id, "sall.node": _node(), "sall.host": socket.gethostname()}
-        run = retry(c.create_run, exp_id, run_name=f"{config['label']} fold{cfg.fold}", tags=tags)
+        run = retry(c.create_run, exp_id, run_name=f"{config['label']} {replicate_name(cfg.fold, cfg.seed)}",
+                    tags=tags)
         run_id = run.info.run_id
         retry(c.set_tag, run_id, "sall.attempts", "1")
         tr.log_params(uri, run_id, cfg.params())

@@ -83,6 +83,13 @@ def experiment_id(uri: str, name: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # runs -> trials -> settings
+Replicate = tuple[int, int]  # (fold, seed)
+
+
+def replicate_text(rep: Replicate) -> str:
+    return f"fold {rep[0]}" + (f" seed {rep[1]}" if rep[1] else "")
+
+
 @dataclass
 class TrialRun:
     """One student run (one setting on one fold)."""
@@ -101,6 +108,15 @@ class TrialRun:
     @property
     def ok(self) -> bool:
         return self.status == "FINISHED"
+
+    @property
+    def seed(self) -> int:
+        return int(self.params.get("seed", "0"))
+
+    @property
+    def replicate(self) -> Replicate:
+        """(fold, seed): what a setting's runs are paired on."""
+        return (self.fold, self.seed)
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -131,59 +147,73 @@ class TrialRun:
 
 @dataclass
 class Setting:
-    """One grid point (a trial key) and its runs, one per fold."""
+    """One grid point (a trial key) and its runs, one per replicate (fold, seed)."""
 
     trial_key: str
-    runs: dict[int, TrialRun]  # fold -> the run that counts for that fold
-    expected_folds: tuple[int, ...]
+    runs: dict[Replicate, TrialRun]  # (fold, seed) -> the run that counts for it
+    expected: tuple[Replicate, ...]
     superseded: list[TrialRun] = field(default_factory=list)
 
     @cached_property
     def first(self) -> TrialRun:
-        return sorted(self.runs.values(), key=lambda r: (not r.ok, r.fold))[0]
+        return sorted(self.runs.values(), key=lambda r: (not r.ok, r.replicate))[0]
 
     @property
     def label(self) -> str:
         return self.first.label
 
     @property
-    def finished(self) -> dict[int, TrialRun]:
-        return {f: r for f, r in sorted(self.runs.items()) if r.ok}
+    def finished(self) -> dict[Replicate, TrialRun]:
+        return {k: r for k, r in sorted(self.runs.items()) if r.ok}
 
     @property
-    def failed(self) -> list[int]:
-        return sorted(f for f, r in self.runs.items() if not r.ok)
+    def failed(self) -> list[Replicate]:
+        return sorted(k for k, r in self.runs.items() if not r.ok)
 
     @property
-    def missing(self) -> list[int]:
-        return sorted(set(self.expected_folds) - set(self.runs))
+    def missing(self) -> list[Replicate]:
+        return sorted(set(self.expected) - set(self.runs))
 
-    def values(self, metric: str) -> dict[int, float]:
-        """Fold -> value of a metric over the finished folds that logged it (NaN is never logged)."""
-        return {f: r.metrics[metric] for f, r in self.finished.items() if metric in r.metrics}
+    @property
+    def seeds(self) -> list[int]:
+        return sorted({s for _, s in self.finished})
+
+    def values(self, metric: str) -> dict[Replicate, float]:
+        """(fold, seed) -> value of a metric over the finished runs that logged it (NaN is never
+        logged)."""
+        return {k: r.metrics[metric] for k, r in self.finished.items() if metric in r.metrics}
 
     def mean(self, metric: str) -> float:
         v = list(self.values(metric).values())
         return sum(v) / len(v) if v else math.nan
 
     def fold_note(self) -> str:
-        """'3 of 3', or what is missing / failed: 'n=2 of 3, fold 2 missing'."""
-        n, total = len(self.finished), len(set(self.expected_folds) | set(self.runs))
+        """'3 of 3' (or '6 of 6 (3 folds x 2 seeds)'), or what is missing / failed:
+        'n=2 of 3, fold 2 missing'."""
+        n, total = len(self.finished), len(set(self.expected) | set(self.runs))
         parts = []
-        bad: dict[str, list[int]] = {}
-        for f in self.failed:
-            bad.setdefault(self.runs[f].status, []).append(f)
-        for status, folds in bad.items():
-            parts.append(f"{status} ({_folds(folds)})")
+        bad: dict[str, list[Replicate]] = {}
+        for k in self.failed:
+            bad.setdefault(self.runs[k].status, []).append(k)
+        for status, reps in bad.items():
+            parts.append(f"{status} ({_replicates(reps)})")
         if self.missing:
-            parts.append(f"{_folds(self.missing)} missing")
+            parts.append(f"{_replicates(self.missing)} missing")
+        seeds = {s for _, s in set(self.expected) | set(self.runs)}
+        shape = ""
+        if len(seeds) > 1:
+            folds = {f for f, _ in set(self.expected) | set(self.runs)}
+            shape = f" ({len(folds)} folds × {len(seeds)} seeds)"
         if not parts:
-            return f"{n} of {total}"
-        return f"n={n} of {total}, " + ", ".join(parts)
+            return f"{n} of {total}{shape}"
+        return f"n={n} of {total}{shape}, " + ", ".join(parts)
 
 
-def _folds(folds: list[int]) -> str:
-    return ("fold " if len(folds) == 1 else "folds ") + ",".join(map(str, folds))
+def _replicates(reps: list[Replicate]) -> str:
+    if all(seed == 0 for _, seed in reps):
+        folds = [f for f, _ in reps]
+        return ("fold " if len(folds) == 1 else "folds ") + ",".join(map(str, folds))
+    return ", ".join(replicate_text(r) for r in reps)
 
 
 def student_runs(uri: str, exp_id: str, parent: str | None = None) -> list[TrialRun]:
@@ -203,19 +233,22 @@ def student_runs(uri: str, exp_id: str, parent: str | None = None) -> list[Trial
 
 
 def settings(runs: list[TrialRun], expected_folds: tuple[int, ...] | None = None) -> list[Setting]:
-    """Group runs by trial key. Per fold the run that counts is the latest FINISHED one; a fold
-    with only failed (or unfinished) runs shows its latest as such; it is never averaged in."""
-    expected = tuple(range(N_FOLDS)) if expected_folds is None else expected_folds
-    by_key: dict[str, dict[int, list[TrialRun]]] = {}
+    """Group runs by trial key. Per (fold, seed) the run that counts is the latest FINISHED one; a
+    replicate with only failed (or unfinished) runs shows its latest as such; it is never averaged
+    in. Every setting is expected on each fold with every seed seen in the experiment."""
+    folds = tuple(range(N_FOLDS)) if expected_folds is None else expected_folds
+    seeds = sorted({r.seed for r in runs}) or [0]
+    expected = tuple((f, s) for f in folds for s in seeds)
+    by_key: dict[str, dict[Replicate, list[TrialRun]]] = {}
     for r in runs:
-        by_key.setdefault(r.trial_key, {}).setdefault(r.fold, []).append(r)
+        by_key.setdefault(r.trial_key, {}).setdefault(r.replicate, []).append(r)
     out = []
-    for key, folds in by_key.items():
-        chosen: dict[int, TrialRun] = {}
+    for key, reps in by_key.items():
+        chosen: dict[Replicate, TrialRun] = {}
         superseded: list[TrialRun] = []
-        for f, rs in folds.items():
+        for k, rs in reps.items():
             rs = sorted(rs, key=lambda r: (r.ok, r.start_time), reverse=True)
-            chosen[f] = rs[0]
+            chosen[k] = rs[0]
             superseded += rs[1:]
         out.append(Setting(key, chosen, expected, superseded))
     return out

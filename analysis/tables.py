@@ -26,6 +26,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -77,6 +79,7 @@ class Table:
     rows: list[Row]
     notes: list[str] = field(default_factory=list)
     gains: list[dict] = field(default_factory=list)
+    floors: dict[tuple[str, str], stats.PooledFloor] = field(default_factory=dict)  # (ref, task) ->
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,24 +95,26 @@ def _order_and_link(rows: list):
     return base
 
 def ours(row: Row, col: Column) -> tuple[str, float, float, int]:
-    """(display, mean, std, n) of our value over the finished folds."""
+    """(display, mean, sd, n) of our value over the finished replicates. The sd is the spread
+    over folds (of the per-fold means over seeds); the noise table adds the spread over seeds."""
     s = row.setting
     if s is None:
         return DASH, math.nan, math.nan, 0
     if col.task not in s.first.tasks:
         return "NA", math.nan, math.nan, 0
-    v = list(s.values(col.metric).values())
-    if not v:
+    values = s.values(col.metric)
+    if not values:
         if not s.finished:
             return ("FAILED" if s.failed else "missing"), math.nan, math.nan, 0
         return "n/a", math.nan, math.nan, 0  # finished, but undefined (e.g. err with no error)
+    v = list(values.values())
     mean = sum(v) / len(v)
-    std = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else math.nan
+    std = stats.noise(values).fold_sd
     spec = f".{col.decimals}f"
     if col.scale == 1.0 and 0 < abs(mean) < 10 ** -col.decimals * 10:  # tiny (soft-label var): show digits
         spec = ".2e"
     text = f"{col.scale * mean:{spec}}"
-    if len(v) > 1:
+    if not math.isnan(std):
         text += f" ± {col.scale * std:{spec}}"
     return f"{text} ({len(v)})", mean, std, len(v)
 
@@ -322,7 +327,8 @@ def build(tid: str, sets: list[cm.Setting], metrics: list[str]) -> list[Table]:
 # ---------------------------------------------------------------------------------------------
 # Is the gain real?
 def gains(t: Table, uri: str, cache: Path, n_boot: int) -> None:
-    """Each row with a reference: paired differences of acc per task, over folds and over images."""
+    """Each row with a reference: paired differences of acc per task, over (fold, seed) replicates
+    and over test images, and the smallest difference the run could detect."""
     best = _best(t)
     for r in t.rows:
         if r.ref is None or r.setting is None or r.ref.setting is None:
@@ -332,25 +338,50 @@ def gains(t: Table, uri: str, cache: Path, n_boot: int) -> None:
                 continue
             metric = f"test/{task}/acc"
             ft = stats.paired_folds(r.setting.values(metric), r.ref.setting.values(metric))
-            pairs, note = [], ""
-            for f in sorted(ft.diffs):
-                a = cm.predictions(uri, r.setting.finished[f], task, cache)
-                b = cm.predictions(uri, r.ref.setting.finished[f], task, cache)
-                if a is None or b is None:
-                    note = "no per-image predictions logged for some fold"
-                    continue
-                m = a.merge(b, on="row", suffixes=("_o", "_r"))
-                if (m["label_o"] != m["label_r"]).any() or len(m) != len(a):
-                    note = "test images differ between the runs; paired on the common ones"
-                pcols = sorted(c for c in a.columns if c.startswith("prob_"))
-                po = m[[f"{c}_o" for c in pcols]].to_numpy().argmax(1)
-                pr = m[[f"{c}_r" for c in pcols]].to_numpy().argmax(1)
-                y = m["label_o"].to_numpy()
-                pairs.append((po == y, pr == y))
+            by_fold, note = (_image_pairs(r, task, sorted(ft.diffs), uri, cache) if n_boot > 0
+                             else ({}, "bootstrap skipped (--bootstrap 0)"))
+            pairs = [(np.stack([a for a, _ in v]), np.stack([b for _, b in v])) for v in by_fold.values()]
             bs = stats.paired_bootstrap(pairs, n_boot=n_boot) if pairs else stats.Bootstrap(
                 math.nan, math.nan, math.nan, 0, 0)
             t.gains.append(dict(setting=("★ " if r is best else "") + r.label, reference=r.ref.label,
                                 task=task, folds=ft, boot=bs, note=note))
+    _pool_floors(t)
+
+
+def _image_pairs(r: Row, task: str, reps: list, uri: str, cache: Path) -> tuple[dict, str]:
+    """Per fold, the (correct_ours, correct_ref) arrays of each seed over the fold's test images."""
+    by_fold: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+    note = ""
+    for rep in reps:
+        a = cm.predictions(uri, r.setting.finished[rep], task, cache)
+        b = cm.predictions(uri, r.ref.setting.finished[rep], task, cache)
+        if a is None or b is None:
+            note = "no per-image predictions logged for some replicate"
+            continue
+        m = a.merge(b, on="row", suffixes=("_o", "_r")).sort_values("row")
+        if (m["label_o"] != m["label_r"]).any() or len(m) != len(a):
+            note = "test images differ between the runs; paired on the common ones"
+        pcols = sorted(c for c in a.columns if c.startswith("prob_"))
+        y = m["label_o"].to_numpy()
+        po = m[[f"{c}_o" for c in pcols]].to_numpy().argmax(1)
+        pr = m[[f"{c}_r" for c in pcols]].to_numpy().argmax(1)
+        pairs = by_fold.setdefault(rep[0] if isinstance(rep, tuple) else rep, [])
+        if pairs and len(pairs[0][0]) != len(y):  # seeds of one fold must share its test images
+            note = "seeds of a fold saw different test images; bootstrap over the first seed only"
+            continue
+        pairs.append((po == y, pr == y))
+    return by_fold, note
+
+
+def _pool_floors(t: Table) -> None:
+    """Per task, the noise floor pooled over every setting compared with the same reference."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for g in t.gains:
+        groups.setdefault((g["reference"], g["task"]), []).append(g)
+    t.floors = {key: stats.pooled_floor([g["folds"] for g in gs]) for key, gs in groups.items()}
+    for (ref, task), gs in groups.items():
+        for g in gs:
+            g["pooled"] = t.floors[(ref, task)]
 
 
 def _best(t: Table) -> Row | None:
@@ -367,22 +398,93 @@ def _best(t: Table) -> Row | None:
     return max(cands, key=score)
 
 
-GAIN_HEADERS = ["setting", "vs", "task", "Δ acc over folds, pp [per fold] (paired test)",
+GAIN_HEADERS = ["setting", "vs", "task", "Δ acc, pp, paired over fold × seed [per pair] (test)",
+                "smallest detectable Δ, pp (95 %): this setting / pooled", "verdict",
                 "bootstrap 95 % CI of Δ acc over test images, pp", "note"]
 
 
+def verdict(ft: stats.FoldTest, floor: float) -> str:
+    """Is the mean difference beyond what the run's noise could produce? Against the floor the
+    run can resolve (the pooled one when the setting's own is undefined)."""
+    if math.isnan(ft.mean) or math.isnan(floor):
+        return "undetermined"
+    if abs(ft.mean) <= floor:
+        return f"within noise (floor {100 * floor:.1f})"
+    return f"{'gain' if ft.mean > 0 else 'loss'} beyond noise (floor {100 * floor:.1f})"
+
+
+def _floor_of(g: dict) -> float:
+    pooled = g.get("pooled")
+    return pooled.floor if pooled is not None and not math.isnan(pooled.floor) else g["folds"].floor
+
+
 def gain_rows(t: Table) -> list[list[str]]:
-    return [[g["setting"], g["reference"], g["task"], g["folds"].text(), g["boot"].text(), g["note"]]
-            for g in t.gains]
+    out = []
+    for g in t.gains:
+        ft, pooled = g["folds"], g.get("pooled")
+        floors = f"{_pp(ft.floor)} / {_pp(pooled.floor if pooled else math.nan)}"
+        out.append([g["setting"], g["reference"], g["task"], ft.text(), floors, verdict(ft, _floor_of(g)),
+                    g["boot"].text(), g["note"]])
+    return out
+
+
+def headline(t: Table) -> str:
+    """One paragraph a reader can act on: the reference's noise, the floor, and the best setting's
+    gain per task against that floor."""
+    ref = next((r for r in t.rows if r.reference and r.setting), None)
+    if ref is None or not t.gains:
+        return ""
+    tasks = [c.task for c in t.columns if c.metric.endswith("/acc")]
+    sds = ", ".join(f"{k.upper()} {_pp(stats.noise(ref.setting.values(f'test/{k}/acc')).fold_sd)}" for k in tasks)
+    floors = ", ".join(f"{k.upper()} {_pp(f.floor)}" for (_, k), f in sorted(t.floors.items(), key=lambda x: x[0][1]))
+    best = [g for g in t.gains if g["setting"].startswith("★ ")]
+    answer = "; ".join(f"{g['task'].upper()} {100 * g['folds'].mean:+.1f} pp ({verdict(g['folds'], _floor_of(g))})"
+                       for g in best)
+    name = best[0]["setting"][2:] if best else "?"
+    return (f"**Noise.** {ref.label} sd over folds, pp: {sds}. Smallest difference this run can detect "
+            f"(95 %, pooled), pp: {floors}. **Best setting: {name}** vs {ref.label}: {answer or 'n/a'}.")
+
+
+def _pp(v: float) -> str:
+    return "n/a" if math.isnan(v) else f"{100 * v:.1f}"
 
 
 def gain_note(t: Table) -> str:
-    n = max((len(g["folds"].diffs) for g in t.gains), default=0)
-    return (f"Paired over the {n} fold(s) both settings finished (t-test with n-1 = {max(n - 1, 0)} degrees "
-            "of freedom, or a sign test without scipy): with so few folds the power is low, and p > 0.05 is "
-            "not evidence of no effect. The bootstrap resamples test images within each fold (paired by "
-            "image: both models saw the same test images) and pools the folds; it captures test-set "
-            "sampling, not training randomness. ★ = best mean accuracy.")
+    n = max((g["folds"].n for g in t.gains), default=0)
+    pooled = "; ".join(f"{task.upper()} vs {ref}: sd {_pp(f.sd)} pp, {f.df} df, floor {_pp(f.floor)} pp "
+                       f"at n={f.n}" for (ref, task), f in sorted(t.floors.items()) if f.settings)
+    return (f"Each setting is paired with its reference on the same fold and seed (n = {n} pairs at most; "
+            "t-test with n-1 degrees of freedom, or a sign test without scipy). The smallest detectable "
+            "Δ is t(0.975, n-1) · sd / √n of the paired differences: the half-width of the difference's "
+            "95 % CI, so a |Δ| below it is within the run's noise. With few pairs that sd is itself "
+            "poorly known, so the pooled floor takes the differences' variance from every setting "
+            "against the same reference (same noise sources), with Σ(n_i - 1) degrees of freedom; the "
+            f"verdict uses it. Pooled: {pooled or 'n/a'}. Pairs on one fold share its data split, so "
+            "they are not fully independent: read the floor as a lower bound when folds disagree more "
+            "than seeds (see the noise table). The bootstrap resamples test images within each fold "
+            "(an image counts once, its difference averaged over the seeds) and pools the folds; it "
+            "captures test-set sampling, not training randomness. ★ = best mean accuracy.")
+
+
+def noise_rows(t: Table) -> tuple[list[str], list[list[str]]]:
+    """Per setting and task: the spread across folds and across seeds, kept apart."""
+    tasks = [c.task for c in t.columns if c.metric.endswith("/acc")]
+    head = ["setting"] + [f"{task.upper()} acc sd over {k}, pp" for task in tasks for k in ("folds", "seeds")]
+    rows = []
+    for r in t.rows:
+        if r.setting is None:
+            continue
+        line = [r.label]
+        for task in tasks:
+            nz = stats.noise(r.setting.values(f"test/{task}/acc"))
+            line += [_pp(nz.fold_sd), _pp(nz.seed_sd)]
+        rows.append(line)
+    return head, rows
+
+
+NOISE_NOTE = ("Over folds: the sd of the per-fold means (over seeds), which holds the data split and the "
+              "test images; it is the ± of the table above. Over seeds: the sd across seeds within a "
+              "fold, pooled over folds (n/a with one seed): the training randomness alone.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,6 +494,10 @@ def markdown(tables: list[Table], experiment: str) -> str:
     for t in tables:
         out += [f"## {t.title}", "", _md(headers(t), display_rows(t)), ""]
         out += [f"_{n}_" for n in t.notes] + [""]
+        if headline(t):
+            out += [headline(t), ""]
+        if any(c.metric.endswith("/acc") for c in t.columns):
+            out += [f"### Noise ({t.id})", "", _md(*noise_rows(t)), "", f"_{NOISE_NOTE}_", ""]
         if t.gains:
             out += [f"### Is the gain real? ({t.id})", "", _md(GAIN_HEADERS, gain_rows(t)), "",
                     f"_{gain_note(t)}_", ""]
@@ -442,8 +548,7 @@ def write_csv(t: Table, path: Path) -> None:
                 _, mean, std, n = ours(r, c)
                 line += [_num(c.scale * mean), _num(c.scale * std), n, _num(r.paper.get(c.id))]
             s = r.setting
-            line += [",".join(map(str, s.finished)), ",".join(map(str, s.failed)),
-                     ",".join(map(str, s.missing)), s.fold_note(),
+            line += [_reps(s.finished), _reps(s.failed), _reps(s.missing), s.fold_note(),
                      " ".join(s.runs[f].run_id for f in sorted(s.runs))]
             w.writerow(line)
 
@@ -451,14 +556,24 @@ def write_csv(t: Table, path: Path) -> None:
 def write_gain_csv(t: Table, path: Path) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["setting", "reference", "task", "fold_diffs_pp", "mean_diff_pp", "p", "test", "n_folds",
-                    "boot_diff_pp", "boot_lo_pp", "boot_hi_pp", "n_images", "note"])
+        w.writerow(["setting", "reference", "task", "pair_diffs_pp", "mean_diff_pp", "p", "test", "n_pairs",
+                    "diff_sd_pp", "floor_pp", "pooled_floor_pp", "verdict", "boot_diff_pp", "boot_lo_pp",
+                    "boot_hi_pp", "n_images", "note"])
         for g in t.gains:
-            ft, bs = g["folds"], g["boot"]
+            ft, bs, pooled = g["folds"], g["boot"], g.get("pooled")
             w.writerow([g["setting"], g["reference"], g["task"],
                         " ".join(f"{100 * d:.3f}" for d in ft.diffs.values()), _num(100 * ft.mean),
-                        _num(ft.p), ft.test, len(ft.diffs), _num(100 * bs.diff), _num(100 * bs.lo),
-                        _num(100 * bs.hi), bs.n_images, g["note"]])
+                        _num(ft.p), ft.test, ft.n, _num(100 * ft.sd), _num(100 * ft.floor),
+                        _num(100 * pooled.floor if pooled else math.nan), verdict(ft, _floor_of(g)),
+                        _num(100 * bs.diff), _num(100 * bs.lo), _num(100 * bs.hi), bs.n_images, g["note"]])
+
+
+def _reps(reps) -> str:
+    """Replicates for a CSV cell: '0 1 2' (folds) or '0:0 0:1' (fold:seed) when seeds vary."""
+    reps = list(reps)
+    if all(seed == 0 for _, seed in reps):
+        return ",".join(str(f) for f, _ in reps)
+    return " ".join(f"{f}:{sd}" for f, sd in reps)
 
 
 def _num(v) -> str:
@@ -479,7 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", default=None, help="the folds a complete setting has (default 0,1,2)")
     p.add_argument("--parent", default=None, help="only the trials of this sweep (parent) run; default: "
                    "every trial of the experiment, the latest finished run per setting and fold")
-    p.add_argument("--bootstrap", type=int, default=10000, help="bootstrap replicates (0: skip the gain tests)")
+    p.add_argument("--bootstrap", type=int, default=10000,
+                   help="bootstrap replicates over test images (0: skip the bootstrap, keep the paired tests)")
     p.add_argument("--no-log", action="store_true", help="do not log the outputs to the parent run")
     return p
 
@@ -499,8 +615,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for tid in ids:
             for t in build(tid, sets, metrics):
-                if args.bootstrap > 0:
-                    gains(t, uri, Path(tmp), args.bootstrap)
+                gains(t, uri, Path(tmp), args.bootstrap)
                 tables.append(t)
     md = markdown(tables, args.experiment)
     print(md)

@@ -106,7 +106,7 @@ def test_tables_from_a_real_sweep(store):
     assert r.returncode == 0, r.stderr
     md = r.stdout
     assert "Table IV" in md and "Table V" in md
-    table_iv = md.split("## Table V")[0]
+    table_iv = md.split("## Table V")[0].split("### Noise")[0]
     rows = {line.split("|")[1].strip(): line for line in table_iv.splitlines() if line.startswith("| ")}
     # our mean +- std (n) beside the paper's number, matched by setting
     t8 = rows["T=8"]
@@ -119,6 +119,9 @@ def test_tables_from_a_real_sweep(store):
     assert "n=2 of 3, fold 2 missing" in t8 and "fold 2 missing" in rows["baseline"]
     # the gain section: paired over folds and bootstrapped over test images
     assert "Is the gain real?" in md and "paired t, n=2" in md and "images, 2 folds" in md
+    # the noise kept apart, and each gain set against the smallest difference the run can detect
+    assert "### Noise (IV)" in md and "**Noise.** baseline sd over folds" in md
+    assert "within noise" in md or "beyond noise" in md
     # outputs on disk and on the parent run
     files = Path(store / "analysis_out" / EXP)
     for name in ("tables.md", "tables.tex", "table_IV.csv", "table_V.csv", "gain_IV.csv"):
@@ -229,3 +232,89 @@ def test_evaluate_errors(store, external, capsys):
         err = capsys.readouterr().err.strip()
         last = err.splitlines()[-1]  # progress lines, then one error line, no traceback
         assert last.startswith("error: ") and msg in last and "Traceback" not in err, err
+
+
+# ---------------------------------------------------------------------------------------------
+# seeds: the noise split into folds and seeds, and the floor, on a store written by hand
+def test_noise_split_into_folds_and_seeds():
+    # fold means 0.5, 0.6, 0.7 (sd 0.1); within each fold the two seeds differ by 0.02 (sd 0.0141)
+    values = {(f, s): 0.5 + 0.1 * f + (0.01 if s else -0.01) for f in range(3) for s in range(2)}
+    nz = stats.noise(values)
+    assert nz.fold_sd == pytest.approx(0.1) and nz.seed_sd == pytest.approx(0.02 / math.sqrt(2))
+    assert (nz.n_folds, nz.n_seeds) == (3, 2)
+    assert math.isnan(stats.noise({(0, 0): 0.5, (1, 0): 0.6}).seed_sd)  # one seed: no seed spread
+
+
+def test_detectable_difference_is_the_t_half_width():
+    from scipy import stats as sps
+
+    ft = stats.paired_folds({(f, s): 0.6 + 0.01 * f * s for f in range(3) for s in range(2)},
+                            {(f, s): 0.5 for f in range(3) for s in range(2)})
+    d = np.array([0.01 * f * s for f in range(3) for s in range(2)]) + 0.1
+    assert ft.n == 6 and ft.sd == pytest.approx(d.std(ddof=1))
+    assert ft.floor == pytest.approx(sps.t.ppf(0.975, 5) * d.std(ddof=1) / math.sqrt(6))
+    # pooling two settings of equal sd keeps the sd and doubles the degrees of freedom
+    pooled = stats.pooled_floor([ft, ft])
+    assert pooled.sd == pytest.approx(ft.sd) and pooled.df == 10 and pooled.n == 6
+    assert pooled.floor == pytest.approx(sps.t.ppf(0.975, 10) * ft.sd / math.sqrt(6))
+    assert pooled.floor < ft.floor
+
+
+def test_bootstrap_counts_an_image_once_over_seeds():
+    rng = np.random.default_rng(0)
+    ours = rng.random((2, 400)) < 0.7  # two seeds on the same 400 images
+    ref = rng.random((2, 400)) < 0.6
+    b = stats.paired_bootstrap([(ours, ref)], n_boot=2000)
+    assert b.n_images == 400 and b.diff == pytest.approx(ours.mean() - ref.mean())
+    assert b.lo < b.diff < b.hi
+
+
+def _hand_store(d: Path, acc: dict[tuple[str, int, int], float]) -> str:
+    """An MLflow store with one student run per (setting, fold, seed) and the tags a sweep writes."""
+    from sall.config import from_preset
+    from sweeps import tracking as tr
+
+    u = f"sqlite:///{d / 'mlflow.db'}"
+    c = cm.client(u)
+    exp = c.create_experiment(EXP)
+    parent = c.create_run(exp, tags={tr.TAG_STAGE: "sweep", tr.TAG_SWEEP: "temperature"}).info.run_id
+    for (label, fold, seed), a in acc.items():
+        base = from_preset("cpu", fold=fold, seed=seed)
+        cfg = (base.replace(temperature=1.0, multitask=False, sa_labels=False) if label == "baseline"
+               else base.replace(temperature=float(label[2:])))
+        run = c.create_run(exp, tags={tr.TAG_STAGE: "student", tr.TAG_SWEEP: "temperature", tr.TAG_FOLD: str(fold),
+                                      tr.TAG_SEED: str(seed), tr.TAG_TRIAL_KEY: cfg.trial_key(),
+                                      tr.TAG_LABEL: label, tr.TAG_PARENT: parent})
+        rid = run.info.run_id
+        for k, v in cfg.params().items():
+            c.log_param(rid, k, v)
+        for task, offset in (("dr", 0.0), ("amd", 0.2)):
+            c.log_metric(rid, f"test/{task}/acc", a + offset)
+        c.set_terminated(rid, "FINISHED")
+    return u
+
+
+def test_table_with_seeds_reports_fold_and_seed_spread_and_the_floor(tmp_path, capsys):
+    # baseline: fold means .50/.52/.54, seeds +-.005; T=4: +.04 on every pair but one (+.03)
+    acc = {}
+    for f in range(3):
+        for s in range(2):
+            b = 0.50 + 0.02 * f + (0.005 if s else -0.005)
+            acc[("baseline", f, s)] = b
+            acc[("T=4", f, s)] = b + (0.03 if (f, s) == (2, 1) else 0.04)
+    u = _hand_store(tmp_path, acc)
+    assert tb.main(["--experiment", EXP, "--mlflow-uri", u, "--out", str(tmp_path / "out"),
+                    "--bootstrap", "0", "--no-log", "--table", "IV"]) == 0
+    md = capsys.readouterr().out
+    base = next(line for line in md.split("### Noise")[0].splitlines() if line.startswith("| baseline |"))
+    assert "52.0 ± 2.0 (6)" in base and "6 of 6 (3 folds × 2 seeds)" in base
+    noise = next(line for line in md.split("### Noise")[1].splitlines() if line.startswith("| baseline |"))
+    assert "| 2.0 | 0.7 |" in noise  # DR: sd over folds 2.0 pp, over seeds 0.71 pp
+    # the gain is 3.83 pp with a paired sd of 0.41 pp over 6 pairs: far beyond its floor
+    d = np.array([4, 4, 4, 4, 4, 3]) / 100
+    from scipy import stats as sps
+
+    floor = sps.t.ppf(0.975, 5) * d.std(ddof=1) / math.sqrt(6)
+    gain = next(line for line in md.split("### Is the gain real?")[1].splitlines() if "| dr |" in line)
+    assert "+3.83" in gain and f"{100 * floor:.1f} / {100 * floor:.1f}" in gain
+    assert f"gain beyond noise (floor {100 * floor:.1f})" in gain

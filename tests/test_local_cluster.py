@@ -299,13 +299,3 @@ def test_local_cluster_end_to_end(tmp_path):
         assert bystander.poll() is None, "down killed a Ray it did not start"
         assert all(local.pid_alive(p) for p in bystander_pids), "down killed a Ray it did not start"
     print(f"\nlocal cluster: up {t_up:.1f}s, whole test {time.monotonic() - t0:.1f}s")
-
-
-def test_local_cluster_fixture_yields_a_usable_cluster(local_cluster):
-    c = local_cluster
-    assert isinstance(c.dir, Path) and c.dir.is_dir()
-    assert c.address and c.mlflow_uri
-    assert c.env["RAY_ADDRESS"] == c.address
-    assert c.env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
-    assert callable(c.kill_worker)
-    assert len(c.processes()) >= 4

@@ -8,6 +8,7 @@ corrupt one is detected, reported and rebuilt.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -48,25 +49,32 @@ class ArtifactStore:
     """A folder of content-addressed artifacts: `<root>/<kind>/<key><suffix>`."""
 
     def __init__(self, root: str | os.PathLike) -> None:
-        """Check that `root` can be written. An absent folder is not created here but by the first
-        write, so a run that fails its checks leaves no empty cache dir behind."""
-        self.root = Path(root).expanduser().resolve()
+        """Check that `root` can be written (by writing a probe). Folders this check had to make are
+        removed again and made by the first write, so a run that fails its checks leaves nothing."""
         try:
-            if self.root.exists():
-                probe = self.root / f".write-test-{uuid.uuid4().hex}"
-                probe.write_bytes(b"ok")
-                probe.unlink()
-            else:
-                parent = self.root.parent
-                while not parent.exists():
-                    parent = parent.parent
-                if not parent.is_dir():
-                    raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))
-                if not os.access(parent, os.W_OK | os.X_OK):
-                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(parent))
+            self.root = Path(root).expanduser().resolve()
+        except RuntimeError as e:  # "~nosuchuser/cache": Could not determine home directory
+            raise SallError(f"cache dir '{root}' cannot be resolved ({e}); expected a writable folder "
+                            "(--cache-dir)") from None
+        created = [p for p in (self.root, *self.root.parents) if not p.exists()]
+        try:
+            for attempt in range(3):  # another process's check may remove the folder under this one's
+                try:
+                    self.root.mkdir(parents=True, exist_ok=True)
+                    probe = self.root / f".write-test-{uuid.uuid4().hex}"
+                    probe.write_bytes(b"ok")
+                    probe.unlink()
+                    break
+                except FileNotFoundError:
+                    if attempt == 2:
+                        raise
         except OSError as e:
             raise SallError(f"cache dir '{self.root}' cannot be written ({e.strerror or e}); "
                             "expected a writable folder (--cache-dir), shared by all nodes on a cluster") from None
+        finally:  # the folders are made again by the first write
+            for p in created:
+                with contextlib.suppress(OSError):
+                    p.rmdir()
 
     def path(self, kind: str, key: str, suffix: str) -> Path:
         return self.root / kind / f"{key}{suffix}"

@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from sall.config import TrialConfig
+from sall.errors import ConfigError
 from sweeps.runner import Grid, run_sweep
 
 PAPER_LARGEST_CLASS = 7359
@@ -30,10 +31,21 @@ def scaled_caps(base: TrialConfig) -> list[int]:
     return [max(2, round(largest * c / PAPER_LARGEST_CLASS)) for c in PAPER_CAPS]
 
 
+def parse_caps(text: str) -> list[int]:
+    """--caps: comma-separated integers >= 1 (a bad value is one error line, not a ValueError)."""
+    try:
+        caps = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise ConfigError(f"--caps '{text}' is invalid; expected comma-separated integers >= 1, e.g. 50,100") from None
+    if not caps or min(caps) < 1:
+        raise ConfigError(f"--caps '{text}' is invalid; expected comma-separated integers >= 1, e.g. 50,100")
+    return caps
+
+
 def grid(args: argparse.Namespace, base: TrialConfig) -> Grid:
     if base.tasks == ("dr", "amd"):  # the study is about three tasks
         base = base.replace(tasks=("dr", "amd", "arter"))
-    caps = [int(c) for c in args.caps.split(",")] if args.caps else scaled_caps(base)
+    caps = parse_caps(args.caps) if args.caps else scaled_caps(base)
     out: Grid = []
     for cap in caps:
         out.append((f"cap={cap} single", base.replace(class_cap=cap, temperature=1.0, multitask=False, sa_labels=False)))

@@ -69,8 +69,14 @@ def check_manifest(df: pd.DataFrame, origin: str) -> pd.DataFrame:
     return df[list(COLUMNS)].reset_index(drop=True)
 
 
+# The folds cut the data into 4 stratified quarters (sall/data/folds.py); scikit-learn refuses (ValueError)
+# when no (task, grade) has 4 images, so that is checked here, as a data error, before any split.
+MIN_CLASS_FOR_FOLDS = 4
+
+
 def check_classes(df: pd.DataFrame, tasks: tuple[str, ...], origin: str) -> None:
-    """Every grade of every requested task must have at least one image."""
+    """Every grade of every requested task must have at least one image, and the data must be large
+    enough to be split into folds."""
     for task in tasks:
         counts = df.loc[df["task"] == task, "grade"].value_counts()
         empty = [g for g in range(TASKS[task].num_classes) if counts.get(g, 0) == 0]
@@ -79,6 +85,10 @@ def check_classes(df: pd.DataFrame, tasks: tuple[str, ...], origin: str) -> None
                 f"{origin}: task {task} has no image of grade(s) {', '.join(map(str, empty))}; "
                 f"expected every grade 0..{TASKS[task].num_classes - 1} to have images"
             )
+    largest = int(df.groupby(["task", "grade"]).size().max()) if len(df) else 0
+    if largest < MIN_CLASS_FOR_FOLDS:
+        raise DataError(f"{origin}: {len(df)} images, at most {largest} of any task and grade, are too few to "
+                        f"split into folds; expected at least {MIN_CLASS_FOR_FOLDS} images of some task and grade")
 
 
 def fingerprint(df: pd.DataFrame) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ def make_csv(root: Path, rows: list[tuple[str, str, str]], header: str = "image,
     root.mkdir(parents=True, exist_ok=True)
     for img, _, _ in rows:
         if not (root / img).exists() and not img.startswith("missing"):
-            write_image(root / img, 24, seed=hash(img) % 1000)
+            write_image(root / img, 24, seed=zlib.crc32(img.encode()) % 1000)  # stable across processes
     p = root / "manifest.csv"
     p.write_text(header + "\n" + "\n".join(",".join(r) for r in rows) + "\n")
     return p

@@ -10,17 +10,20 @@ from sall.chain import load_student, needs_teachers, run_chain
 from sall.config import from_preset
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
 def tiny(**kw):
     return from_preset("cpu", smoke=True, **kw)
 
 
-def test_teachers_trained_once_then_reused_at_another_T(cache):
-    a = run_chain(tiny(temperature=3.0), cache)
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory):
+    """(cache, result): a cache in which a first chain at T=3 trained the teachers. Every test that
+    needs trained teachers asks for it, so each passes alone and in any order."""
+    cache = tmp_path_factory.mktemp("cache")
+    return cache, run_chain(tiny(temperature=3.0), cache)
+
+
+def test_teachers_trained_once_then_reused_at_another_T(warm):
+    cache, a = warm
     assert set(a.test) == {"dr", "amd"}
     assert all(t["built"] for t in a.teachers.values())
     for m in a.test.values():
@@ -32,7 +35,8 @@ def test_teachers_trained_once_then_reused_at_another_T(cache):
     assert b.soft["dr"]["max_mean"] < a.soft["dr"]["max_mean"]
 
 
-def test_baseline_reuses_teachers_as_its_models(cache):
+def test_baseline_reuses_teachers_as_its_models(warm):
+    cache, _ = warm
     base = run_chain(tiny(temperature=1.0, multitask=False, sa_labels=False), cache)
     assert sorted(base.reused_teacher_as_baseline) == ["amd", "dr"]
     assert not any(t["built"] for t in base.teachers.values())
@@ -58,14 +62,15 @@ def test_no_sa_labels_trains_no_teacher_and_single_task_models(tmp_path):
     assert list(models["dr"].heads) == ["dr"]
 
 
-def test_student_is_stored_and_reloads(cache):
-    r = run_chain(tiny(temperature=3.0), cache)
+def test_student_is_stored_and_reloads(warm):
+    _, r = warm
     cfg, models = load_student(r.student_path)
     assert models["dr"] is models["amd"] and sorted(models["dr"].heads) == ["amd", "dr"]
     assert cfg.key() == r.config.key()
 
 
-def test_cli_prints_json_metrics(cache):
+def test_cli_prints_json_metrics(warm):
+    cache, _ = warm
     out = subprocess.run([sys.executable, "-m", "sall", "run", "--smoke", "--cache-dir", str(cache),
                           "-T", "5"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -84,3 +89,21 @@ def test_corrupt_teacher_is_rebuilt_with_a_warning(tmp_path, capsys):
     b = run_chain(tiny(temperature=5.0), tmp_path)
     assert b.teachers["dr"]["built"] and not b.teachers["amd"]["built"]
     assert "corrupt" in capsys.readouterr().err
+
+
+def test_reloaded_student_reproduces_its_test_predictions(warm):
+    """The stored student, loaded back, gives the per-image test probabilities the chain reported."""
+    import torch
+
+    from sall.chain import prepare
+    from sall.store import ArtifactStore
+    from sall.train import Runtime, predict
+
+    cache, r = warm
+    cfg, models = load_student(r.student_path)
+    data = prepare(cfg, ArtifactStore(cache))
+    rt = Runtime.from_config(cfg)
+    for task, pred in r.predictions.items():
+        z = predict(models[task], data.images, pred["rows"], rt)[task]
+        probs = torch.softmax(torch.from_numpy(z) / cfg.temperature, dim=1).numpy()
+        np.testing.assert_allclose(probs, pred["probs"], atol=1e-5)

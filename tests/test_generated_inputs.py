@@ -369,6 +369,7 @@ SWEEP_FLAGS: dict[str, dict[str, st.SearchStrategy[str]]] = {
 }
 COMMON_SWEEP_FLAGS: dict[str, st.SearchStrategy[str]] = {
     "--folds": st.one_of(st.lists(numberish(-1, 3), max_size=3).map(",".join), ARG_TEXT),
+    "--seeds": st.one_of(st.lists(numberish(-1, 2), max_size=2).map(",".join), ARG_TEXT),
     "--tasks": TASK_LISTS,
     "--class-cap": numberish(-2, 10 ** 6),
     "--cpus-per-trial": numberish(-1, 4),

@@ -30,6 +30,17 @@ _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _BEFORE_RENAME: Callable[[Path], None] | None = None
 
 
+def _mkdir(path: Path) -> None:
+    """mkdir -p that survives another process's store check removing the (then empty) root meanwhile."""
+    for attempt in range(3):
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            return
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -82,7 +93,7 @@ class ArtifactStore:
     def lock(self, name: str) -> FileLock:
         """A lock file in the store: holds across processes, and across nodes on a shared FS."""
         p = self.root / "locks" / f"{name}.lock"
-        p.parent.mkdir(parents=True, exist_ok=True)
+        _mkdir(p.parent)
         return FileLock(str(p))
 
     def is_valid(self, path: Path) -> bool:
@@ -112,7 +123,7 @@ class ArtifactStore:
         if self.is_valid(final):
             return Fetched(final, built=False)
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
+            _mkdir(final.parent)
             with self.lock(f"{kind}-{key}"):
                 if self.is_valid(final):  # another process built it while we waited
                     return Fetched(final, built=False)

@@ -36,7 +36,8 @@ def parse_caps(text: str) -> list[int]:
     try:
         caps = [int(c) for c in text.split(",") if c.strip()]
     except ValueError:
-        raise ConfigError(f"--caps '{text}' is invalid; expected comma-separated integers >= 1, e.g. 50,100") from None
+        raise ConfigError(f"--caps '{text}' is invalid; expected comma-separated integers >= 1, "
+                          "e.g. 50,100") from None
     if not caps or min(caps) < 1:
         raise ConfigError(f"--caps '{text}' is invalid; expected comma-separated integers >= 1, e.g. 50,100")
     return caps

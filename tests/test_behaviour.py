@@ -140,7 +140,8 @@ def _dry_run_trials(sweep: str, *flags: str, tmp_path) -> list[str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
         assert m.run_sweep(sweep, m.__doc__, m.grid, m.add_args, getattr(m, "smoke", None), argv=argv) == 0
     # rows of the table: "  i  <setting, 24 wide> fold  config  teachers"
-    return [ln[5:29].strip() for ln in out.getvalue().splitlines() if ln[:3].strip().isdigit() and ln[3:5] == "  "]
+    lines = out.getvalue().splitlines()
+    return [ln[5:29].strip() for ln in lines if ln[:3].strip().isdigit() and ln[3:5] == "  "]
 
 
 def test_smoke_trims_only_the_default_grid(tmp_path):

@@ -295,7 +295,8 @@ def test_local_cluster_commands_without_a_cluster(tmp_path, capsys, cmd):
     d = tmp_path / "none"
     assert local.main([cmd, "--dir", str(d)]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.splitlines() == [f"error: no local cluster state at {d / 'cluster.json'} (run `up` first, or pass --dir)"]
+    expected = f"error: no local cluster state at {d / 'cluster.json'} (run `up` first, or pass --dir)"
+    assert err.splitlines() == [expected]
     assert not d.exists()
 
 

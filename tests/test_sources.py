@@ -136,7 +136,8 @@ def test_csv_wrong_columns(tmp_path, make_image):
     assert "bad.csv" in msg and "image, task, grade" in msg and "path, label" in msg
 
 
-@pytest.mark.parametrize("rows", [[], ["a.png,dr,1,p1"], ["a.png,dr,1,"]], ids=["no rows", "a row", "empty patient"])
+@pytest.mark.parametrize("rows", [[], ["a.png,dr,1,p1"], ["a.png,dr,1,"]],
+                         ids=["no rows", "a row", "empty patient"])
 def test_regression_issue13_header_file_disease_level_patient(tmp_path, make_image, capsys, rows):
     """Issue 13: this header ended in KeyError: 'image' (the patient fill-in read the missing column)."""
     from sall.cli import guarded

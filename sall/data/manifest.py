@@ -87,8 +87,9 @@ def check_classes(df: pd.DataFrame, tasks: tuple[str, ...], origin: str) -> None
             )
     largest = int(df.groupby(["task", "grade"]).size().max()) if len(df) else 0
     if largest < MIN_CLASS_FOR_FOLDS:
-        raise DataError(f"{origin}: {len(df)} images, at most {largest} of any task and grade, are too few to "
-                        f"split into folds; expected at least {MIN_CLASS_FOR_FOLDS} images of some task and grade")
+        raise DataError(f"{origin}: {len(df)} images, at most {largest} of any task and grade, are too few "
+                        f"to split into folds; expected at least {MIN_CLASS_FOR_FOLDS} images of some task "
+                        "and grade")
 
 
 def fingerprint(df: pd.DataFrame) -> str:

@@ -105,7 +105,9 @@ def ours(row: Row, col: Column) -> tuple[str, float, float, int]:
     values = s.values(col.metric)
     if not values:
         if not s.finished:
-            return ("FAILED" if s.failed else "missing"), math.nan, math.nan, 0
+            statuses = {s.runs[k].status for k in s.failed}
+            text = "FAILED" if "FAILED" in statuses else ("running" if "RUNNING" in statuses else "missing")
+            return text, math.nan, math.nan, 0
         return "n/a", math.nan, math.nan, 0  # finished, but undefined (e.g. err with no error)
     v = list(values.values())
     mean = sum(v) / len(v)
@@ -436,7 +438,8 @@ def headline(t: Table) -> str:
         return ""
     tasks = [c.task for c in t.columns if c.metric.endswith("/acc")]
     sds = ", ".join(f"{k.upper()} {_pp(stats.noise(ref.setting.values(f'test/{k}/acc')).fold_sd)}" for k in tasks)
-    floors = ", ".join(f"{k.upper()} {_pp(f.floor)}" for (_, k), f in sorted(t.floors.items(), key=lambda x: x[0][1]))
+    floors = ", ".join(f"{k.upper()} {_pp(t.floors[(ref.label, k)].floor)}" for k in tasks
+                       if (ref.label, k) in t.floors)
     best = [g for g in t.gains if g["setting"].startswith("★ ")]
     answer = "; ".join(f"{g['task'].upper()} {100 * g['folds'].mean:+.1f} pp ({verdict(g['folds'], _floor_of(g))})"
                        for g in best)

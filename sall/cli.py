@@ -96,8 +96,11 @@ def add_data_model_args(p: argparse.ArgumentParser) -> None:
                    help="keep the best validation epoch, or the last (the paper's choice; default from the preset)")
     m.add_argument("--teacher-epochs", type=int, default=None)
     m.add_argument("--student-epochs", type=int, default=None)
+    m.add_argument("--augment", dest="augment", action="store_true", default=None,
+                   help="the paper's augmentations (scale, rot90, flips, skew); default from the preset "
+                        "(cpu: off, it slows learning in a few epochs; paper: on)")
     m.add_argument("--no-augment", dest="augment", action="store_false", default=None,
-                   help="switch off the paper's augmentations (scale, rot90, flips, skew)")
+                   help="switch the augmentations off")
     m.add_argument("--seed", type=int, default=None)
     r = p.add_argument_group("runtime")
     r.add_argument("--cache-dir", default=DEFAULT_CACHE,
@@ -107,7 +110,7 @@ def add_data_model_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--amp", default=None, choices=["auto", "bf16", "off"],
                    help="bf16 autocast: auto = on with CUDA")
     r.add_argument("--channels-last", default=None, choices=["auto", "on", "off"],
-                   help="channels_last memory format: auto = on with CUDA")
+                   help="channels_last memory format (auto = on: faster on CUDA and on the CPU)")
     r.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     r.add_argument("--smoke", action="store_true", help="tiny data and epochs: a whole run in seconds")
     r.add_argument("--debug", action="store_true", help="show tracebacks")

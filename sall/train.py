@@ -53,7 +53,9 @@ class Runtime:
             device = torch.device(cfg.device)
         cuda = device.type == "cuda"
         amp = cfg.amp == "bf16" or (cfg.amp == "auto" and cuda)
-        channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda)
+        # auto: on, on CUDA and on the CPU alike (measured on 2 CPU cores: test_resnet at 64 px trains at
+        # 337 images/s channels_last vs 268 contiguous, one thread, batch 32)
+        channels_last = cfg.channels_last in ("on", "auto")
         return cls(device, amp, channels_last, cfg.compile, cfg.profile)
 
     def autocast(self) -> contextlib.AbstractContextManager:

@@ -55,7 +55,7 @@ def test_schedule_ends_where_it_should(schedule, end):
 
 
 def test_schedule_and_checkpoint_change_the_teacher_key():
-    base = from_preset("cpu")
+    base = from_preset("cpu", schedule="constant", checkpoint="best", train_per_task=None, val_per_task=None)
     for change in (dict(schedule="cosine"), dict(checkpoint="last"), dict(train_per_task=10),
                    dict(val_per_task=10), dict(seed=1), dict(fold=1)):
         assert base.replace(**change).teacher_fields("dr") != base.teacher_fields("dr"), change

@@ -23,7 +23,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(
         backbone="test_resnet", image_size=64, pretrained=False, lr=2e-3, batch_size=16,
         schedule="cosine", checkpoint="last", augment=False,
-        teacher_epochs=5, student_epochs=5, synthetic_n=4800, train_per_task=640, val_per_task=150,
+        teacher_epochs=6, student_epochs=6, synthetic_n=4800, train_per_task=640, val_per_task=150,
     ),
     "paper": dict(
         backbone="inception_v3", image_size=299, pretrained=True, lr=1e-5, batch_size=32,
@@ -186,7 +186,7 @@ class TrialConfig:
             if task not in self.tasks:
                 raise ConfigError(f"sample count for '{task}', which is not among tasks "
                                   f"{','.join(self.tasks)}")
-            if value <= 0:
+            if not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"sample count {value} for task {task} is invalid; expected a "
                                   "count >= 1 or a fraction in (0, 1]")
         if self.amp not in ("auto", "bf16", "off"):

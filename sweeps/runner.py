@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import shutil
 import socket
@@ -149,7 +150,7 @@ def check_ray_address(address: str, timeout: float = 5.0) -> str:
     try:
         with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
             pass
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, OverflowError) as e:  # OverflowError: a port beyond a C long
         raise SallError(f"Ray cluster at '{addr}' (--address {address}) does not answer "
                         f"({getattr(e, 'strerror', None) or e}); expected a running Ray head node") from None
     return address if address.startswith("ray://") else addr
@@ -291,6 +292,11 @@ def _run(sweep: str, args: argparse.Namespace, grid_fn: GridFn, smoke_grid) -> i
         if args.address:
             check_ray_address(args.address)
     over = config_overrides(args)
+    for flag in ("cpus_per_trial", "gpus_per_trial"):
+        value = getattr(args, flag)
+        if not (math.isfinite(value) and value >= 0) or (flag == "cpus_per_trial" and value <= 0):
+            raise ConfigError(f"--{flag.replace('_', '-')} {value} is invalid; expected a finite number "
+                              f"{'> 0' if flag == 'cpus_per_trial' else '>= 0'} (fractions allowed)")
     threads = max(1, int(args.cpus_per_trial)) if args.threads is None else args.threads
     over["threads"] = threads
     base = from_preset(args.preset, smoke=args.smoke, profile=args.profile, **over)

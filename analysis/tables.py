@@ -632,6 +632,7 @@ def run(args: argparse.Namespace) -> int:
             write_gain_csv(t, out / f"gain_{t.id}.csv")
     cm.log(f"[analysis] wrote {out}/tables.md, tables.tex and "
            f"{', '.join('table_' + t.id + '.csv' for t in tables)}")
+    cm.log(f"[analysis] the runs: {cm.tr.review_hint(uri, exp_id)}")
     if not args.no_log:
         parent = args.parent or cm.latest_parent(uri, exp_id)
         if parent:

@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -189,6 +190,8 @@ class TrialConfig:
             if not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"sample count {value} for task {task} is invalid; expected a "
                                   "count >= 1 or a fraction in (0, 1]")
+        if not (self.device in ("auto", "cpu", "mps") or re.fullmatch(r"cuda(:\d+)?", self.device)):
+            raise ConfigError(f"device '{self.device}' is invalid; expected auto, cpu, cuda, cuda:N or mps")
         if self.amp not in ("auto", "bf16", "off"):
             raise ConfigError(f"amp '{self.amp}' is invalid; expected auto, bf16 or off")
         if self.channels_last not in ("auto", "on", "off"):

@@ -130,6 +130,14 @@ def expand(grid: Grid, folds: list[int], seeds: list[int] = (0,)) -> list[Trial]
     return out
 
 
+def local_path(text: str, flag: str) -> str:
+    """A folder flag as an absolute path; `~nosuchuser/x` is a one-line error, not RuntimeError."""
+    try:
+        return str(Path(text).expanduser().resolve())
+    except RuntimeError as e:  # expanduser: the user in ~user does not exist
+        raise SallError(f"{flag} '{text}' cannot be expanded ({e}); expected a folder path") from None
+
+
 def check_ray_address(address: str, timeout: float = 5.0) -> str:
     """Resolve and probe a Ray address within seconds, so a dead cluster is an error, not a hang."""
     if address == "auto":
@@ -311,7 +319,7 @@ def _run(sweep: str, args: argparse.Namespace, grid_fn: GridFn, smoke_grid) -> i
     from sall.chain import preflight
     from sall.store import ArtifactStore
 
-    cache_dir = str(Path(args.cache_dir).expanduser().resolve())
+    cache_dir = local_path(args.cache_dir, "--cache-dir")
     ArtifactStore(cache_dir)  # writable?
     for t in trials:
         preflight(t.cfg)
@@ -331,7 +339,7 @@ def _tune(sweep: str, args: argparse.Namespace, trials: list[Trial], uri: str, c
     from ray import tune
 
     sweep_id = f"{sweep}-" + stable_hash(sorted(t.cfg.key() for t in trials))
-    storage = str(Path(args.storage_path).expanduser().resolve()) if "://" not in args.storage_path else args.storage_path
+    storage = local_path(args.storage_path, "--storage-path") if "://" not in args.storage_path else args.storage_path
     exp_dir = os.path.join(storage, sweep_id)
     exp_id = tr.ensure_experiment(uri, args.experiment)
     if args.fresh:
@@ -377,7 +385,7 @@ def _tune(sweep: str, args: argparse.Namespace, trials: list[Trial], uri: str, c
     tr.end_run(uri, parent, "FINISHED" if not errors else "FAILED")
     tr.log_metrics(uri, parent, {"trials_finished": ok, "trials_failed": len(errors), "wall_seconds": time.time() - t0})
     print(f"[sweep] {sweep}: {ok}/{len(results)} trials finished in {_fmt(time.time() - t0)}; "
-          f"review with: mlflow ui --backend-store-uri {uri}", file=sys.stderr, flush=True)
+          f"review with: {tr.review_hint(uri, exp_id)}", file=sys.stderr, flush=True)
     if errors:
         print(f"[sweep] {len(errors)} trial(s) failed:", file=sys.stderr)
         for r in errors:

@@ -51,6 +51,15 @@ def retry(fn: Callable[..., T], *args: Any, attempts: int = 40, **kwargs: Any) -
     raise AssertionError("unreachable")
 
 
+def review_hint(uri: str, experiment_id: str) -> str:
+    """How to see an experiment's runs: the command that starts the UI (for a local store) and the
+    URL of its run list in the machine-learning view (MLflow 3 otherwise opens its GenAI overview)."""
+    path = f"#/experiments/{experiment_id}?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri.rstrip('/')}/{path}"
+    return f"mlflow ui --backend-store-uri {uri}, then open http://127.0.0.1:5000/{path}"
+
+
 def resolve_uri(uri: str) -> str:
     """Make a relative sqlite/file URI absolute, so trials in other working dirs find the same store."""
     try:

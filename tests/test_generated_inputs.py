@@ -563,9 +563,7 @@ def test_regression_control_character_in_a_cell_stays_one_line(tmp_path, pool):
     assert len(err.strip().splitlines()) == 1 and line.isprintable()
 
 
-# Failures in files this change could not edit (sweeps/runner.py, sall/config.py), fixed there since;
-# a strict xfail marks the one still open, so that its fix asks for the marker to go.
-# strict xfails, so that the fix turns them into errors that ask for the marker to go.
+# Failures found in sweeps/runner.py and sall/config.py, fixed there.
 
 
 @pytest.mark.parametrize("value", ["nan", "inf"])
@@ -593,8 +591,6 @@ def test_regression_ray_address_port_beyond_a_c_long(monkeypatch_env):
     _one_error(code, err, address)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="sweeps/runner.py: Path(args.cache_dir).expanduser() before the store's own check")
 def test_regression_sweep_cache_dir_of_an_unknown_user(tmp_path):
     import sweeps.temperature as t
 

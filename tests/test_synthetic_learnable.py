@@ -20,6 +20,7 @@ from __future__ import annotations
 import sys
 
 import numpy as np
+import pytest
 
 from sall.chain import _load_manifest_cached, run_chain
 from sall.config import from_preset
@@ -42,6 +43,7 @@ def teacher_accuracy(cache_dir, seed: int = 0) -> dict[str, tuple[float, float]]
     return out
 
 
+@pytest.mark.slow  # trains the preset's two teachers on 7,200 rendered images: about a minute
 def test_teachers_learn_but_not_perfectly(tmp_path):
     for task, (acc, majority) in teacher_accuracy(tmp_path).items():
         assert majority + MARGIN_OVER_MAJORITY < acc < CEILING, (task, majority, acc)

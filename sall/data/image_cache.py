@@ -41,8 +41,9 @@ def build_array(images: list[str], size: int, path: Path, workers: int | None = 
     n = len(images)
     arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
     del arr  # the header and size are on disk; workers fill the rows
-    with open(path, "r+b") as f:  # reserve the blocks now: a full disk is ENOSPC here (the store's
-        os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))  # one-line error), not SIGBUS later
+    if hasattr(os, "posix_fallocate"):  # Linux: reserve the blocks now, so a full disk is ENOSPC here
+        with open(path, "r+b") as f:  # (the store's one-line error), not SIGBUS in a worker later
+            os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
     t0 = time.time()
     workers = workers or min(os.cpu_count() or 1, 8)
     chunk = max(50, -(-n // (workers * 8)))

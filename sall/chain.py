@@ -334,7 +334,9 @@ def run_chain(cfg: TrialConfig, cache_dir: str | Path, hooks: Hooks | None = Non
         if len(other):
             stats[task] = soft_label_stats(s[other])
 
-    student_path = store.get_or_build("students", cfg.key(), ".pt", lambda tmp: _save(
+    # named like the teachers by the data and split too: a renderer or split change is a new student
+    student_key = stable_hash([cfg.key(), data.fingerprint, SPLIT_VERSION])
+    student_path = store.get_or_build("students", student_key, ".pt", lambda tmp: _save(
         {"state": states, "groups_json": _json(groups), "config_json": cfg.to_json()}, tmp)).path
     return ChainResult(
         config=cfg, test=test, val=val, soft=stats,

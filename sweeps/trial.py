@@ -69,7 +69,9 @@ def _final_metrics(res) -> dict[str, float]:
     return out
 
 
-def _log_artifacts(uri: str, run_id: str, res) -> None:
+def _log_artifacts(uri: str, run_id: str, res, label: str) -> None:
+    """Config, metrics, per-task plots and CSVs, per-image predictions and the student, on the run.
+    Plot titles name the setting and replicate ("DR confusion: T=8, fold 1"), not a hash."""
     import pandas as pd
 
     from sall.metrics import to_jsonable
@@ -85,9 +87,13 @@ def _log_artifacts(uri: str, run_id: str, res) -> None:
              "profile": res.profile}), indent=2))
         for task, m in res.test.items():
             names = list(TASKS[task].grades)
-            plot_confusion(m["confusion"], names, f"{task} confusion, {res.config.key()}", str(root / f"confusion_{task}.png"))
+            seed = f", seed {res.config.seed}" if res.config.seed else ""
+            where = f"{label}, fold {res.config.fold}{seed}"
+            plot_confusion(m["confusion"], names, f"{task.upper()} confusion: {where}",
+                           str(root / f"confusion_{task}.png"))
             confusion_csv(m["confusion"], names, str(root / f"confusion_{task}.csv"))
-            plot_reliability(m["reliability"], f"{task} reliability (ECE {m['ece']:.3f})", str(root / f"reliability_{task}.png"))
+            plot_reliability(m["reliability"], f"{task.upper()} reliability: {where} (ECE {m['ece']:.3f})",
+                             str(root / f"reliability_{task}.png"))
             reliability_csv(m["reliability"], str(root / f"reliability_{task}.csv"))
         for task, p in res.predictions.items():  # per-image test predictions (analysis/ bootstraps)
             cols = {"row": p["rows"], "label": p["labels"]}
@@ -154,7 +160,7 @@ def run_trial(config: dict[str, Any]) -> None:
         final = _final_metrics(res)
         t0 = time.perf_counter()
         tr.log_metrics(uri, run_id, final)
-        _log_artifacts(uri, run_id, res)
+        _log_artifacts(uri, run_id, res, config["label"])
         logging_s[0] += time.perf_counter() - t0
         if cfg.profile:
             prof = {**res.profile, "logging_s": logging_s[0]}

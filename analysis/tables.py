@@ -497,8 +497,9 @@ def markdown(tables: list[Table], experiment: str) -> str:
     for t in tables:
         out += [f"## {t.title}", "", _md(headers(t), display_rows(t)), ""]
         out += [f"_{n}_" for n in t.notes] + [""]
-        if headline(t):
-            out += [headline(t), ""]
+        summary = headline(t)
+        if summary:
+            out += [summary, ""]
         if any(c.metric.endswith("/acc") for c in t.columns):
             out += [f"### Noise ({t.id})", "", _md(*noise_rows(t)), "", f"_{NOISE_NOTE}_", ""]
         if t.gains:

@@ -21,7 +21,7 @@ import torch
 
 from sall.config import TrialConfig, stable_hash
 from sall.data.folds import SPLIT_VERSION, fold_splits
-from sall.data.image_cache import image_array
+from sall.data.image_cache import TaskImages, image_array
 from sall.data.manifest import check_classes, fingerprint
 from sall.data.subset import cap_per_class, cap_per_task, check_nonempty, take_per_task
 from sall.losses import soft_labels
@@ -60,7 +60,7 @@ class Data:
     summary: dict
     fingerprint: str
     splits: dict[str, np.ndarray]  # train (after the class cap), val, test: rows of the manifest
-    images: np.ndarray | None = None
+    images: TaskImages | None = None  # indexed by manifest row; only the trial's tasks are loaded
 
     def rows(self, split: str, task: str) -> np.ndarray:
         r = self.splits[split]
@@ -97,7 +97,7 @@ def preflight(cfg: TrialConfig) -> Data:
 
 def prepare(cfg: TrialConfig, store: ArtifactStore) -> Data:
     data = preflight(cfg)
-    data.images = image_array(data.manifest, data.fingerprint, cfg.image_size, store)
+    data.images = image_array(data.manifest, data.fingerprint, cfg.image_size, store, cfg.tasks)
     return data
 
 
@@ -190,7 +190,8 @@ def get_teacher(cfg: TrialConfig, task: str, data: Data, store: ArtifactStore, r
 
     fetched = store.get_or_build("teachers", key, ".pt", build)
     if fetched.built:  # logits of an earlier (e.g. corrupt, rebuilt) teacher of this key are stale
-        store.path("logits", key, ".npy").unlink(missing_ok=True)
+        for other in TASKS:
+            store.path("logits", logits_key(key, other), ".pt").unlink(missing_ok=True)
     else:
         log(f"[teacher {task}] reusing {key}")
     import json
@@ -199,17 +200,39 @@ def get_teacher(cfg: TrialConfig, task: str, data: Data, store: ArtifactStore, r
     return Teacher(task, key, fetched, info)
 
 
-def get_logits(cfg: TrialConfig, teacher: Teacher, data: Data, store: ArtifactStore, rt: Runtime) -> np.ndarray:
-    """Stage 2: the teacher's logits on every image of the manifest (cached with the teacher)."""
+def logits_key(teacher_key: str, on_task: str) -> str:
+    return f"{teacher_key}-on-{on_task}"
+
+
+def get_logits(cfg: TrialConfig, teacher: Teacher, data: Data, store: ArtifactStore, rt: Runtime,
+               on_task: str) -> tuple[np.ndarray, np.ndarray]:
+    """Stage 2: the teacher's logits on the fold's training images of `on_task`, the only images a
+    soft label is ever given to (a student trains on a subset of them). Cached with the teacher:
+    its key fixes the fold, the caps and the data, so the rows are the same for every trial."""
+    rows = data.rows("train", on_task)
 
     def build(tmp: Path) -> None:
-        log(f"[teacher {teacher.task}] logits on {len(data.manifest)} images")
-        z = predict(teacher.model(cfg).to(rt.device), data.images, np.arange(len(data.manifest)), rt)
-        with open(tmp, "wb") as f:
-            np.save(f, z[teacher.task].astype(np.float32))
+        log(f"[teacher {teacher.task}] logits on {len(rows)} {on_task} training images")
+        z = predict(teacher.model(cfg).to(rt.device), data.images, rows, rt)[teacher.task]
+        _save({"rows": torch.from_numpy(rows.astype(np.int64)), "logits": torch.from_numpy(z)}, tmp)
 
-    got = store.get_or_build("logits", teacher.key, ".npy", build)
-    return np.load(got.path)
+    blob = load_artifact(store.get_or_build("logits", logits_key(teacher.key, on_task), ".pt", build).path)
+    if not np.array_equal(blob["rows"].numpy(), rows):  # cannot happen unless the split code changed
+        raise RuntimeError(f"cached logits {logits_key(teacher.key, on_task)} are for other rows than "
+                           f"fold {cfg.fold}'s {on_task} training split; bump SPLIT_VERSION")
+    return rows, blob["logits"].numpy()
+
+
+def soft_label_array(cfg: TrialConfig, teacher: Teacher, data: Data, store: ArtifactStore,
+                     rt: Runtime) -> np.ndarray:
+    """softmax(teacher logits / T) on every training image of the trial's other tasks, indexed by
+    manifest row; NaN on the rows no soft label is given to (the teacher's own task, val, test)."""
+    out = np.full((len(data.manifest), TASKS[teacher.task].num_classes), np.nan, dtype=np.float32)
+    for other in cfg.tasks:
+        if other != teacher.task:
+            rows, z = get_logits(cfg, teacher, data, store, rt, other)
+            out[rows] = soft_labels(torch.from_numpy(z), cfg.temperature).numpy()
+    return out
 
 
 def _json(obj: Any) -> str:
@@ -291,8 +314,7 @@ def run_chain(cfg: TrialConfig, cache_dir: str | Path, hooks: Hooks | None = Non
         if hooks.teacher_ready:
             hooks.teacher_ready(teachers[task])
         if cfg.sa_labels:
-            soft[task] = soft_labels(torch.from_numpy(get_logits(cfg, teachers[task], data, store, rt)),
-                                     cfg.temperature).numpy()
+            soft[task] = soft_label_array(cfg, teachers[task], data, store, rt)
     profile["teachers_s"] = time.time() - t0
 
     # stage 3
@@ -368,6 +390,8 @@ def train_student(cfg: TrialConfig, data: Data, rows: np.ndarray, row_tasks: np.
         mask = own.copy()
         if cfg.sa_labels and h in soft:
             tgt[~own] = soft[h][mine[~own]]
+            if not np.isfinite(tgt).all():  # a row outside the soft-labelled training split
+                raise RuntimeError(f"student head {h}: a training row has no soft label")
             mask[:] = True
         targets[h], masks[h] = tgt, mask
     name = "student" if len(heads) > 1 else f"student {heads[0]}"

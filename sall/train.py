@@ -115,7 +115,9 @@ def fit(model: torch.nn.Module, images: np.ndarray, train: TrainSet,
     """Train for `epochs`; keep the best epoch by mean validation accuracy over the heads, or
     the last one (`cfg.checkpoint`).
 
-    `val` maps a head to (rows, labels) of its own task's validation images.
+    `val` maps a head to (rows, labels) of its own task's validation images. It is measured after
+    every epoch with checkpoint=best, and only after the last with checkpoint=last, where it
+    chooses nothing.
     """
     model.to(rt.device)
     if rt.channels_last:
@@ -164,7 +166,9 @@ def fit(model: torch.nn.Module, images: np.ndarray, train: TrainSet,
         t3 = time.perf_counter()
         metrics: dict[str, float] = {f"train/{t}/loss": sums[t] / max(nb, 1) for t in heads}
         accs = []
-        for t, (rows, labels) in val.items():
+        # with checkpoint=last the validation split chooses nothing: measure it once, at the end
+        validate = cfg.checkpoint != "last" or epoch == epochs
+        for t, (rows, labels) in val.items() if validate else ():
             z = predict(model, images, rows, rt)[t]
             acc = float((z.argmax(1) == labels).mean()) if len(labels) else 0.0
             metrics[f"val/{t}/acc"] = acc

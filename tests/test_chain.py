@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from sall.chain import load_student, needs_teachers, run_chain
 from sall.config import from_preset
@@ -107,3 +108,27 @@ def test_reloaded_student_reproduces_its_test_predictions(warm):
         z = predict(models[task], data.images, pred["rows"], rt)[task]
         probs = torch.softmax(torch.from_numpy(z) / cfg.temperature, dim=1).numpy()
         np.testing.assert_allclose(probs, pred["probs"], atol=1e-5)
+
+
+def test_a_two_task_run_decodes_and_labels_only_what_it_uses(warm):
+    """The arter images of a dr,amd run are never rendered, and each teacher's logits cover exactly
+    the fold's training images of the other task: the only rows a soft label is given to."""
+    from sall.chain import preflight
+    from sall.data.image_cache import image_array
+    from sall.store import ArtifactStore
+
+    cache, res = warm
+    assert sorted(p.name.rsplit("-", 1)[1] for p in (cache / "images").glob("*.npy")) == ["amd.npy", "dr.npy"]
+    data = preflight(res.config)
+    for task, other in (("dr", "amd"), ("amd", "dr")):
+        blob = torch.load(cache / "logits" / f"{res.teachers[task]['key']}-on-{other}.pt", weights_only=True)
+        assert np.array_equal(blob["rows"].numpy(), data.rows("train", other))
+        assert blob["logits"].shape == (len(data.rows("train", other)), 5 if task == "dr" else 4)
+    images = image_array(data.manifest, data.fingerprint, res.config.image_size, ArtifactStore(cache),
+                         res.config.tasks)
+    arter = np.flatnonzero(data.manifest["task"].to_numpy() == "arter")
+    with pytest.raises(KeyError, match="arter"):
+        images[arter[:2]]
+    dr = data.rows("test", "dr")[:3]
+    assert images[dr].shape == (3, res.config.image_size, res.config.image_size, 3)
+    assert np.array_equal(images[int(dr[1])], images[dr][1])

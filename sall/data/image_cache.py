@@ -1,7 +1,8 @@
-"""Every image decoded and resized once into an on-disk uint8 array shared by every trial.
+"""Every image decoded and resized once into on-disk uint8 arrays shared by every trial.
 
-Keyed by the manifest's fingerprint and the image size; built in parallel with a progress line;
-published atomically through the artifact store and memory-mapped by readers.
+One array per task, keyed by the manifest's fingerprint, the image size and the task: a run of
+two tasks never decodes (or renders) the third task's images. Built in parallel with a progress
+line, published atomically through the artifact store and memory-mapped by readers.
 """
 from __future__ import annotations
 
@@ -66,10 +67,47 @@ def build_array(images: list[str], size: int, path: Path, workers: int | None = 
             pool.shutdown(cancel_futures=True)
 
 
-def image_array(manifest: pd.DataFrame, fingerprint: str, size: int, store: ArtifactStore) -> np.ndarray:
-    """The (N, size, size, 3) uint8 array of the manifest's images, row-aligned, memory-mapped."""
-    got = store.get_or_build(
-        "images", f"{fingerprint}-{size}", ".npy",
-        lambda tmp: build_array(manifest["image"].tolist(), size, tmp),
-    )
-    return np.load(got.path, mmap_mode="r")
+class TaskImages:
+    """The manifest's images as one array indexed by manifest row, backed by one memory-mapped
+    array per loaded task. Indexing a row of a task that was not loaded is an error."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], row_tasks: np.ndarray, size: int) -> None:
+        self.arrays = arrays
+        self.row_tasks = np.asarray(row_tasks)
+        self.local = np.zeros(len(row_tasks), dtype=np.int64)  # a row's index in its task's array
+        for task in np.unique(self.row_tasks):
+            mine = self.row_tasks == task
+            self.local[mine] = np.arange(int(mine.sum()))
+        self.shape = (len(row_tasks), size, size, 3)
+        self.dtype = np.dtype(np.uint8)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: int | np.ndarray) -> np.ndarray:
+        if np.ndim(rows) == 0:
+            return self[np.array([rows])][0]
+        rows = np.asarray(rows)
+        out = np.empty((len(rows), *self.shape[1:]), dtype=np.uint8)
+        tasks = self.row_tasks[rows]
+        for task in np.unique(tasks):
+            if task not in self.arrays:
+                raise KeyError(f"images of task '{task}' were not loaded (loaded: {', '.join(self.arrays)})")
+            mine = tasks == task
+            out[mine] = self.arrays[task][self.local[rows[mine]]]
+        return out
+
+
+def image_array(manifest: pd.DataFrame, fingerprint: str, size: int, store: ArtifactStore,
+                tasks: tuple[str, ...] | list[str] | None = None) -> TaskImages:
+    """The manifest's images at `size`, indexed by manifest row: the rows of `tasks` (default: all
+    of the manifest's tasks), each task's array decoded once and memory-mapped."""
+    row_tasks = manifest["task"].to_numpy()
+    wanted = [t for t in dict.fromkeys(row_tasks) if tasks is None or t in tasks]
+    arrays = {}
+    for task in wanted:
+        images = manifest["image"].to_numpy()[row_tasks == task].tolist()
+        got = store.get_or_build("images", f"{fingerprint}-{size}-{task}", ".npy",
+                                 lambda tmp, images=images: build_array(images, size, tmp))
+        arrays[task] = np.load(got.path, mmap_mode="r")
+    return TaskImages(arrays, row_tasks, size)

@@ -5,6 +5,7 @@ A sweep script supplies its name, its grid and its own flags; everything else is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -12,7 +13,7 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,8 +200,9 @@ def make_progress(total: int, tasks: tuple[str, ...]):
         def on_trial_start(self, iteration, trials, trial, **info):
             self.started[trial.trial_id] = time.time()
 
-        def _line(self, trials) -> None:
-            running = sum(t.status == "RUNNING" for t in trials)
+        def _line(self, trials, ended) -> None:
+            # Tune calls back before it marks the ended trial: it still reads RUNNING
+            running = sum(t.status == "RUNNING" and t is not ended for t in trials)
             self.max_running = max(self.max_running, running)
             pending = max(self.total - self.done - self.failed - running, 0)
             el = time.time() - self.t0
@@ -225,14 +227,14 @@ def make_progress(total: int, tasks: tuple[str, ...]):
                                  f"ece {r.get(f'{t}_ece', float('nan')):.3f}")
             note = " (already logged)" if r.get("reused_run") else ""
             print(f"[trial] {label} {rep}: {' | '.join(parts)} ({_fmt(dt)}){note}", file=sys.stderr, flush=True)
-            self._line(trials)
+            self._line(trials, trial)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self.failed += 1
             label, rep = _label(trial)
             print(f"[trial] {label} {rep}: FAILED "
                   f"({trial.error_file or 'see MLflow'})", file=sys.stderr, flush=True)
-            self._line(trials)
+            self._line(trials, trial)
 
     return _Progress(total, tasks)
 
@@ -293,7 +295,23 @@ def run_sweep(sweep: str, description: str, grid_fn: GridFn,
 
 
 def _run(sweep: str, args: argparse.Namespace, grid_fn: GridFn, smoke_grid) -> int:
-    # services first: an unreachable tracking store or cluster is an error within seconds
+    uri, base = sweep_setup(args)
+    grid = grid_fn(args, base)
+    if args.smoke and smoke_grid is not None:
+        grid = smoke_grid(grid)
+    trials = expand(grid, parse_folds(args.folds), sweep_seeds(args))
+    cache_dir = check_trials(trials, args)
+    if args.dry_run:
+        dry_run(trials, cache_dir)
+        return 0
+    with ray_session(args):
+        return tune_trials(sweep, args, trials, uri, cache_dir)
+
+
+def sweep_setup(args: argparse.Namespace) -> tuple[str, TrialConfig]:
+    """(tracking URI, base config): the services are checked first, so an unreachable tracking
+    store or cluster is an error within seconds, before any data is read. Every sweep, a grid or
+    the search, starts here."""
     uri = tr.resolve_uri(args.mlflow_uri)
     if not args.dry_run:
         tr.check_tracking_uri(uri)
@@ -309,11 +327,12 @@ def _run(sweep: str, args: argparse.Namespace, grid_fn: GridFn, smoke_grid) -> i
     over["threads"] = threads
     base = from_preset(args.preset, smoke=args.smoke, profile=args.profile, **over)
     base.validate()
-    grid = grid_fn(args, base)
-    if args.smoke and smoke_grid is not None:
-        grid = smoke_grid(grid)
-    trials = expand(grid, parse_folds(args.folds), sweep_seeds(args))
-    # every check that can fail, before anything starts: services first (seconds at most), then data
+    return uri, base
+
+
+def check_trials(trials: list[Trial], args: argparse.Namespace) -> str:
+    """Every check that can fail, before anything starts (config, cache dir, data); returns the
+    cache dir."""
     for t in trials:
         t.cfg.validate()
     from sall.chain import preflight
@@ -323,22 +342,47 @@ def _run(sweep: str, args: argparse.Namespace, grid_fn: GridFn, smoke_grid) -> i
     ArtifactStore(cache_dir)  # writable?
     for t in trials:
         preflight(t.cfg)
-    if args.dry_run:
-        dry_run(trials, cache_dir)
-        return 0
+    return cache_dir
+
+
+@contextlib.contextmanager
+def ray_session(args: argparse.Namespace) -> Iterator[None]:
+    """Ray for the body (local, or the cluster of --address), shut down however it ends."""
     init_ray(args)
     try:
-        return _tune(sweep, args, trials, uri, cache_dir)
+        yield
     finally:
         import ray
 
         ray.shutdown()
 
 
-def _tune(sweep: str, args: argparse.Namespace, trials: list[Trial], uri: str, cache_dir: str) -> int:
-    from ray import tune
+@dataclass
+class SweepRun:
+    """One Tune experiment of a sweep and its MLflow parent run."""
 
-    sweep_id = f"{sweep}-" + stable_hash(sorted(t.cfg.key() for t in trials))
+    sweep: str
+    sweep_id: str
+    uri: str
+    experiment_id: str
+    parent: str
+    storage: str
+    cache_dir: str
+
+    @property
+    def exp_dir(self) -> str:
+        return os.path.join(self.storage, self.sweep_id)
+
+    def settings(self) -> dict[str, str]:
+        """What every trial needs to log into this sweep (`run_trial`'s `sweep`)."""
+        return dict(sweep=self.sweep, mlflow_uri=self.uri, experiment_id=self.experiment_id,
+                    parent_run_id=self.parent, cache_dir=self.cache_dir)
+
+
+def open_sweep(sweep: str, sweep_id: str, args: argparse.Namespace, uri: str, cache_dir: str,
+               params: dict[str, Any]) -> SweepRun:
+    """The experiment and the parent run of `sweep_id`: the same parent when resumed; --fresh
+    removes Tune's state and gives the new invocation its own parent."""
     storage = local_path(args.storage_path, "--storage-path") if "://" not in args.storage_path else args.storage_path
     exp_dir = os.path.join(storage, sweep_id)
     exp_id = tr.ensure_experiment(uri, args.experiment)
@@ -349,43 +393,70 @@ def _tune(sweep: str, args: argparse.Namespace, trials: list[Trial], uri: str, c
         for r in old:  # the new invocation gets its own parent run
             tr.retry(tr.client(uri).set_tag, r.info.run_id, tr.TAG_SWEEP_ID, f"{sweep_id}-superseded-{int(time.time())}")
     parent = tr.parent_run(uri, exp_id, sweep, sweep_id, {
-        "sweep": sweep, "trials": len(trials), "folds": args.folds, "preset": args.preset,
-        "seeds": ",".join(map(str, sweep_seeds(args))),
+        "sweep": sweep, "folds": args.folds, "preset": args.preset, "seeds": ",".join(map(str, sweep_seeds(args))),
         "dataset": args.dataset, "tasks": args.tasks, "smoke": args.smoke, "address": args.address or "local",
-        "cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial})
-    print(f"[sweep] {sweep}: {len(trials)} trials · MLflow {uri} experiment '{args.experiment}' "
-          f"(parent run {parent}) · Tune {exp_dir}", file=sys.stderr, flush=True)
-    sw = dict(sweep=sweep, mlflow_uri=uri, experiment_id=exp_id, parent_run_id=parent, cache_dir=cache_dir)
-    space = {"trial": tune.grid_search([{"label": t.label, "cfg": dataclasses.asdict(t.cfg)} for t in trials]),
-             "sweep": sw, "private_cache": bool(args.no_teacher_reuse)}
-    trainable = tune.with_resources(_trainable, {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
-    progress = make_progress(len(trials), tuple(args.tasks.split(",")))
-    run_config = tune.RunConfig(
-        name=sweep_id, storage_path=storage,
-        failure_config=tune.FailureConfig(max_failures=args.max_failures),
-        callbacks=[progress], verbose=0,
-    )
-    if not args.fresh and tune.Tuner.can_restore(exp_dir):
-        print(f"[sweep] resuming {exp_dir}: finished trials are kept, failed ones are retried",
+        "cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial, **params})
+    return SweepRun(sweep, sweep_id, uri, exp_id, parent, storage, cache_dir)
+
+
+def fit_tuner(run: SweepRun, args: argparse.Namespace, trainable_fn: Callable[[dict], None],
+              space: dict[str, Any], callbacks: list, tune_config: Any) -> Any:
+    """Run the Tune experiment, or resume it from its state in --storage-path (finished trials
+    are kept, failed ones retried; a search algorithm and scheduler resume with it)."""
+    from ray import tune
+
+    trainable = tune.with_resources(trainable_fn, {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
+    if not args.fresh and tune.Tuner.can_restore(run.exp_dir):
+        print(f"[sweep] resuming {run.exp_dir}: finished trials are kept, failed ones are retried",
               file=sys.stderr, flush=True)
-        tuner = tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True, resume_errored=True,
+        tuner = tune.Tuner.restore(run.exp_dir, trainable, resume_unfinished=True, resume_errored=True,
                                    param_space=space)
     else:
-        tuner = tune.Tuner(trainable, param_space=space, run_config=run_config,
-                           # reuse_actors: a trial's process keeps torch, timm and the loaded manifest and
-                           # splits for the next trial (new processes cost ~15 s a trial on 2 cores)
-                           tune_config=tune.TuneConfig(max_concurrent_trials=args.max_concurrent_trials,
-                                                       reuse_actors=True,
-                                                       trial_name_creator=_trial_name,
-                                                       trial_dirname_creator=_trial_name))
+        run_config = tune.RunConfig(name=run.sweep_id, storage_path=run.storage,
+                                    failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                                    callbacks=callbacks, verbose=0)
+        tuner = tune.Tuner(trainable, param_space=space, run_config=run_config, tune_config=tune_config)
+    return tuner.fit()
+
+
+def make_sweep_id(sweep: str, trials: list[Trial], uri: str, cache_dir: str, experiment: str) -> str:
+    """Names the sweep's Tune state (in --storage-path, by default ~/ray_results, shared by every
+    clone on the machine): by its trials and by where their results go. A rerun into the same
+    MLflow store and cache resumes; the same grid into another store (a fresh clone, another
+    --mlflow-uri or --experiment) is a new sweep, not a resume that reports trials it never logged."""
+    where = [uri, os.path.abspath(cache_dir) if "://" not in cache_dir else cache_dir, experiment]
+    return f"{sweep}-" + stable_hash([sorted(t.cfg.key() for t in trials), where])
+
+
+def tune_trials(sweep: str, args: argparse.Namespace, trials: list[Trial], uri: str, cache_dir: str) -> int:
+    """Run (or resume) a grid of trials under one parent run; the exit code."""
+    from ray import tune
+
+    sweep_id = make_sweep_id(sweep, trials, uri, cache_dir, args.experiment)
+    run = open_sweep(sweep, sweep_id, args, uri, cache_dir, {"trials": len(trials)})
+    print(f"[sweep] {sweep}: {len(trials)} trials · MLflow {uri} experiment '{args.experiment}' "
+          f"(parent run {run.parent}) · Tune {run.exp_dir}", file=sys.stderr, flush=True)
+    space = {"trial": tune.grid_search([{"label": t.label, "cfg": dataclasses.asdict(t.cfg)} for t in trials]),
+             "sweep": run.settings(), "private_cache": bool(args.no_teacher_reuse)}
+    # reuse_actors: a trial's process keeps torch, timm and the loaded manifest and splits for the
+    # next trial (new processes cost ~15 s a trial on 2 cores)
+    tune_config = tune.TuneConfig(max_concurrent_trials=args.max_concurrent_trials, reuse_actors=True,
+                                  trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
     t0 = time.time()
-    results = tuner.fit()
+    results = fit_tuner(run, args, _trainable, space, [make_progress(len(trials), tuple(args.tasks.split(",")))],
+                        tune_config)
+    return close_sweep(run, results, t0)
+
+
+def close_sweep(run: SweepRun, results: Any, t0: float) -> int:
+    """End the parent run, print the outcome and which trials failed; the exit code."""
     errors = [r for r in results if r.error is not None]
     ok = len(results) - len(errors)
-    tr.end_run(uri, parent, "FINISHED" if not errors else "FAILED")
-    tr.log_metrics(uri, parent, {"trials_finished": ok, "trials_failed": len(errors), "wall_seconds": time.time() - t0})
-    print(f"[sweep] {sweep}: {ok}/{len(results)} trials finished in {_fmt(time.time() - t0)}; "
-          f"review with: {tr.review_hint(uri, exp_id)}", file=sys.stderr, flush=True)
+    tr.end_run(run.uri, run.parent, "FINISHED" if not errors else "FAILED")
+    tr.log_metrics(run.uri, run.parent, {"trials_finished": ok, "trials_failed": len(errors),
+                                         "wall_seconds": time.time() - t0})
+    print(f"[sweep] {run.sweep}: {ok}/{len(results)} trials finished in {_fmt(time.time() - t0)}; "
+          f"review with: {tr.review_hint(run.uri, run.experiment_id)}", file=sys.stderr, flush=True)
     if errors:
         print(f"[sweep] {len(errors)} trial(s) failed:", file=sys.stderr)
         for r in errors:

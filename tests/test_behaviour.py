@@ -134,6 +134,23 @@ def test_expand_drops_duplicate_trials_and_keeps_the_first_label():
     assert expand(grid, [1, 1]) == expand(grid, [1])
 
 
+def test_a_sweep_into_another_store_never_resumes_this_ones_tune_state(tmp_path):
+    """Tune keeps its state in ~/ray_results, shared by every clone on a machine: the same grid
+    run from a fresh clone (another MLflow store, cache or experiment) once resumed the old
+    state and reported 39/39 finished with nothing logged. Its Tune state is now its own."""
+    from sweeps.runner import expand, make_sweep_id
+
+    trials = expand([("T=3", tiny_cfg(temperature=3.0))], [0, 1])
+    uri, cache = f"sqlite:///{tmp_path}/a/mlflow.db", str(tmp_path / "a" / "cache")
+    first = make_sweep_id("temperature", trials, uri, cache, "sall-temperature")
+    assert make_sweep_id("temperature", list(reversed(trials)), uri, cache, "sall-temperature") == first
+    others = [("temperature", trials, f"sqlite:///{tmp_path}/b/mlflow.db", cache, "sall-temperature"),
+              ("temperature", trials, uri, str(tmp_path / "b" / "cache"), "sall-temperature"),
+              ("temperature", trials, uri, cache, "mine"),
+              ("temperature", trials[:1], uri, cache, "sall-temperature")]
+    assert first not in {make_sweep_id(*o) for o in others}
+
+
 def _dry_run_trials(sweep: str, *flags: str, tmp_path) -> list[str]:
     import importlib
 

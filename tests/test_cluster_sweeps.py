@@ -53,7 +53,7 @@ def test_a_killed_worker_node_costs_a_retry_not_the_trial(tmp_path):
         while time.time() < deadline and victim is None:
             for r in server_runs(cluster.mlflow_uri):
                 if (r.data.tags.get("sall.stage") == "student" and r.info.status == "RUNNING"
-                        and "val/dr/acc" in r.data.metrics and r.data.tags.get("sall.node") in workers):
+                        and "train/dr/loss" in r.data.metrics and r.data.tags.get("sall.node") in workers):
                     victim = r
             assert proc.poll() is None, proc.stdout.read()[-3000:]
             time.sleep(1)

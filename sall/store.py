@@ -26,6 +26,9 @@ from sall.errors import SallError
 # A full disk, a quota, a file-size limit: one clear error instead of a traceback.
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
+# (path, inode, size, mtime) of artifacts whose checksum this process has verified
+_VERIFIED: set[tuple[str, int, int, int]] = set()
+
 # Tests only: called between writing the temporary file and renaming it into place.
 _BEFORE_RENAME: Callable[[Path], None] | None = None
 
@@ -97,12 +100,21 @@ class ArtifactStore:
         return FileLock(str(p))
 
     def is_valid(self, path: Path) -> bool:
-        """The artifact exists and matches its checksum; a corrupt one is removed with a warning."""
-        if not path.exists():
+        """The artifact exists and matches its checksum; a corrupt one is removed with a warning.
+
+        A file this process has verified is not hashed again while its inode, size and mtime are
+        unchanged: a sweep's worker runs many trials on the same image arrays (hundreds of MB)."""
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
             return False
+        identity = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if identity in _VERIFIED:
+            return True
         side = path.with_name(path.name + ".sha256")
         expected = side.read_text().strip() if side.exists() else ""
         if expected and sha256_file(path) == expected:
+            _VERIFIED.add(identity)
             return True
         print(f"warning: cache entry {path} is corrupt (checksum mismatch); rebuilding it",
               file=sys.stderr)

@@ -26,7 +26,7 @@ from sall.data.manifest import check_classes, fingerprint
 from sall.data.subset import cap_per_class, cap_per_task, check_nonempty, take_per_task
 from sall.losses import soft_labels
 from sall.metrics import classification_metrics, soft_label_stats
-from sall.model import MultiHeadNet, check_pretrained
+from sall.model import MultiHeadNet, check_pretrained, input_normalization
 from sall.store import ArtifactStore, Fetched
 from sall.tasks import TASKS
 from sall.train import FitResult, Runtime, TrainSet, fit, predict
@@ -111,9 +111,19 @@ def student_train_rows(cfg: TrialConfig, data: Data) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------
 # stage 1 and 2: teachers and their logits
+def code_versions(cfg: TrialConfig) -> dict[str, Any]:
+    """What the code adds to a model's key beyond the config: the split layout's version, and for
+    pretrained weights their input standardisation (which changed from ImageNet's to the weights'
+    own; random-init keys, whose training did not change, are left as they were)."""
+    out: dict[str, Any] = {"split": SPLIT_VERSION}
+    if cfg.pretrained or cfg.pretrained_path:
+        out["input_norm"] = input_normalization(cfg.backbone, cfg.pretrained, cfg.pretrained_path)
+    return out
+
+
 def teacher_key(cfg: TrialConfig, task: str, data_fingerprint: str) -> str:
     """Names a teacher by everything it depends on (design.md) and nothing else."""
-    return f"{task}-{stable_hash({**cfg.teacher_fields(task), 'data': data_fingerprint, 'split': SPLIT_VERSION})}"
+    return f"{task}-{stable_hash({**cfg.teacher_fields(task), 'data': data_fingerprint, **code_versions(cfg)})}"
 
 
 def one_hot(labels: np.ndarray, k: int) -> np.ndarray:
@@ -357,7 +367,7 @@ def run_chain(cfg: TrialConfig, cache_dir: str | Path, hooks: Hooks | None = Non
             stats[task] = soft_label_stats(s[other])
 
     # named like the teachers by the data and split too: a renderer or split change is a new student
-    student_key = stable_hash([cfg.key(), data.fingerprint, SPLIT_VERSION])
+    student_key = stable_hash([cfg.key(), data.fingerprint, code_versions(cfg)])
     student_path = store.get_or_build("students", student_key, ".pt", lambda tmp: _save(
         {"state": states, "groups_json": _json(groups), "config_json": cfg.to_json()}, tmp)).path
     return ChainResult(

@@ -12,6 +12,23 @@ from sall import pretrained as pretrained_lib
 from sall.errors import ConfigError
 
 HUB_HOST = ("huggingface.co", 443)
+# The input standardisation of a randomly initialised backbone: any fixed one trains; this one is
+# what every earlier run used, so random-init results (and cached teachers) stay as they were.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def input_normalization(backbone: str, pretrained: bool, pretrained_path: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the inputs: the ones the pretrained weights were trained with (timm's
+    pretrained config: 0.5/0.5 for EfficientNet-Lite and Inception-v3, not ImageNet's), or
+    ImageNet's for a random initialisation."""
+    if pretrained or pretrained_path:
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(backbone)
+        if cfg is not None and cfg.mean and cfg.std:
+            return tuple(cfg.mean), tuple(cfg.std)
+    return IMAGENET_MEAN, IMAGENET_STD
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -78,9 +95,14 @@ class MultiHeadNet(nn.Module):
         # the pooled feature width: after a timm model's own pre-logits layer where it has one
         width = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
         self.heads = nn.ModuleDict({t: nn.Linear(width, k) for t, k in heads.items()})
+        # the model standardises its own [0, 1] inputs, so every caller feeds what its weights expect
+        mean, std = input_normalization(backbone, pretrained, pretrained_path)
+        self.register_buffer("input_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("input_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        f = self.backbone(x)
+        """x: float NCHW images in [0, 1]."""
+        f = self.backbone((x - self.input_mean) / self.input_std)
         return {t: head(f) for t, head in self.heads.items()}
 
 

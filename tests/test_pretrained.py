@@ -181,3 +181,26 @@ def test_the_lite_preset_preflight_touches_no_network(no_network):
 def test_input_stats_follow_timms_pretrained_cfg():
     assert P.input_stats(LITE0) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     assert P.input_stats("resnet18") == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def test_pretrained_weights_get_their_own_input_standardisation(lite0_file, no_network):
+    """EfficientNet-Lite's weights were trained on inputs scaled to [-1, 1] (mean = std = 0.5 in
+    timm's config), not on ImageNet's statistics: the model standardises its [0, 1] input that way.
+    A random initialisation keeps the ImageNet statistics every earlier run used (its key too)."""
+    from sall.chain import teacher_key
+    from sall.config import stable_hash
+    from sall.data.folds import SPLIT_VERSION
+
+    torch.manual_seed(0)
+    model = MultiHeadNet(LITE0, {"dr": 5}, pretrained=True).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x)["dr"], model.heads["dr"](model.backbone(x * 2 - 1)), atol=1e-5)
+    assert model.input_std.flatten().tolist() == [0.5] * 3
+    scratch = MultiHeadNet("test_resnet", {"dr": 5})
+    assert scratch.input_mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
+    assert "input_mean" not in scratch.state_dict()  # not part of the weights: old files still load
+    # teachers trained before the change: a pretrained one is stale (new key), a random-init one is not
+    old_key = lambda cfg: f"dr-{stable_hash({**cfg.teacher_fields('dr'), 'data': 'fp', 'split': SPLIT_VERSION})}"  # noqa: E731
+    assert teacher_key(from_preset("cpu-real"), "dr", "fp") != old_key(from_preset("cpu-real"))
+    assert teacher_key(from_preset("cpu"), "dr", "fp") == old_key(from_preset("cpu"))

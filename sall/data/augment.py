@@ -9,9 +9,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics: what timm's pretrained backbones expect
-STD = (0.229, 0.224, 0.225)
-
 
 def random_affine(n: int, generator: torch.Generator, scale: float = 0.1, skew: float = 0.2) -> torch.Tensor:
     """(n, 2, 3) affine matrices for `F.affine_grid`: rot90 * flip * scale * shear."""
@@ -43,9 +40,3 @@ def to_float(x_uint8_nhwc: torch.Tensor, dtype: torch.dtype = torch.float32) -> 
     """uint8 NHWC -> float NCHW in [0, 1]."""
     return x_uint8_nhwc.permute(0, 3, 1, 2).to(dtype).div_(255.0)
 
-
-def standardize(x: torch.Tensor) -> torch.Tensor:
-    """[0, 1] NCHW -> ImageNet-normalised NCHW (what timm's pretrained backbones expect)."""
-    mean = torch.tensor(MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - mean) / std

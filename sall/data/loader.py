@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from sall.data.augment import augment_batch, standardize, to_float
+from sall.data.augment import augment_batch, to_float
 
 
 _END = object()
@@ -21,7 +21,8 @@ PREFETCH = True  # benchmarks switch it off to measure what the background threa
 
 
 class Batches:
-    """Iterate (x, positions) over `rows` of `images`; positions index into `rows`."""
+    """Iterate (x, positions) over `rows` of `images`; x is float NCHW in [0, 1] (the model
+    standardises it for its weights); positions index into `rows`."""
 
     def __init__(self, images: np.ndarray, rows: np.ndarray, batch_size: int, *, shuffle: bool,
                  augment: bool, device: torch.device, seed: int = 0, channels_last: bool = False,
@@ -94,9 +95,8 @@ class Batches:
                 x = x.pin_memory()
             x = x.to(self.device, non_blocking=True)
             x = to_float(x)
-            if self.augment:  # before standardising, so that padding is black like the fundus border
+            if self.augment:  # in [0, 1] (the model standardises), so padding is black like the fundus border
                 x = augment_batch(x, self.generator)
-            x = standardize(x)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, pos

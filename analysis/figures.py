@@ -415,26 +415,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def draw(uri: str, sets: list[cm.Setting], sweep: str | None, out: Path, cache: Path,
+         temperature: float | None = None) -> tuple[list[Path], cm.Setting | None, cm.Setting | None]:
+    """The sweep's own figure, then the confusion and reliability figures of the baseline beside the
+    best (or --temperature) setting: everything but Grad-CAM, which needs the students and images.
+    Returns (written PNGs, baseline, SALL setting). Shared with sweeps/review.py."""
+    tasks = _tasks(sets)
+    sweep_fig = {"temperature": fig_temperature, "data_ratio": fig_ratio}.get(sweep or "", fig_settings)
+    written: list[Path | None] = [sweep_fig(sets, out)]
+    base, best = pick(sets, temperature)
+    pair = [(n, s) for n, s in (("baseline", base), ("SALL", best)) if s is not None]
+    if pair:
+        both = [t for t in tasks if all(t in s.first.tasks for _, s in pair)]
+        written.append(fig_confusion(uri, pair, both, out, cache))
+        written.append(fig_reliability(uri, pair, both, out, cache))
+    return [p for p in written if p is not None], base, best
+
+
 def run(args: argparse.Namespace) -> int:
     uri = cm.open_store(args.mlflow_uri)
     exp_id, sets, sweep = cm.load_sweep(uri, args.experiment, args.parent)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    written: list[Path | None] = []
-    tasks = _tasks(sets)
-    if sweep == "temperature":
-        written.append(fig_temperature(sets, out))
-    elif sweep == "data_ratio":
-        written.append(fig_ratio(sets, out))
-    else:
-        written.append(fig_settings(sets, out))
-    base, best = pick(sets, args.temperature)
     with tempfile.TemporaryDirectory() as tmp:
-        pair = [(n, s) for n, s in (("baseline", base), ("SALL", best)) if s is not None]
-        if pair:
-            both = [t for t in tasks if all(t in s.first.tasks for _, s in pair)]
-            written.append(fig_confusion(uri, pair, both, out, Path(tmp)))
-            written.append(fig_reliability(uri, pair, both, out, Path(tmp)))
+        written, base, best = draw(uri, sets, sweep, out, Path(tmp), args.temperature)
         target = best or base
         if target is not None and args.gradcam_per_task > 0:
             try:
@@ -442,7 +446,6 @@ def run(args: argparse.Namespace) -> int:
                                            args.target_layer))
             except SallError as e:
                 cm.log(f"[figures] Grad-CAM skipped: {e}")
-    written = [p for p in written if p is not None]
     (out / "figures.json").write_text(json.dumps(
         {"experiment": args.experiment, "sweep": sweep, "baseline": base.label if base else None,
          "sall": best.label if best else None, "figures": [p.name for p in written]}, indent=2))

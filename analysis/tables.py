@@ -346,7 +346,7 @@ def gains(t: Table, uri: str, cache: Path, n_boot: int) -> None:
             bs = stats.paired_bootstrap(pairs, n_boot=n_boot) if pairs else stats.Bootstrap(
                 math.nan, math.nan, math.nan, 0, 0)
             t.gains.append(dict(setting=("★ " if r is best else "") + r.label, reference=r.ref.label,
-                                task=task, folds=ft, boot=bs, note=note))
+                                task=task, folds=ft, boot=bs, note=note, row=r))
     _pool_floors(t)
 
 
@@ -415,7 +415,7 @@ def verdict(ft: stats.FoldTest, floor: float) -> str:
     return f"{'gain' if ft.mean > 0 else 'loss'} beyond noise (floor {100 * floor:.1f})"
 
 
-def _floor_of(g: dict) -> float:
+def floor_of(g: dict) -> float:
     pooled = g.get("pooled")
     return pooled.floor if pooled is not None and not math.isnan(pooled.floor) else g["folds"].floor
 
@@ -425,7 +425,7 @@ def gain_rows(t: Table) -> list[list[str]]:
     for g in t.gains:
         ft, pooled = g["folds"], g.get("pooled")
         floors = f"{_pp(ft.floor)} / {_pp(pooled.floor if pooled else math.nan)}"
-        out.append([g["setting"], g["reference"], g["task"], ft.text(), floors, verdict(ft, _floor_of(g)),
+        out.append([g["setting"], g["reference"], g["task"], ft.text(), floors, verdict(ft, floor_of(g)),
                     g["boot"].text(), g["note"]])
     return out
 
@@ -441,7 +441,7 @@ def headline(t: Table) -> str:
     floors = ", ".join(f"{k.upper()} {_pp(t.floors[(ref.label, k)].floor)}" for k in tasks
                        if (ref.label, k) in t.floors)
     best = [g for g in t.gains if g["setting"].startswith("★ ")]
-    answer = "; ".join(f"{g['task'].upper()} {100 * g['folds'].mean:+.1f} pp ({verdict(g['folds'], _floor_of(g))})"
+    answer = "; ".join(f"{g['task'].upper()} {100 * g['folds'].mean:+.1f} pp ({verdict(g['folds'], floor_of(g))})"
                        for g in best)
     name = best[0]["setting"][2:] if best else "?"
     return (f"**Noise.** {ref.label} sd over folds, pp: {sds}. Smallest difference this run can detect "
@@ -495,17 +495,22 @@ NOISE_NOTE = ("Over folds: the sd of the per-fold means (over seeds), which hold
 def markdown(tables: list[Table], experiment: str) -> str:
     out = [f"# {experiment}", ""]
     for t in tables:
-        out += [f"## {t.title}", "", _md(headers(t), display_rows(t)), ""]
-        out += [f"_{n}_" for n in t.notes] + [""]
-        summary = headline(t)
-        if summary:
-            out += [summary, ""]
-        if any(c.metric.endswith("/acc") for c in t.columns):
-            out += [f"### Noise ({t.id})", "", _md(*noise_rows(t)), "", f"_{NOISE_NOTE}_", ""]
-        if t.gains:
-            out += [f"### Is the gain real? ({t.id})", "", _md(GAIN_HEADERS, gain_rows(t)), "",
-                    f"_{gain_note(t)}_", ""]
+        out += [block + "\n" for block in sections(t)]
     return "\n".join(out)
+
+
+def sections(t: Table) -> list[str]:
+    """One table's Markdown as blocks, most important first (the table, its headline, the noise,
+    the gains), so a reader with less room (the sweep run's description) can keep a prefix."""
+    out = [f"## {t.title}\n\n{_md(headers(t), display_rows(t))}\n\n" + "\n".join(f"_{n}_" for n in t.notes)]
+    summary = headline(t)
+    if summary:
+        out.append(summary)
+    if any(c.metric.endswith("/acc") for c in t.columns):
+        out.append(f"### Noise ({t.id})\n\n{_md(*noise_rows(t))}\n\n_{NOISE_NOTE}_")
+    if t.gains:
+        out.append(f"### Is the gain real? ({t.id})\n\n{_md(GAIN_HEADERS, gain_rows(t))}\n\n_{gain_note(t)}_")
+    return out
 
 
 def _md(head: list[str], rows: list[list[str]]) -> str:
@@ -568,7 +573,7 @@ def write_gain_csv(t: Table, path: Path) -> None:
             w.writerow([g["setting"], g["reference"], g["task"],
                         " ".join(f"{100 * d:.3f}" for d in ft.diffs.values()), _num(100 * ft.mean),
                         _num(ft.p), ft.test, ft.n, _num(100 * ft.sd), _num(100 * ft.floor),
-                        _num(100 * pooled.floor if pooled else math.nan), verdict(ft, _floor_of(g)),
+                        _num(100 * pooled.floor if pooled else math.nan), verdict(ft, floor_of(g)),
                         _num(100 * bs.diff), _num(100 * bs.lo), _num(100 * bs.hi), bs.n_images, g["note"]])
 
 
@@ -604,26 +609,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    uri = cm.open_store(args.mlflow_uri)
-    exp_id, sets, sweep = cm.load_sweep(uri, args.experiment, args.parent, cm.parse_folds(args.folds))
-    if args.table:
-        ids = [x.strip().upper() for x in args.table.split(",") if x.strip()]
-    elif sweep in SWEEP_TABLES:
-        ids = SWEEP_TABLES[sweep]
-    else:
-        raise SallError(f"experiment '{args.experiment}' is of sweep '{sweep}', which has no paper table; "
-                        f"pass --table among {', '.join(TABLES)}")
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+def table_ids(sweep: str | None, experiment: str, chosen: str | None = None) -> list[str]:
+    """The paper tables to print: --table, else the ones of the experiment's sweep."""
+    if chosen:
+        return [x.strip().upper() for x in chosen.split(",") if x.strip()]
+    if sweep in SWEEP_TABLES:
+        return SWEEP_TABLES[sweep]
+    raise SallError(f"experiment '{experiment}' is of sweep '{sweep}', which has no paper table; "
+                    f"pass --table among {', '.join(TABLES)}")
+
+
+def analyse(uri: str, sets: list[cm.Setting], ids: list[str], metrics: list[str], n_boot: int) -> list[Table]:
+    """The tables with their gain tests: what this script prints, and what a finished sweep puts
+    on its own run (sweeps/review.py), so both read the same numbers."""
     tables: list[Table] = []
     with tempfile.TemporaryDirectory() as tmp:
         for tid in ids:
             for t in build(tid, sets, metrics):
-                gains(t, uri, Path(tmp), args.bootstrap)
+                gains(t, uri, Path(tmp), n_boot)
                 tables.append(t)
-    md = markdown(tables, args.experiment)
-    print(md)
-    out = Path(args.out or Path("analysis_out") / args.experiment)
+    return tables
+
+
+def write_outputs(tables: list[Table], experiment: str, out: Path) -> str:
+    """tables.md, tables.tex and a CSV per table (and per gain table) in `out`; returns the Markdown."""
+    md = markdown(tables, experiment)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tables.md").write_text(md)
     (out / "tables.tex").write_text(latex(tables))
@@ -631,6 +641,17 @@ def run(args: argparse.Namespace) -> int:
         write_csv(t, out / f"table_{t.id}.csv")
         if t.gains:
             write_gain_csv(t, out / f"gain_{t.id}.csv")
+    return md
+
+
+def run(args: argparse.Namespace) -> int:
+    uri = cm.open_store(args.mlflow_uri)
+    exp_id, sets, sweep = cm.load_sweep(uri, args.experiment, args.parent, cm.parse_folds(args.folds))
+    ids = table_ids(sweep, args.experiment, args.table)
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    tables = analyse(uri, sets, ids, metrics, args.bootstrap)
+    out = Path(args.out or Path("analysis_out") / args.experiment)
+    print(write_outputs(tables, args.experiment, out))
     cm.log(f"[analysis] wrote {out}/tables.md, tables.tex and "
            f"{', '.join('table_' + t.id + '.csv' for t in tables)}")
     cm.log(f"[analysis] the runs: {cm.tr.review_hint(uri, exp_id)}")

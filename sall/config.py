@@ -43,7 +43,8 @@ SWEEP_SEEDS: dict[str, tuple[int, ...]] = {"cpu": (0,), "paper": (0,)}
 SMOKE: dict[str, Any] = dict(image_size=32, teacher_epochs=2, student_epochs=2, synthetic_n=90)
 
 # Fields that are not part of the experiment: they change how fast, not what is computed.
-RUNTIME_FIELDS = ("device", "threads", "amp", "channels_last", "compile", "profile", "debug_fail")
+RUNTIME_FIELDS = ("device", "threads", "amp", "channels_last", "compile", "profile", "debug_fail",
+                  "validate_every_epoch")
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,9 @@ class TrialConfig:
     compile: bool = False
     profile: bool = False
     debug_fail: str = field(default="", metadata={"help": "tests only: make a stage raise"})
+    # measure validation after every epoch even when it chooses nothing (checkpoint=last): what a
+    # search reports to its early-stopping scheduler; it does not change the weights, so it is not hashed
+    validate_every_epoch: bool = False
 
     # ---- derived -------------------------------------------------------------------------
     @property

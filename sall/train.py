@@ -167,7 +167,7 @@ def fit(model: torch.nn.Module, images: np.ndarray, train: TrainSet,
         metrics: dict[str, float] = {f"train/{t}/loss": sums[t] / max(nb, 1) for t in heads}
         accs = []
         # with checkpoint=last the validation split chooses nothing: measure it once, at the end
-        validate = cfg.checkpoint != "last" or epoch == epochs
+        validate = cfg.checkpoint != "last" or epoch == epochs or cfg.validate_every_epoch
         for t, (rows, labels) in val.items() if validate else ():
             z = predict(model, images, rows, rt)[t]
             acc = float((z.argmax(1) == labels).mean()) if len(labels) else 0.0

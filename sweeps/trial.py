@@ -8,10 +8,11 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sall.config import config_from_dict
+from sall.config import TrialConfig, config_from_dict
 from sall.store import ArtifactStore
 from sweeps import tracking as tr
 from sweeps.tracking import retry
@@ -103,6 +104,58 @@ def _log_artifacts(uri: str, run_id: str, res, label: str) -> None:
     retry(c.log_artifact, run_id, res.student_path, "model")
 
 
+def open_run(sw: dict[str, Any], cfg: TrialConfig, label: str, existing: Any = None,
+             tags: dict[str, str] | None = None) -> str:
+    """The trial's MLflow run: `existing` reopened (a retry, or a rerun after a crash, logs into the
+    same run and counts the attempt), else a new child of the sweep run with the trial's tags,
+    `tags` added (the search's candidates are trials of another stage)."""
+    uri, exp_id, parent_id = sw["mlflow_uri"], sw["experiment_id"], sw["parent_run_id"]
+    c = tr.client(uri)
+    if existing is not None:
+        run_id = existing.info.run_id
+        retry(c.update_run, run_id, status="RUNNING")
+        attempts = int(existing.data.tags.get("sall.attempts", "1")) + 1
+        retry(c.set_tag, run_id, "sall.attempts", str(attempts))
+    else:
+        tags = {tr.TAG_STAGE: "student", tr.TAG_SWEEP: sw["sweep"], tr.TAG_FOLD: str(cfg.fold),
+                tr.TAG_SEED: str(cfg.seed), tr.TAG_TRIAL_KEY: cfg.trial_key(), tr.TAG_CONFIG_KEY: cfg.key(),
+                tr.TAG_LABEL: label, tr.TAG_PARENT: parent_id, "sall.node": _node(),
+                "sall.host": socket.gethostname(), **(tags or {})}
+        run = retry(c.create_run, exp_id, run_name=f"{label} {replicate_name(cfg.fold, cfg.seed)}", tags=tags)
+        run_id = run.info.run_id
+        retry(c.set_tag, run_id, "sall.attempts", "1")
+        tr.log_params(uri, run_id, cfg.params())
+    retry(c.set_tag, run_id, "sall.node", _node())
+    return run_id
+
+
+def teacher_hook(sw: dict[str, Any], cfg: TrialConfig, run_id: str) -> Callable[[Any], None]:
+    """The chain's `teacher_ready`: each teacher gets its run in the experiment, and the trial's
+    run points to it."""
+    uri, exp_id, parent_id = sw["mlflow_uri"], sw["experiment_id"], sw["parent_run_id"]
+    c = tr.client(uri)
+    store = ArtifactStore(sw["cache_dir"])
+
+    def teacher_ready(teacher) -> None:
+        rid = teacher_run(uri, exp_id, parent_id, sw["sweep"], store, teacher)
+        retry(c.set_tag, run_id, f"sall.teacher.{teacher.task}", rid)
+        retry(c.set_tag, run_id, f"{tr.TAG_TEACHER_KEY}.{teacher.task}", teacher.key)
+
+    return teacher_ready
+
+
+def fail_run(uri: str, run_id: str, e: BaseException) -> None:
+    """Mark a run FAILED with the error as a tag and the traceback as `error.txt` (call it from
+    the `except` block, where the traceback is current)."""
+    c = tr.client(uri)
+    retry(c.set_tag, run_id, "sall.error", f"{type(e).__name__}: {e}"[:5000])
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "error.txt"
+        p.write_text(traceback.format_exc())
+        retry(c.log_artifact, run_id, str(p))
+    tr.end_run(uri, run_id, "FAILED")
+
+
 def run_trial(config: dict[str, Any]) -> None:
     """Tune entry point. `config` holds the trial's TrialConfig (`cfg`), its label and the sweep's
     settings (`sweep`: tracking URI, experiment, parent run, cache dir, threads)."""
@@ -125,28 +178,9 @@ def run_trial(config: dict[str, Any]) -> None:
         metrics = {k: v for k, v in existing.data.metrics.items() if k.startswith("test/")}
         tune.report({**_tune_metrics(metrics), "mlflow_run_id": existing.info.run_id, "reused_run": 1})
         return
+    run_id = open_run(sw, cfg, config["label"], existing)
     c = tr.client(uri)
-    if existing is not None:  # a retry, or a rerun after a crash: log into the same run
-        run_id = existing.info.run_id
-        retry(c.update_run, run_id, status="RUNNING")
-        attempts = int(existing.data.tags.get("sall.attempts", "1")) + 1
-        retry(c.set_tag, run_id, "sall.attempts", str(attempts))
-    else:
-        tags = {tr.TAG_STAGE: "student", tr.TAG_SWEEP: sw["sweep"], tr.TAG_FOLD: str(cfg.fold),
-                tr.TAG_SEED: str(cfg.seed), tr.TAG_TRIAL_KEY: cfg.trial_key(), tr.TAG_CONFIG_KEY: key, tr.TAG_LABEL: config["label"],
-                tr.TAG_PARENT: parent_id, "sall.node": _node(), "sall.host": socket.gethostname()}
-        run = retry(c.create_run, exp_id, run_name=f"{config['label']} {replicate_name(cfg.fold, cfg.seed)}",
-                    tags=tags)
-        run_id = run.info.run_id
-        retry(c.set_tag, run_id, "sall.attempts", "1")
-        tr.log_params(uri, run_id, cfg.params())
-    retry(c.set_tag, run_id, "sall.node", _node())
-    store = ArtifactStore(sw["cache_dir"])
-
-    def teacher_ready(teacher) -> None:
-        rid = teacher_run(uri, exp_id, parent_id, sw["sweep"], store, teacher)
-        retry(c.set_tag, run_id, f"sall.teacher.{teacher.task}", rid)
-        retry(c.set_tag, run_id, f"{tr.TAG_TEACHER_KEY}.{teacher.task}", teacher.key)
+    teacher_ready = teacher_hook(sw, cfg, run_id)
 
     logging_s = [0.0]  # time spent talking to MLflow, for --profile
 
@@ -169,12 +203,7 @@ def run_trial(config: dict[str, Any]) -> None:
         retry(c.set_tag, run_id, "sall.teachers_trained",
               ",".join(t for t, d in res.teachers.items() if d["built"]) or "none")
     except BaseException as e:
-        retry(c.set_tag, run_id, "sall.error", f"{type(e).__name__}: {e}"[:5000])
-        with tempfile.TemporaryDirectory() as d:
-            p = Path(d) / "error.txt"
-            p.write_text(traceback.format_exc())
-            retry(c.log_artifact, run_id, str(p))
-        tr.end_run(uri, run_id, "FAILED")
+        fail_run(uri, run_id, e)
         raise
     tr.end_run(uri, run_id, "FINISHED")
     tune.report({**_tune_metrics(final), "mlflow_run_id": run_id, "reused_run": 0,

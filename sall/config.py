@@ -141,7 +141,7 @@ class TrialConfig:
 
     def params(self) -> dict[str, str]:
         """Flattened experiment config, as MLflow params."""
-        return {k: _param_str(v) for k, v in self.experiment_dict().items()}
+        return param_strings(self.experiment_dict())
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -248,6 +248,18 @@ def config_from_dict(d: dict[str, Any]) -> TrialConfig:
 def stable_hash(obj: Any) -> str:
     text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def param_strings(values: dict[str, Any]) -> dict[str, str]:
+    """Config fields as MLflow params, in one string form per field whatever the run kind (a
+    trial's and a teacher's `betas` both read "0.9,0.999"). An empty value is left out, as the UI
+    shows it as a blank; `sample_counts` reads "all" instead, since empty means every image."""
+    out = {}
+    for k, v in values.items():
+        text = _param_str(v) or ("all" if k == "sample_counts" else "")
+        if text:
+            out[k] = text
+    return out
 
 
 def _param_str(v: Any) -> str:

@@ -12,15 +12,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sall.config import TrialConfig, config_from_dict
+from sall.config import TrialConfig, config_from_dict, param_strings
 from sall.store import ArtifactStore
 from sweeps import tracking as tr
 from sweeps.tracking import retry
 
 
-def teacher_run(uri: str, experiment_id: str, parent_id: str, sweep: str, store: ArtifactStore, teacher) -> str:
+TEACHERS_RUN = "teachers"  # the child of a sweep run that holds its teacher runs
+
+
+def teacher_run(uri: str, experiment_id: str, parent_id: str, sweep: str, store: ArtifactStore, teacher,
+                cfg: TrialConfig) -> str:
     """The MLflow run of a teacher in this experiment: created once (under a lock in the shared
-    cache, so concurrent trials on any node agree), then pointed to by every trial that uses it."""
+    cache, so concurrent trials on any node agree), then pointed to by every trial that uses it.
+    It sits under the sweep's `teachers` run, so the sweep's run list shows its trials, and it
+    spans the teacher's training (the run is made afterwards; a made-up span of milliseconds
+    would read as broken beside the trials). Its params are `cfg`'s teacher fields in the same
+    string form as a trial's params."""
     with store.lock(f"mlflow-teacher-{experiment_id}-{teacher.key}"):
         runs = tr.find_runs(uri, experiment_id,
                             f"tags.`{tr.TAG_TEACHER_KEY}` = '{teacher.key}' and tags.`{tr.TAG_STAGE}` = 'teacher'")
@@ -28,20 +36,56 @@ def teacher_run(uri: str, experiment_id: str, parent_id: str, sweep: str, store:
             return runs[0].info.run_id
         c = tr.client(uri)
         info = teacher.info
-        fold, seed = int(info["fields"]["fold"]), int(info["fields"]["seed"])
-        run = retry(c.create_run, experiment_id, run_name=f"teacher {teacher.task} {replicate_name(fold, seed)}",
+        start_ms, end_ms = _teacher_span(teacher)
+        group = _teachers_run(uri, experiment_id, parent_id, sweep, store, start_ms)
+        run = retry(c.create_run, experiment_id, start_time=start_ms,
+                    run_name=f"teacher {teacher.task} {replicate_name(cfg.fold, cfg.seed)}",
                     tags={tr.TAG_STAGE: "teacher", tr.TAG_SWEEP: sweep, tr.TAG_TEACHER_KEY: teacher.key,
-                          tr.TAG_FOLD: str(fold), tr.TAG_SEED: str(seed), tr.TAG_PARENT: parent_id,
+                          tr.TAG_FOLD: str(cfg.fold), tr.TAG_SEED: str(cfg.seed), tr.TAG_PARENT: group,
                           "sall.task": teacher.task, "sall.trained_now": str(teacher.fetched.built)})
         rid = run.info.run_id
-        tr.log_params(uri, rid, info["fields"])
+        tr.log_params(uri, rid, param_strings(cfg.teacher_fields(teacher.task)))
         for h in info["history"]:
             tr.log_metrics(uri, rid, {k: v for k, v in h.items() if "/" in k}, step=int(h["epoch"]))
         tr.log_metrics(uri, rid, {f"test/{teacher.task}/{k}": v for k, v in info["test"].items()
                                   if isinstance(v, (int, float))})
         tr.log_metrics(uri, rid, {"best_epoch": info["best_epoch"], "train_seconds": info["seconds"]})
-        tr.end_run(uri, rid, "FINISHED")
+        retry(c.set_terminated, rid, "FINISHED", end_time=end_ms)
+        with store.lock(f"mlflow-teachers-{parent_id}"):  # one writer, so no later end is lost
+            _stretch_to(uri, group, end_ms)
         return rid
+
+
+def _teacher_span(teacher) -> tuple[int, int]:
+    """(start, end) of the teacher's training in ms since the epoch: it ended when its cache file
+    was written (a rename keeps that time), `seconds` (training and test) before. Holds for a
+    teacher trained now and for one a cluster node trained earlier."""
+    end = teacher.fetched.path.stat().st_mtime
+    return int(1000 * (end - float(teacher.info["seconds"]))), int(1000 * end)
+
+
+def _teachers_run(uri: str, experiment_id: str, parent_id: str, sweep: str, store: ArtifactStore,
+                  start_ms: int) -> str:
+    """The sweep run's one `teachers` child (made by the first teacher, whichever node trains it).
+    It starts with the sweep, or with an earlier teacher: a run's start cannot be moved later, and
+    a teacher that finishes second may have started first."""
+    with store.lock(f"mlflow-teachers-{parent_id}"):
+        found = tr.find_runs(uri, experiment_id, f"tags.`{tr.TAG_STAGE}` = '{TEACHERS_RUN}' and "
+                                                 f"tags.`{tr.TAG_PARENT}` = '{parent_id}'")
+        if found:
+            return found[0].info.run_id
+        c = tr.client(uri)
+        start_ms = min(start_ms, retry(c.get_run, parent_id).info.start_time or start_ms)
+        run = retry(c.create_run, experiment_id, start_time=start_ms, run_name=TEACHERS_RUN,
+                    tags={tr.TAG_STAGE: TEACHERS_RUN, tr.TAG_SWEEP: sweep, tr.TAG_PARENT: parent_id})
+        return run.info.run_id
+
+
+def _stretch_to(uri: str, run_id: str, end_ms: int) -> None:
+    """Finish the `teachers` run at its latest teacher's end, so its span covers them all."""
+    c = tr.client(uri)
+    old = retry(c.get_run, run_id).info.end_time or 0
+    retry(c.set_terminated, run_id, "FINISHED", end_time=max(old, end_ms))
 
 
 def replicate_name(fold: int, seed: int) -> str:
@@ -137,7 +181,7 @@ def teacher_hook(sw: dict[str, Any], cfg: TrialConfig, run_id: str) -> Callable[
     store = ArtifactStore(sw["cache_dir"])
 
     def teacher_ready(teacher) -> None:
-        rid = teacher_run(uri, exp_id, parent_id, sw["sweep"], store, teacher)
+        rid = teacher_run(uri, exp_id, parent_id, sw["sweep"], store, teacher, cfg)
         retry(c.set_tag, run_id, f"sall.teacher.{teacher.task}", rid)
         retry(c.set_tag, run_id, f"{tr.TAG_TEACHER_KEY}.{teacher.task}", teacher.key)
 

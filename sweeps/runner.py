@@ -453,9 +453,12 @@ def close_sweep(run: SweepRun, results: Any, t0: float) -> int:
     errors = [r for r in results if r.error is not None]
     ok = len(results) - len(errors)
     tr.end_run(run.uri, run.parent, "FINISHED" if not errors else "FAILED")
-    tr.log_metrics(run.uri, run.parent, {"trials_finished": ok, "trials_failed": len(errors),
-                                         "wall_seconds": time.time() - t0})
-    print(f"[sweep] {run.sweep}: {ok}/{len(results)} trials finished in {_fmt(time.time() - t0)}; "
+    wall = time.time() - t0
+    tr.log_metrics(run.uri, run.parent, {"trials_finished": ok, "trials_failed": len(errors), "wall_seconds": wall})
+    from sweeps.review import review_sweep  # the analysis on the sweep run; warns, never raises
+
+    review_sweep(run.uri, run.experiment_id, run.parent)
+    print(f"[sweep] {run.sweep}: {ok}/{len(results)} trials finished in {_fmt(wall)}; "
           f"review with: {tr.review_hint(run.uri, run.experiment_id)}", file=sys.stderr, flush=True)
     if errors:
         print(f"[sweep] {len(errors)} trial(s) failed:", file=sys.stderr)

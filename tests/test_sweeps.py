@@ -34,7 +34,7 @@ def test_each_sweep_completes_with_smoke(tmp_path, sweep, experiment, min_trials
 
 
 def test_temperature_smoke_logs_the_contract(tmp_path):
-    out = run(sweep_cmd("temperature", tmp_path), tmp_path)
+    out = run(sweep_cmd("temperature", tmp_path), tmp_path, seed=False)  # creates its MLflow store
     assert out.returncode == 0, out.stderr[-3000:]
     rs = runs(tmp_path, "sall-temperature")
     counts = by_stage(rs)

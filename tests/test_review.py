@@ -6,8 +6,6 @@ temperature sweep, run once for the module as a user would.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from sweep_helpers import run, runs, sweep_cmd

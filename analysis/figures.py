@@ -8,6 +8,9 @@ Writes the PNGs that apply to the experiment to DIR and logs them to its latest 
   fig_data_ratio.png     accuracy against the share of the reduced task, both directions
                                                                            (data_ratio sweep)
   fig_settings.png       accuracy per setting, mean +- std over folds      (other sweeps)
+  fig_search_trace.png   a temperature search's candidates: T against validation accuracy, those ASHA
+                         stopped marked, over the grid's curve on the same fold when the store holds
+                         both (search sweep, and the temperature sweep when a search exists)
   fig6_confusion.png     confusion matrices, baseline vs SALL, summed over folds
   fig7_reliability.png   reliability diagrams, baseline vs SALL, bins pooled over folds
   fig8_gradcam.png       Grad-CAM of test images through each head of the stored SALL student
@@ -24,6 +27,7 @@ import json
 import math
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -200,6 +204,99 @@ def fig_settings(sets: list[cm.Setting], out: Path) -> Path | None:
     ax.legend()
     fig.tight_layout()
     return _save(fig, out / "fig_settings.png")
+
+
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Candidate:
+    """One candidate of a temperature search (sweeps/search.py), as its run recorded it."""
+
+    temperature: float
+    score: float  # the search's objective at its final epoch (validation accuracy)
+    epoch: int
+    stopped: bool
+    fold: int
+    metric: str
+
+
+def search_candidates(uri: str, experiment: str) -> list[Candidate]:
+    """The booked candidates of the searches in `experiment`; none when it does not exist."""
+    exp = cm.tr.retry(cm.client(uri).get_experiment_by_name, experiment)
+    if exp is None:
+        return []
+    runs = cm.tr.find_runs(uri, exp.experiment_id, f"tags.`{cm.tr.TAG_STAGE}` = 'candidate'", max_results=50000)
+    return [Candidate(float(r.data.params["temperature"]), r.data.metrics["search/score"],
+                      int(r.data.tags.get("sall.final_epoch", "0")), r.data.tags.get("sall.stopped") == "1",
+                      int(r.data.tags.get(cm.tr.TAG_FOLD, "0")), r.data.tags.get("sall.search_metric", "mean"))
+            for r in runs if "search/score" in r.data.metrics and "temperature" in r.data.params]
+
+
+def grid_settings(uri: str, experiment: str) -> list[cm.Setting]:
+    """The settings of a grid experiment (e.g. sall-temperature); none when it does not exist."""
+    exp = cm.tr.retry(cm.client(uri).get_experiment_by_name, experiment)
+    return cm.settings(cm.student_runs(uri, exp.experiment_id)) if exp is not None else []
+
+
+def _grid_curve(sets: list[cm.Setting], fold: int, metric: str) -> tuple[list[float], list[float]]:
+    """(T, validation objective on `fold`) of the grid's SALL settings: the same number a candidate
+    reports at its last epoch (the kept weights are the last epoch's)."""
+    pts = []
+    for s in sets:
+        run = next((r for (f, _), r in s.finished.items() if f == fold), None)
+        if run is None or not (s.first.sa and s.first.mt):
+            continue
+        names = [f"val_best/{t}/acc" for t in (s.first.tasks if metric == "mean" else (metric,))]
+        if all(n in run.metrics for n in names):
+            pts.append((s.first.temperature, sum(run.metrics[n] for n in names) / len(names)))
+    pts.sort()
+    return [t for t, _ in pts], [v for _, v in pts]
+
+
+def fig_search(cands: list[Candidate], grid: list[cm.Setting], confirmed: list[float], out: Path) -> Path | None:
+    """The search trace: each candidate's T against the validation accuracy it reached (crosses:
+    stopped early by ASHA, with the epoch), over the grid's curve on the same fold when the store
+    holds one; dotted lines at the temperatures confirmed on every fold."""
+    if not cands:
+        return None
+    fold, metric = cands[0].fold, cands[0].metric
+    fig = _figure(figsize=(7.5, 4.6))
+    ax = fig.subplots()
+    gx, gy = _grid_curve(grid, fold, metric)
+    if gx:
+        ax.plot(gx, [100 * v for v in gy], "-o", color="gray", lw=1.2, ms=4, label=f"grid, fold {fold} (all epochs)")
+    done = [c for c in cands if not c.stopped]
+    stopped = [c for c in cands if c.stopped]
+    ax.scatter([c.temperature for c in done], [100 * c.score for c in done], s=40, color="#1f77b4", zorder=3,
+               label=f"candidate, all {max((c.epoch for c in done), default=0)} epochs")
+    ax.scatter([c.temperature for c in stopped], [100 * c.score for c in stopped], s=40, marker="x",
+               color="#d62728", zorder=3, label="candidate stopped early (at epoch n)")
+    for c in stopped:
+        ax.annotate(f"{c.epoch}", (c.temperature, 100 * c.score), textcoords="offset points", xytext=(4, 4),
+                    fontsize=7, color="#d62728")
+    for i, t in enumerate(sorted(confirmed)):
+        ax.axvline(t, color="#2ca02c", ls=":", lw=1.2, label="confirmed on every fold" if i == 0 else None)
+    ax.set_xscale("log")
+    ax.set_xlabel("temperature T (log scale)")
+    what = "mean over tasks" if metric == "mean" else metric.upper()
+    ax.set_ylabel(f"validation accuracy, {what} (%)")
+    ax.set_title(f"Temperature search on fold {fold}: {len(cands)} candidates, {len(stopped)} stopped early")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return _save(fig, out / "fig_search_trace.png")
+
+
+def search_trace(uri: str, args: argparse.Namespace, sets: list[cm.Setting], sweep: str | None,
+                 out: Path) -> Path | None:
+    """The trace for a search experiment (over the --grid-experiment's curve) or for a grid
+    experiment (with the --search-experiment's candidates), when the store holds a search."""
+    if sweep == "search":
+        confirmed = sorted({s.first.temperature for s in sets if s.first.sa and s.first.mt})
+        return fig_search(search_candidates(uri, args.experiment), grid_settings(uri, args.grid_experiment),
+                          confirmed, out)
+    if sweep == "temperature":
+        return fig_search(search_candidates(uri, args.search_experiment), sets, [], out)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,6 +509,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-layer", default=None,
                    help="Grad-CAM layer, e.g. backbone.layer4 (default: the deepest stage with a >= 4x4 map)")
     p.add_argument("--no-log", action="store_true", help="do not log the figures to the parent run")
+    p.add_argument("--grid-experiment", default="sall-temperature",
+                   help="for a search: the grid whose validation curve its trace is drawn over, if in the store")
+    p.add_argument("--search-experiment", default="sall-search",
+                   help="for the temperature grid: the search whose trace is drawn over it, if in the store")
     return p
 
 
@@ -421,7 +522,8 @@ def draw(uri: str, sets: list[cm.Setting], sweep: str | None, out: Path, cache: 
     best (or --temperature) setting: everything but Grad-CAM, which needs the students and images.
     Returns (written PNGs, baseline, SALL setting). Shared with sweeps/review.py."""
     tasks = _tasks(sets)
-    sweep_fig = {"temperature": fig_temperature, "data_ratio": fig_ratio}.get(sweep or "", fig_settings)
+    sweep_fig = {"temperature": fig_temperature, "search": fig_temperature,
+                 "data_ratio": fig_ratio}.get(sweep or "", fig_settings)
     written: list[Path | None] = [sweep_fig(sets, out)]
     base, best = pick(sets, temperature)
     pair = [(n, s) for n, s in (("baseline", base), ("SALL", best)) if s is not None]
@@ -439,6 +541,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         written, base, best = draw(uri, sets, sweep, out, Path(tmp), args.temperature)
+        written += [p for p in [search_trace(uri, args, sets, sweep, out)] if p is not None]
         target = best or base
         if target is not None and args.gradcam_per_task > 0:
             try:

@@ -35,7 +35,7 @@ from analysis import common as cm  # noqa: E402
 from analysis import stats  # noqa: E402
 from sall.errors import SallError  # noqa: E402
 
-SWEEP_TABLES = {"ablation": ["III"], "temperature": ["IV", "V"], "data_ratio": ["VI"],
+SWEEP_TABLES = {"ablation": ["III"], "temperature": ["IV", "V"], "search": ["IV", "V"], "data_ratio": ["VI"],
                 "task_count": ["VIII"], "sample_caps": ["IX"]}
 TABLES = ("III", "IV", "V", "VI", "VIII", "IX")
 TASK_ORDER = ("dr", "amd", "arter")

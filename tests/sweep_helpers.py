@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,3 +69,26 @@ def runs(workdir: Path, experiment: str) -> list:
 
 def by_stage(all_runs: list) -> Counter:
     return Counter((r.data.tags.get("sall.stage"), r.info.status) for r in all_runs)
+
+
+def kill_when(cmd: list[str], cwd: Path, ready: Callable[[], bool], timeout: float = 240) -> None:
+    """Start a sweep, wait until `ready()` (polled every second), then SIGKILL its driver only,
+    as a crash would. Fails the test if the sweep ends first or `ready` never holds."""
+    import pytest
+
+    seed_store(cmd)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env, start_new_session=True)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline:
+            if ready():
+                break
+            assert proc.poll() is None, "the sweep ended before it could be killed"
+            time.sleep(1)
+        else:
+            pytest.fail("the sweep did not get far enough in time")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()

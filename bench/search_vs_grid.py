@@ -1,0 +1,139 @@
+"""The temperature search against the paper's grid, on the same data, in one run (issue 16).
+
+Runs `sweeps/temperature.py` (the grid) and `sweeps/search.py` (Optuna + ASHA on one fold, the
+top candidates confirmed on every fold) with the same flags, each with its own cache dir (both
+train their teachers and render their images: neither gets the other's for free), one MLflow
+store. Prints, search over grid:
+  - student-epochs spent (teachers are the same for both and not counted; the baseline reuses them);
+  - wall time;
+  - the 3-fold test accuracy of the T the search answers (chosen on validation) against the grid's
+    best setting (chosen on test, as the paper's table does), per task, with the pooled noise floor
+    analysis/tables.py reports for the grid (the smallest difference against the baseline it can
+    detect at 95 %).
+The issue's goal: the grid's answer for at most 40 % of its student-epochs.
+
+    python bench/search_vs_grid.py [--workdir DIR] [--json] [--smoke] [-- FLAGS for both sweeps]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from analysis import common as cm  # noqa: E402
+from analysis import tables as tb  # noqa: E402
+from sweeps import search as se  # noqa: E402
+from sweeps import tracking as tr  # noqa: E402
+
+GRID, SEARCH = "bench-grid", "bench-search"
+
+
+def sweep(script: str, experiment: str, workdir: Path, flags: list[str]) -> float:
+    """Run one sweep script to the end; its wall time in seconds (exits on failure)."""
+    cmd = [sys.executable, str(ROOT / "sweeps" / f"{script}.py"), "--experiment", experiment,
+           "--mlflow-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--storage-path", str(workdir / "ray"),
+           "--cache-dir", str(workdir / f"cache-{script}"), *flags]
+    print(f"[bench] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    t0 = time.time()
+    out = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if out.returncode != 0:
+        sys.exit(f"[bench] {script} failed:\n{out.stderr[-3000:]}")
+    return time.time() - t0
+
+
+def student_epochs(uri: str, experiment: str) -> int:
+    """Epochs of student training the experiment's runs spent: candidates to their final epoch,
+    trials to the end (a baseline that reuses its teachers trains none)."""
+    total = 0
+    for r in tr.find_runs(uri, tr.ensure_experiment(uri, experiment), f"tags.`{tr.TAG_STAGE}` != 'sweep'",
+                          max_results=50000):
+        stage, p = r.data.tags.get(tr.TAG_STAGE), r.data.params
+        if stage == se.STAGE:
+            total += int(r.data.tags.get(se.TAG_FINAL_EPOCH, "0"))
+        elif stage == "student" and p.get("sa_labels") == "True":
+            total += int(p["student_epochs"])
+    return total
+
+
+def table(uri: str, experiment: str) -> tb.Table:
+    """Table IV of an experiment with its paired tests and pooled floors (no image bootstrap)."""
+    _, sets, _ = cm.load_sweep(uri, experiment)
+    t = tb.build("IV", sets, ["acc"])[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        tb.gains(t, uri, Path(tmp), 0)
+    return t
+
+
+def test_acc(t: tb.Table, temperature: float) -> tuple[str, dict[str, float]]:
+    """(label, task -> mean test accuracy over folds) of the SALL row at `temperature`."""
+    row = next(r for r in t.rows if r.setting and r.setting.first.sa and r.setting.first.mt
+               and abs(r.setting.first.temperature - temperature) < 1e-9)
+    return row.label, {task: row.setting.mean(f"test/{task}/acc") for task in row.setting.first.tasks}
+
+
+def compare(uri: str, metric: str) -> dict[str, Any]:
+    """The search's answer against the grid's best, per task, against the grid's noise floor."""
+    grid_t, search_t = table(uri, GRID), table(uri, SEARCH)
+    best = tb._best(grid_t)
+    found = se.answer(uri, tr.ensure_experiment(uri, SEARCH), sorted(
+        {r.setting.first.temperature for r in search_t.rows if r.setting and r.setting.first.sa}), metric)
+    if best is None or found is None:
+        sys.exit("[bench] no finished SALL setting to compare")
+    grid_label, grid_acc = test_acc(grid_t, best.setting.first.temperature)
+    search_label, search_acc = test_acc(search_t, found[0])
+    tasks = {}
+    for task, g in grid_acc.items():
+        floor = grid_t.floors.get((next(r.label for r in grid_t.rows if r.reference), task))
+        f = floor.floor if floor is not None else math.nan
+        d = search_acc[task] - g
+        tasks[task] = dict(search=search_acc[task], grid=g, diff=d, floor=f,
+                           verdict="undetermined" if math.isnan(f) else "within noise" if abs(d) <= f
+                           else "beyond noise")
+    return dict(search_answer=search_label, grid_best=grid_label, tasks=tasks)
+
+
+def report(out: dict[str, Any]) -> None:
+    print(f"student-epochs  search {out['search_epochs']:>6}   grid {out['grid_epochs']:>6}   "
+          f"ratio {out['epoch_ratio']:.2f} (goal <= 0.40)")
+    print(f"wall time       search {out['search_s']:>6.0f}s  grid {out['grid_s']:>6.0f}s  ratio {out['wall_ratio']:.2f}")
+    print(f"answer          search {out['search_answer']} (validation)   grid best {out['grid_best']} (test)")
+    for task, v in out["tasks"].items():
+        print(f"  {task.upper():<5} test acc over folds: search {100 * v['search']:.1f}   grid {100 * v['grid']:.1f}   "
+              f"Δ {100 * v['diff']:+.1f} pp, floor {100 * v['floor']:.1f} pp: {v['verdict']}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default=None, help="keep the store, caches and Tune state here (default: temporary)")
+    p.add_argument("--smoke", action="store_true", help="both sweeps with --smoke: checks the script, measures nothing")
+    p.add_argument("--metric", default="mean", help="the search's --metric")
+    p.add_argument("--json", action="store_true", help="also print one JSON object as the last line")
+    p.add_argument("flags", nargs="*", help="after --: flags for both sweeps (e.g. --folds 0,1,2)")
+    args = p.parse_args()
+    flags = args.flags + (["--smoke"] if args.smoke else [])
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(args.workdir or tmp)
+        d.mkdir(parents=True, exist_ok=True)
+        grid_s = sweep("temperature", GRID, d, flags)
+        search_s = sweep("search", SEARCH, d, flags + ["--metric", args.metric])
+        uri = tr.resolve_uri(f"sqlite:///{d / 'mlflow.db'}")
+        ge, sp = student_epochs(uri, GRID), student_epochs(uri, SEARCH)
+        out = dict(search_epochs=sp, grid_epochs=ge, epoch_ratio=sp / ge, search_s=search_s, grid_s=grid_s,
+                   wall_ratio=search_s / grid_s, **compare(uri, args.metric))
+    report(out)
+    if args.json:
+        print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
 from collections import Counter
 
 import pytest
 
-from sweep_helpers import ROOT, by_stage, run, runs, sweep_cmd
+from sweep_helpers import ROOT, by_stage, kill_when, run, runs, sweep_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -77,23 +76,12 @@ def test_two_trials_needing_one_teacher_train_it_once(tmp_path):
 
 def test_sigkill_of_the_driver_then_rerun_finishes_every_trial_once(tmp_path):
     cmd = sweep_cmd("temperature", tmp_path, "--folds", "0,1", "--max-concurrent-trials", "1")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=env, start_new_session=True)
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline:
-            done = [r for r in runs(tmp_path, "sall-temperature")
-                    if r.data.tags.get("sall.stage") == "student" and r.info.status == "FINISHED"]
-            if len(done) >= 2:
-                break
-            assert proc.poll() is None, "the sweep ended before it could be killed"
-            time.sleep(1)
-        else:
-            pytest.fail("no trial finished in time")
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)  # the driver only, as a crash would
-        proc.wait()
+
+    def two_finished() -> bool:
+        return len([r for r in runs(tmp_path, "sall-temperature")
+                    if r.data.tags.get("sall.stage") == "student" and r.info.status == "FINISHED"]) >= 2
+
+    kill_when(cmd, tmp_path, two_finished)
     finished_before = {r.info.run_id: r.info.end_time for r in runs(tmp_path, "sall-temperature")
                        if r.data.tags.get("sall.stage") == "student" and r.info.status == "FINISHED"}
     time.sleep(2)

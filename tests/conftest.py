@@ -127,3 +127,17 @@ def odir_root(tmp_path) -> Path:
             })
     pd.DataFrame(rows, columns=ODIR_COLUMNS).to_csv(root / "full_df.csv", index=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def temperature_smoke(tmp_path_factory):
+    """(folder, completed process) of one `python sweeps/temperature.py --smoke` run as a user
+    runs it, into an MLflow store it creates itself. Several slow tests inspect it (the MLflow
+    contract, the answer on the sweep run, teacher runs, progress lines); none of them changes
+    its trials, so they share it instead of paying a sweep each."""
+    from sweep_helpers import run, sweep_cmd
+
+    d = tmp_path_factory.mktemp("temperature_smoke")
+    out = run(sweep_cmd("temperature", d), d, seed=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return d, out

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from sweep_helpers import run, runs, sweep_cmd
+from sweep_helpers import runs
 from test_analysis import EXP, _hand_store
 
 from analysis import common as cm
@@ -99,10 +99,8 @@ def test_a_sweep_without_a_paper_table_or_a_trial_gets_no_review(gain_store, cap
 # ---------------------------------------------------------------------------------------------
 # slow: one smoke sweep, as a user runs it
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    d = tmp_path_factory.mktemp("review")
-    out = run(sweep_cmd("temperature", d), d)
-    assert out.returncode == 0, out.stderr[-3000:]
+def smoke(temperature_smoke):
+    d, out = temperature_smoke  # shared with tests/test_sweeps.py
     rs = runs(d, "sall-temperature")
     return out, rs, {r.info.run_id: r for r in rs}
 

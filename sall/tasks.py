@@ -22,6 +22,3 @@ TASKS: dict[str, TaskSpec] = {
 
 ALL_TASKS: tuple[str, ...] = tuple(TASKS)
 
-
-def num_classes(task: str) -> int:
-    return TASKS[task].num_classes

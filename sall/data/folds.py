@@ -19,7 +19,6 @@ from sklearn.model_selection import StratifiedGroupKFold
 from sall.config import N_FOLDS
 from sall.errors import ConfigError
 
-SPLITS = ("train", "val", "test")
 SPLIT_SEED = 0  # the data split is fixed; the trial seed varies the model, not the folds
 # Bump when the split rule changes: teachers are keyed by it, so none trained on an older split
 # is reused. 2: patients grouped across tasks (was task:patient).

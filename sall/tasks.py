@@ -21,4 +21,3 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 ALL_TASKS: tuple[str, ...] = tuple(TASKS)
-

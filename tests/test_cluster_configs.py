@@ -102,6 +102,27 @@ def test_aws_setup_installs_project_and_mounts_shared_storage(aws):
     assert made and all(p.startswith(target.rstrip("/") + "/") for p in made), made
 
 
+def _click_options(command) -> set[str]:
+    return {o for p in command.params for o in p.opts}
+
+
+def test_aws_commands_use_only_flags_the_installed_tools_accept(aws):
+    """Every `mlflow server` and `ray start` in the launcher config passes only options that the
+    installed MLflow and Ray define (read from their click commands, not from a list here), so a
+    renamed or misspelt flag fails here rather than on a head node booting in the cloud."""
+    from mlflow.cli import server
+    from ray.scripts.scripts import start
+
+    lines = [ln for k in ("head_setup_commands", "head_start_ray_commands", "worker_start_ray_commands")
+             for c in aws[k] for ln in c.splitlines()]
+    mlflow_lines = [ln.split("mlflow server", 1)[1] for ln in lines if "mlflow server" in ln]
+    ray_lines = [ln.split("ray start", 1)[1] for ln in lines if "ray start" in ln]
+    assert mlflow_lines and len(ray_lines) == 2  # the head's and the workers'
+    for tail, known in [(t, _click_options(server)) for t in mlflow_lines] + [(t, _click_options(start)) for t in ray_lines]:
+        unknown = set(_flags(tail)) - known
+        assert not unknown, (unknown, tail)
+
+
 def test_aws_head_runs_mlflow_with_s3_artifacts(aws):
     head_setup = "\n".join(aws["head_setup_commands"])
     exec_start = next(line for line in head_setup.splitlines() if "ExecStart=" in line)

@@ -36,8 +36,9 @@ def full_rows(n: int = 3) -> list[tuple[str, str, str]]:
     return rows
 
 
-def invoke(kind: str, args: list[str], cwd: Path, subprocess_: bool = False) -> subprocess.CompletedProcess:
-    """Run `python -m sall run` or `python sweeps/temperature.py` with `args`: in this process (the
+def invoke(kind: str, args: list[str], cwd: Path, subprocess_: bool = False,
+           sweep: str = "temperature") -> subprocess.CompletedProcess:
+    """Run `python -m sall run` or `python sweeps/<sweep>.py` with `args`: in this process (the
     same entry points, fast) or, with `subprocess_`, exactly as a user types it."""
     common = ["--cache-dir", str(cwd / "cache")] if "--cache-dir" not in args else []
     if kind == "run":
@@ -47,7 +48,7 @@ def invoke(kind: str, args: list[str], cwd: Path, subprocess_: bool = False) -> 
         argv = ["--storage-path", str(cwd / "ray"), *common, *args]
         if "--mlflow-uri" not in args:
             argv += ["--mlflow-uri", f"sqlite:///{cwd / 'mlflow.db'}"]
-        cmd = [sys.executable, str(ROOT / "sweeps" / "temperature.py"), *argv]
+        cmd = [sys.executable, str(ROOT / "sweeps" / f"{sweep}.py"), *argv]
     if subprocess_:
         return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120)
     import contextlib
@@ -61,9 +62,10 @@ def invoke(kind: str, args: list[str], cwd: Path, subprocess_: bool = False) -> 
 
                 code = main(argv)
             else:
-                import sweeps.temperature as t
+                import importlib
 
-                code = t.run_sweep("temperature", t.__doc__, t.grid, t.add_args, t.smoke, argv=argv)
+                t = importlib.import_module(f"sweeps.{sweep}")
+                code = t.run_sweep(sweep, t.__doc__, t.grid, t.add_args, getattr(t, "smoke", None), argv=argv)
         except SystemExit as e:  # argparse
             code = e.code
     return subprocess.CompletedProcess(cmd, code, "", err.getvalue())
@@ -143,10 +145,7 @@ def test_sweep_temperature_zero(tmp_path):
 
 
 def test_sample_count_larger_than_the_data(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "sweeps" / "data_ratio.py"), "--smoke", "--fractions", "100000",
-                          "--cache-dir", str(tmp_path / "cache"), "--storage-path", str(tmp_path / "ray"),
-                          "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    out = invoke("sweep", ["--smoke", "--fractions", "100000"], tmp_path, sweep="data_ratio")
     assert_clear_failure(out, tmp_path, "sample count 100000", "exceeds")
 
 

@@ -265,7 +265,7 @@ def pick(rows: list[dict[str, Any]], top: int) -> list[float]:
     return list(dict.fromkeys(r["temperature"] for r in ranked))[:top]
 
 
-def make_bookkeeper(uri: str, epochs: int, total: int):
+def make_bookkeeper(uri: str, epochs: int, total: int) -> Any:
     """A Tune callback: books each candidate as it ends and prints a line for it. (Defined here so
     that ray.tune is imported only when a search runs.)"""
     from ray.tune import Callback
@@ -381,18 +381,19 @@ def print_plan(plan: Plan, args: argparse.Namespace, n_confirm: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check everything, then search and confirm (or, with --dry-run, print the plan)."""
     uri, base = rn.sweep_setup(args)
     plan = make_plan(args, base)
-    seed = rn.sweep_seeds(args)[0]
-    search_base = base.replace(fold=plan.fold, seed=seed, multitask=True, sa_labels=True,
+    search_base = base.replace(fold=plan.fold, seed=rn.sweep_seeds(args)[0], multitask=True, sa_labels=True,
                                validate_every_epoch=True)
+    searching = rn.Trial("T search", search_base)
     probe = confirm_trials(args, base, [plan.t_min])  # every fold and seed of the confirmation, checked now
+    cache_dir = rn.check_trials([searching, *probe], args)
     n_confirm = len(rn.parse_folds(args.folds)) * len(rn.sweep_seeds(args))
-    cache_dir = rn.check_trials([rn.Trial("T search", search_base)] + probe, args)
     if args.dry_run:
         print_plan(plan, args, n_confirm)
-        rn.dry_run([rn.Trial("T search", search_base)] + [rn.Trial(t.label.replace(f"T={plan.t_min:g}", "T=picked"),
-                                                                    t.cfg) for t in probe], cache_dir)
+        later = [rn.Trial(t.label.replace(f"T={plan.t_min:g}", "T=picked"), t.cfg) for t in probe]
+        rn.dry_run([searching, *later], cache_dir)
         return 0
     with rn.ray_session(args):
         rows, code = search(args, plan, search_base, uri, cache_dir)
@@ -400,16 +401,22 @@ def run(args: argparse.Namespace) -> int:
             return code or 1
         picked = pick(rows, plan.top)
         code = rn.tune_trials(SWEEP, args, confirm_trials(args, base, picked), uri, cache_dir)
+    summarise(uri, args, plan, rows, picked, n_confirm)
+    return code
+
+
+def summarise(uri: str, args: argparse.Namespace, plan: Plan, rows: list[dict[str, Any]], picked: list[float],
+              n_confirm: int) -> None:
+    """The answer (the confirmed T best on validation over folds) and what it cost, beside the grid."""
     best = answer(uri, tr.ensure_experiment(uri, args.experiment), picked, plan.metric)
     if best is not None:
-        print(f"[search] answer: T={best[0]:g} (validation '{plan.metric}' {best[1]:.3f}, mean over the confirmed "
-              f"folds); test accuracy: python analysis/tables.py --experiment {args.experiment}",
+        print(f"[search] answer: T={best[0]:g} (validation '{plan.metric}' {best[1]:.3f}, mean over the "
+              f"confirmed folds); test accuracy: python analysis/tables.py --experiment {args.experiment}",
               file=sys.stderr, flush=True)
     spent, confirm = sum(r["epoch"] for r in rows), len(picked) * n_confirm * plan.epochs
     grid = len(temperature.PAPER_TEMPERATURES.split(",")) * n_confirm * plan.epochs
-    print(f"[search] student-epochs: search {spent} + confirm {confirm} = {spent + confirm}; the paper's grid "
-          f"on these folds: {grid} ({(spent + confirm) / grid:.0%})", file=sys.stderr, flush=True)
-    return code
+    print(f"[search] student-epochs: search {spent} + confirm {confirm} = {spent + confirm}; the paper's "
+          f"grid on these folds: {grid} ({(spent + confirm) / grid:.0%})", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -79,7 +79,6 @@ class TaskImages:
             mine = self.row_tasks == task
             self.local[mine] = np.arange(int(mine.sum()))
         self.shape = (len(row_tasks), size, size, 3)
-        self.dtype = np.dtype(np.uint8)
 
     def __len__(self) -> int:
         return self.shape[0]

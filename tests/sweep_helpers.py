@@ -10,6 +10,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,12 +49,13 @@ def seed_store(cmd: list[str]) -> None:
         shutil.copyfile(_template_store(), uri[len("sqlite:///"):])
 
 
-def run(cmd: list[str], cwd: Path, timeout: int = 600, seed: bool = True) -> subprocess.CompletedProcess:
+def run(cmd: list[str], cwd: Path, timeout: int = 600, seed: bool = True,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run a command as a user would; a sweep's new MLflow store starts from the migrated template
-    unless `seed` is False."""
+    unless `seed` is False. `env`: the environment (default this process's), e.g. a cluster's."""
     if seed:
         seed_store(cmd)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(env or os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -71,13 +73,14 @@ def by_stage(all_runs: list) -> Counter:
     return Counter((r.data.tags.get("sall.stage"), r.info.status) for r in all_runs)
 
 
-def kill_when(cmd: list[str], cwd: Path, ready: Callable[[], bool], timeout: float = 240) -> None:
+def kill_when(cmd: list[str], cwd: Path, ready: Callable[[], bool], timeout: float = 240,
+              env: dict[str, str] | None = None) -> None:
     """Start a sweep, wait until `ready()` (polled every second), then SIGKILL its driver only,
     as a crash would. Fails the test if the sweep ends first or `ready` never holds."""
     import pytest
 
     seed_store(cmd)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(env or os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=env, start_new_session=True)
     deadline = time.time() + timeout
@@ -92,3 +95,21 @@ def kill_when(cmd: list[str], cwd: Path, ready: Callable[[], bool], timeout: flo
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+@dataclass(frozen=True)
+class SharedRay:
+    """A running single-node Ray that sweep commands join with `flags` in `env` (see the
+    `shared_ray` fixture)."""
+
+    env: dict[str, str]
+    flags: tuple[str, ...] = ("--address", "auto")
+
+    def run(self, cmd: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
+        return run([*cmd, *self.flags], cwd, env=self.env, **kw)
+
+    def kill_when(self, cmd: list[str], cwd: Path, ready: Callable[[], bool], **kw) -> list[str]:
+        """kill_when on this Ray; returns the command as run (with the address), for the rerun."""
+        cmd = [*cmd, *self.flags]
+        kill_when(cmd, cwd, ready, env=self.env, **kw)
+        return cmd

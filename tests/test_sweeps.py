@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from sweep_helpers import by_stage, kill_when, run, runs, sweep_cmd
+from sweep_helpers import by_stage, run, runs, sweep_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -19,8 +19,8 @@ pytestmark = pytest.mark.slow
     ("sample_caps", "sall-sample_caps", 4),
     ("task_count", "sall-task_count", 3),
 ])
-def test_each_sweep_completes_with_smoke(tmp_path, sweep, experiment, min_trials):
-    out = run(sweep_cmd(sweep, tmp_path, "--folds", "0"), tmp_path)
+def test_each_sweep_completes_with_smoke(tmp_path, shared_ray, sweep, experiment, min_trials):
+    out = shared_ray.run(sweep_cmd(sweep, tmp_path, "--folds", "0"), tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     rs = runs(tmp_path, experiment)
     students = [r for r in rs if r.data.tags.get("sall.stage") == "student"]
@@ -58,8 +58,8 @@ def test_temperature_smoke_logs_the_contract(temperature_smoke):
     assert by_stage(runs(tmp_path, "sall-temperature")) == counts
 
 
-def test_two_trials_needing_one_teacher_train_it_once(tmp_path):
-    out = run(sweep_cmd("temperature", tmp_path, "--folds", "0", "--temperatures", "3,8", "--no-baseline",
+def test_two_trials_needing_one_teacher_train_it_once(tmp_path, shared_ray):
+    out = shared_ray.run(sweep_cmd("temperature", tmp_path, "--folds", "0", "--temperatures", "3,8", "--no-baseline",
                         "--max-concurrent-trials", "2", "--teacher-epochs", "4"), tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     rs = runs(tmp_path, "sall-temperature")
@@ -73,18 +73,18 @@ def test_two_trials_needing_one_teacher_train_it_once(tmp_path):
     assert sum(r.data.tags["sall.stage"] == "teacher" for r in rs) == 2
 
 
-def test_sigkill_of_the_driver_then_rerun_finishes_every_trial_once(tmp_path):
+def test_sigkill_of_the_driver_then_rerun_finishes_every_trial_once(tmp_path, shared_ray):
     cmd = sweep_cmd("temperature", tmp_path, "--folds", "0,1", "--max-concurrent-trials", "1")
 
     def two_finished() -> bool:
         return len([r for r in runs(tmp_path, "sall-temperature")
                     if r.data.tags.get("sall.stage") == "student" and r.info.status == "FINISHED"]) >= 2
 
-    kill_when(cmd, tmp_path, two_finished)
+    cmd = shared_ray.kill_when(cmd, tmp_path, two_finished)  # the head outlives the driver, as on a cluster
     finished_before = {r.info.run_id: r.info.end_time for r in runs(tmp_path, "sall-temperature")
                        if r.data.tags.get("sall.stage") == "student" and r.info.status == "FINISHED"}
     time.sleep(2)
-    out = run(cmd, tmp_path)
+    out = run(cmd, tmp_path, env=shared_ray.env)
     assert out.returncode == 0, out.stderr[-3000:]
     rs = runs(tmp_path, "sall-temperature")
     students = [r for r in rs if r.data.tags["sall.stage"] == "student"]

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
 import re
+import types
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from sall.errors import ConfigError
 from sall.tasks import TASKS
@@ -142,8 +144,27 @@ class TrialConfig:
         return dict(self.sample_counts).get(task)
 
     def params(self) -> dict[str, str]:
-        """Flattened experiment config, as MLflow params."""
+        """Flattened experiment config, as MLflow params (`from_params` reads them back)."""
         return param_strings(self.experiment_dict())
+
+    @classmethod
+    def from_params(cls, params: dict[str, str]) -> TrialConfig:
+        """The config a run logged as `params()`: the inverse of it, each string parsed by the
+        type of its field, so a new field needs no code here. Runs logged by older code may lack
+        newer fields, and runtime fields are never logged: a missing param takes the field's
+        default (so does an empty one, which `params()` leaves out; no valid config has one). A param
+        that is no longer a field (one since removed) is ignored, so old stores stay readable. `params()` writes `sample_counts` with 6 significant digits; a count with
+        more comes back rounded to them (every count the sweeps make has fewer)."""
+        values = {}
+        for name, tp in _field_types().items():
+            text = params.get(name)
+            if text is None:
+                continue
+            try:
+                values[name] = _typed(tp, () if _EMPTY_PARAM.get(name) == text else text)
+            except ConfigError as e:
+                raise ConfigError(f"param {name}: {e}") from None
+        return cls(**values)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -238,18 +259,63 @@ def from_preset(preset: str = "cpu", smoke: bool = False, **overrides: Any) -> T
 
 
 def config_from_dict(d: dict[str, Any]) -> TrialConfig:
-    """Inverse of dataclasses.asdict (lists back to tuples)."""
-    d = dict(d)
-    d["tasks"] = tuple(d.get("tasks", ()))
-    d["sample_counts"] = tuple((str(k), float(v)) for k, v in d.get("sample_counts", ()))
-    if "betas" in d:
-        d["betas"] = tuple(d["betas"])
-    return TrialConfig(**d)
+    """Inverse of dataclasses.asdict, for configs that went through JSON or Tune (which turn
+    tuples into lists): the same per-field typing as `TrialConfig.from_params`. A missing key takes
+    the field's default; an unknown key is an error (TypeError), as it was."""
+    types_ = _field_types()
+    return TrialConfig(**{k: _typed(types_[k], v) if k in types_ else v for k, v in d.items()})
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    """Field name -> its resolved type (`str | None`, `tuple[str, ...]` ...)."""
+    return get_type_hints(TrialConfig)
+
+
+def _typed(tp: Any, value: Any, element: bool = False) -> Any:
+    """`value` as a field of type `tp`. A string is a param (`_param_str`'s form) and is parsed;
+    a list or tuple is rebuilt as a tuple of typed elements. Other top-level values are kept as
+    given (JSON and Tune keep scalar types, and `key()` hashes them as they are), while elements
+    of tuples are converted (`sample_counts` holds floats, whatever JSON made of them)."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):  # X | None
+        inner = next(a for a in args if a is not type(None))
+        return None if value is None or value == "None" else _typed(inner, value, element)
+    if origin is tuple:
+        items = _split(tp, value) if isinstance(value, str) else value
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_typed(args[0], x, True) for x in items)
+        if len(items) != len(args):
+            raise ConfigError(f"'{_param_str(value)}' has {len(items)} values; expected {len(args)}")
+        return tuple(_typed(a, x, True) for a, x in zip(args, items))
+    if tp is bool and isinstance(value, str):
+        if value not in ("True", "False"):
+            raise ConfigError(f"'{value}' is not a boolean; expected True or False")
+        return value == "True"
+    if isinstance(value, str) or element:
+        try:
+            return tp(value)
+        except ValueError:
+            raise ConfigError(f"'{value}' is not a valid {tp.__name__}") from None
+    return value
+
+
+def _split(tp: Any, text: str) -> list:
+    """The items of a tuple param, the inverse of `_param_str`: "dr,amd", or "amd=0.5,dr=100" for
+    a tuple of pairs."""
+    items = [x for x in text.split(",") if x] if text else []
+    if get_origin(get_args(tp)[0]) is tuple:
+        return [x.rsplit("=", 1) for x in items]
+    return items
 
 
 def stable_hash(obj: Any) -> str:
     text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+# What an empty value of these fields reads as in MLflow (empty `sample_counts`: every image).
+_EMPTY_PARAM = {"sample_counts": "all"}
 
 
 def param_strings(values: dict[str, Any]) -> dict[str, str]:
@@ -258,7 +324,7 @@ def param_strings(values: dict[str, Any]) -> dict[str, str]:
     shows it as a blank; `sample_counts` reads "all" instead, since empty means every image."""
     out = {}
     for k, v in values.items():
-        text = _param_str(v) or ("all" if k == "sample_counts" else "")
+        text = _param_str(v) or _EMPTY_PARAM.get(k, "")
         if text:
             out[k] = text
     return out

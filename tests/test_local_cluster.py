@@ -1,16 +1,12 @@
 """End-to-end test of cluster/local.py: a real multi-node Ray cluster (head + 2 worker
-nodes, one raylet each) and a real MLflow server on this machine.
+nodes, one raylet each) and a real MLflow server on this machine, and the sweeps on it: trials
+spread over nodes, everything lands in the server, a worker node killed mid-trial costs a retry,
+not the trial, and nothing is left behind. One cluster serves all of it (each `up` and `down`
+costs about 15 s on 2 cores).
 
-`local_cluster` is the fixture to reuse for cluster-level tests of the sweeps, e.g.
-
-    def test_sweep_on_cluster(local_cluster):
-        subprocess.run([sys.executable, "sweeps/temperature.py", "--address", "auto",
-                        "--smoke", "--mlflow-uri", local_cluster.mlflow_uri,
-                        "--storage-path", str(local_cluster.dir / "ray_results"),
-                        "--cache-dir", str(local_cluster.dir / "sall-cache")],
-                       env=local_cluster.env, check=True, cwd=ROOT)
-
-Drivers must run with `local_cluster.env` (RAY_ADDRESS, MLFLOW_TRACKING_URI and
+To test more on a cluster, use `start_local_cluster` (a context manager yielding a
+LocalCluster) and `sweep_on(cluster)`, the smoke sweep's command line for it. Drivers must run
+with `cluster.env` (RAY_ADDRESS, MLFLOW_TRACKING_URI and
 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which keeps Ray on 127.0.0.1); see cluster/README.md.
 """
 
@@ -25,6 +21,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,14 +140,6 @@ def start_local_cluster(directory: Path, workers: int = 2, cpus_per_node: int = 
                 local.kill_sessions(cluster.sessions, cluster.state["marker"])
 
 
-@pytest.fixture
-def local_cluster(tmp_path):
-    """Head + 2 worker nodes (1 CPU each) + an MLflow server, torn down afterwards.
-    Yields a LocalCluster: .address, .mlflow_uri, .dir, .env, .kill_worker(i), .down()."""
-    with start_local_cluster(tmp_path / "cluster", workers=2, cpus_per_node=1) as c:
-        yield c
-
-
 # --------------------------------------------------------------------------- helpers
 
 
@@ -233,6 +222,60 @@ def _wait_bystander(proc, log: Path, timeout: float = 60) -> list[int]:
     raise AssertionError(f"bystander Ray did not come up:\n{log.read_text()[-3000:]}")
 
 
+def sweep_on(cluster: LocalCluster, *extra: str, experiment: str = "sall-temperature") -> list[str]:
+    """`python sweeps/temperature.py --smoke` on the cluster, into its MLflow server."""
+    return [sys.executable, str(ROOT / "sweeps" / "temperature.py"), "--address", "auto", "--smoke",
+            "--mlflow-uri", cluster.mlflow_uri, "--experiment", experiment,
+            "--storage-path", str(cluster.dir / "ray_results"), "--cache-dir", str(cluster.dir / "sall-cache"),
+            *extra]
+
+
+def server_runs(uri: str, experiment: str = "sall-temperature") -> list:
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name(experiment)
+    return [] if exp is None else c.search_runs([exp.experiment_id], max_results=1000)
+
+
+def _smoke_sweep_spreads_over_the_nodes(c: LocalCluster) -> None:
+    out = subprocess.run(sweep_on(c), env=c.env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rs = server_runs(c.mlflow_uri)
+    stages = Counter((r.data.tags["sall.stage"], r.info.status) for r in rs)
+    assert stages == Counter({("student", "FINISHED"): 9, ("teacher", "FINISHED"): 6, ("teachers", "FINISHED"): 1,
+                              ("sweep", "FINISHED"): 1})
+    nodes = {r.data.tags["sall.node"] for r in rs if r.data.tags["sall.stage"] == "student"}
+    assert len(nodes) > 1, nodes
+
+
+def _killed_worker_costs_a_retry_not_the_trial(c: LocalCluster) -> dict:
+    """A long trial (the head has no CPU, so it runs on a worker node); SIGKILL that node while
+    it trains; the trial is retried on the other worker and finishes. Returns the killed worker."""
+    exp = "sall-cluster-kill"
+    workers = {w["node_id"]: i + 1 for i, w in enumerate(c.state["workers"])}
+    cmd = sweep_on(c, "--folds", "0", "--temperatures", "3", "--no-baseline", "--student-epochs", "60",
+                   "--max-failures", "3", experiment=exp)
+    proc = subprocess.Popen(cmd, env=c.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    victim, deadline = None, time.time() + 300
+    while time.time() < deadline and victim is None:
+        for r in server_runs(c.mlflow_uri, exp):
+            if (r.data.tags.get("sall.stage") == "student" and r.info.status == "RUNNING"
+                    and "train/dr/loss" in r.data.metrics and r.data.tags.get("sall.node") in workers):
+                victim = r
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(1)
+    assert victim is not None, "no trial reached a worker node in time"
+    killed = c.kill_worker(workers[victim.data.tags["sall.node"]])
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    rs = [r for r in server_runs(c.mlflow_uri, exp) if r.data.tags["sall.stage"] == "student"]
+    assert len(rs) == 1 and rs[0].info.status == "FINISHED"
+    assert int(rs[0].data.tags["sall.attempts"]) >= 2
+    assert rs[0].data.tags["sall.node"] != victim.data.tags["sall.node"]
+    return killed
+
+
 # --------------------------------------------------------------------------- tests
 
 
@@ -240,7 +283,8 @@ def test_local_cluster_end_to_end(tmp_path):
     mlflow = pytest.importorskip("mlflow")
     t0 = time.monotonic()
     with _bystander_ray(tmp_path) as (bystander, bystander_log):
-        with start_local_cluster(tmp_path / "cluster", workers=2, cpus_per_node=1) as c:
+        # the head has no CPU: trials and tasks run on the worker nodes, one of which is killed
+        with start_local_cluster(tmp_path / "cluster", workers=2, cpus_per_node=1, head_cpus=0) as c:
             t_up = time.monotonic() - t0
             bystander_pids = _wait_bystander(bystander, bystander_log)  # started alongside `up`
             assert c.address.startswith("127.0.0.1:") and c.mlflow_uri.startswith("http://127.0.0.1:")
@@ -253,10 +297,10 @@ def test_local_cluster_end_to_end(tmp_path):
             assert all(r["running"] for r in st["components"])
             assert all(r["gcs_alive"] for r in st["components"] if r["component"] != "mlflow")
 
-            # Ray: 3 alive nodes, 3 CPUs, and the tasks spread over more than one node
+            # Ray: 3 alive nodes, 2 CPUs (the workers'), and the tasks spread over both workers
             info = _run_driver(c)
             assert info["alive"] == 3, info
-            assert info["cpus"] == 3, info
+            assert info["cpus"] == 2, info
             assert len(info["used"]) > 1, info
             assert set(info["used"]) <= set(info["node_ids"])
             recorded = {n["node_id"] for n in [c.state["head"], *c.state["workers"]]}
@@ -280,10 +324,11 @@ def test_local_cluster_end_to_end(tmp_path):
             assert any((c.dir / "mlartifacts").rglob("metrics.json")), "artifact not on the server's store"
             assert (c.dir / "mlflow.db").exists()
 
-            # fault injection: a killed worker node leaves no process behind
-            w = c.kill_worker(2)
-            assert w["name"] == "sall-worker-2"
-            assert local.session_members([w["pid"]]) == []
+            # the sweeps on it: trials spread over the nodes, then a worker node killed mid-trial
+            _smoke_sweep_spreads_over_the_nodes(c)
+            w = _killed_worker_costs_a_retry_not_the_trial(c)
+            assert w["name"] in ("sall-worker-1", "sall-worker-2")
+            assert local.session_members([w["pid"]]) == []  # the killed node left no process
             assert local.pid_alive(c.state["head"]["pid"])
 
             sessions = c.sessions

@@ -12,7 +12,7 @@ import math
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -23,8 +23,10 @@ if str(ROOT) not in sys.path:  # `python analysis/tables.py` from anywhere
     sys.path.insert(0, str(ROOT))
 
 from sall.cli import guarded  # noqa: E402
-from sall.config import N_FOLDS  # noqa: E402
+from sall.config import N_FOLDS, TrialConfig  # noqa: E402
 from sall.errors import SallError  # noqa: E402
+from sall.tasks import TASKS  # noqa: E402
+from sweeps import schema as sc  # noqa: E402
 from sweeps import tracking as tr  # noqa: E402
 
 PAPER_TABLES = Path(__file__).with_name("paper_tables.json")
@@ -103,46 +105,42 @@ class TrialRun:
     start_time: int
     params: dict[str, str]
     metrics: dict[str, float]
-    error: str = ""
 
     @property
     def ok(self) -> bool:
         return self.status == "FINISHED"
 
+    @cached_property
+    def config(self) -> TrialConfig:
+        """The trial's config, rebuilt from its params (a param older code did not log takes the
+        field's default)."""
+        return TrialConfig.from_params(self.params)
+
     @property
     def seed(self) -> int:
-        return int(self.params.get("seed", "0"))
+        return self.config.seed
 
     @property
     def replicate(self) -> Replicate:
         """(fold, seed): what a setting's runs are paired on."""
         return (self.fold, self.seed)
 
+    # bench/search_vs_grid.py reads these four; analysis/ reads `config`
     @property
     def tasks(self) -> tuple[str, ...]:
-        return tuple(t for t in self.params.get("tasks", "").split(",") if t)
+        return self.config.tasks
 
     @property
     def temperature(self) -> float:
-        return float(self.params.get("temperature", "nan"))
+        return self.config.temperature
 
     @property
     def sa(self) -> bool:
-        return self.params.get("sa_labels") == "True"
+        return self.config.sa_labels
 
     @property
     def mt(self) -> bool:
-        return self.params.get("multitask") == "True"
-
-    @property
-    def class_cap(self) -> int | None:
-        v = self.params.get("class_cap", "None")
-        return None if v in ("None", "") else int(v)
-
-    @property
-    def sample_counts(self) -> dict[str, float]:
-        v = self.params.get("sample_counts", "")
-        return {a: float(b) for a, b in (x.split("=") for x in v.split(",") if "=" in x)}
+        return self.config.multitask
 
 
 @dataclass
@@ -152,11 +150,15 @@ class Setting:
     trial_key: str
     runs: dict[Replicate, TrialRun]  # (fold, seed) -> the run that counts for it
     expected: tuple[Replicate, ...]
-    superseded: list[TrialRun] = field(default_factory=list)
 
     @cached_property
     def first(self) -> TrialRun:
         return sorted(self.runs.values(), key=lambda r: (not r.ok, r.replicate))[0]
+
+    @property
+    def config(self) -> TrialConfig:
+        """The setting's config (that of its first run: its runs differ in fold and seed only)."""
+        return self.first.config
 
     @property
     def label(self) -> str:
@@ -217,18 +219,17 @@ def _replicates(reps: list[Replicate]) -> str:
 
 
 def student_runs(uri: str, exp_id: str, parent: str | None = None) -> list[TrialRun]:
-    flt = f"tags.`{tr.TAG_STAGE}` = 'student'"
+    flt = f"tags.`{sc.TAG_STAGE}` = '{sc.STAGE_STUDENT}'"
     if parent:
-        flt += f" and tags.`{tr.TAG_PARENT}` = '{parent}'"
+        flt += f" and tags.`{sc.TAG_PARENT}` = '{parent}'"
     out = []
     for r in tr.find_runs(uri, exp_id, flt, max_results=50000):
         t = r.data.tags
         out.append(TrialRun(
-            run_id=r.info.run_id, status=r.info.status, label=t.get(tr.TAG_LABEL, "?"),
-            fold=int(t.get(tr.TAG_FOLD, r.data.params.get("fold", -1))),
-            trial_key=t.get(tr.TAG_TRIAL_KEY, "?"), parent=t.get(tr.TAG_PARENT, ""),
-            start_time=r.info.start_time or 0, params=dict(r.data.params), metrics=dict(r.data.metrics),
-            error=t.get("sall.error", "")))
+            run_id=r.info.run_id, status=r.info.status, label=t.get(sc.TAG_LABEL, "?"),
+            fold=int(t.get(sc.TAG_FOLD, r.data.params.get("fold", -1))),
+            trial_key=t.get(sc.TAG_TRIAL_KEY, "?"), parent=t.get(sc.TAG_PARENT, ""),
+            start_time=r.info.start_time or 0, params=dict(r.data.params), metrics=dict(r.data.metrics)))
     return out
 
 
@@ -244,28 +245,36 @@ def settings(runs: list[TrialRun], expected_folds: tuple[int, ...] | None = None
         by_key.setdefault(r.trial_key, {}).setdefault(r.replicate, []).append(r)
     out = []
     for key, reps in by_key.items():
-        chosen: dict[Replicate, TrialRun] = {}
-        superseded: list[TrialRun] = []
-        for k, rs in reps.items():
-            rs = sorted(rs, key=lambda r: (r.ok, r.start_time), reverse=True)
-            chosen[k] = rs[0]
-            superseded += rs[1:]
-        out.append(Setting(key, chosen, expected, superseded))
+        chosen = {k: max(rs, key=lambda r: (r.ok, r.start_time)) for k, rs in reps.items()}
+        out.append(Setting(key, chosen, expected))
     return out
 
 
+def tasks(sets: list[Setting]) -> list[str]:
+    """The tasks any of the settings has, in the paper's order (DR, AMD, arteriosclerosis)."""
+    have = {t for s in sets for t in s.config.tasks}
+    return [t for t in TASKS if t in have]
+
+
+def score(s: Setting) -> float:
+    """What "the best setting" maximises: its mean test accuracy over its tasks (-1: none)."""
+    v = [s.mean(sc.metric(sc.TEST, t, "acc")) for t in s.config.tasks]
+    v = [x for x in v if not math.isnan(x)]
+    return sum(v) / len(v) if v else -1.0
+
+
 def latest_parent(uri: str, exp_id: str) -> str | None:
-    runs = tr.retry(client(uri).search_runs, [exp_id], filter_string=f"tags.`{tr.TAG_STAGE}` = 'sweep'",
+    runs = tr.retry(client(uri).search_runs, [exp_id], filter_string=f"tags.`{sc.TAG_STAGE}` = '{sc.STAGE_SWEEP}'",
                     order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0].info.run_id if runs else None
 
 
 def sweep_name(uri: str, exp_id: str, runs: list[TrialRun]) -> str | None:
     """The sweep the experiment holds (`sall.sweep` of its parent runs, else of its students)."""
-    parents = tr.find_runs(uri, exp_id, f"tags.`{tr.TAG_STAGE}` = 'sweep'")
-    names = {p.data.tags.get(tr.TAG_SWEEP) for p in parents} - {None}
+    parents = tr.find_runs(uri, exp_id, f"tags.`{sc.TAG_STAGE}` = '{sc.STAGE_SWEEP}'")
+    names = {p.data.tags.get(sc.TAG_SWEEP) for p in parents} - {None}
     if not names:
-        names = {tr.retry(client(uri).get_run, r.run_id).data.tags.get(tr.TAG_SWEEP) for r in runs[:1]} - {None}
+        names = {tr.retry(client(uri).get_run, r.run_id).data.tags.get(sc.TAG_SWEEP) for r in runs[:1]} - {None}
     if len(names) > 1:
         raise SallError(f"experiment holds runs of several sweeps ({', '.join(sorted(names))}); pass --table")
     return names.pop() if names else None
@@ -278,7 +287,7 @@ def load_sweep(uri: str, experiment: str, parent: str | None = None,
     exp_id = experiment_id(uri, experiment)
     runs = student_runs(uri, exp_id, parent)
     if not runs:
-        raise SallError(f"experiment '{experiment}' has no trial runs (tag sall.stage=student)"
+        raise SallError(f"experiment '{experiment}' has no trial runs (tag {sc.TAG_STAGE}={sc.STAGE_STUDENT})"
                         + (f" under parent run {parent}" if parent else "") + "; expected a finished sweep")
     log(f"[analysis] {experiment}: {len(runs)} trial runs "
         f"({sum(r.ok for r in runs)} finished, {sum(not r.ok for r in runs)} failed or unfinished)")
@@ -309,7 +318,7 @@ def download(uri: str, run_id: str, path: str, dst: Path) -> Path | None:
 
 
 def run_metrics_json(uri: str, run: TrialRun, cache: Path) -> dict | None:
-    p = download(uri, run.run_id, "metrics.json", cache / run.run_id)
+    p = download(uri, run.run_id, sc.METRICS_JSON, cache / run.run_id)
     return json.loads(p.read_text()) if p else None
 
 
@@ -317,7 +326,7 @@ def predictions(uri: str, run: TrialRun, task: str, cache: Path):
     """The per-image test predictions of a task (DataFrame row, label, prob_*), or None."""
     import pandas as pd
 
-    p = download(uri, run.run_id, f"predictions_{task}.csv", cache / run.run_id)
+    p = download(uri, run.run_id, sc.task_file(sc.PREDICTIONS, task, "csv"), cache / run.run_id)
     return pd.read_csv(p) if p else None
 
 
@@ -327,7 +336,7 @@ def log_outputs(uri: str, run_id: str, folder: Path, artifact_path: str) -> None
 
 def student_file(uri: str, run_id: str, dst: Path) -> Path:
     """Download a trial's stored student (its `model/` artifact); SallError when it has none."""
-    arts = tr.retry(client(uri).list_artifacts, run_id, "model")
+    arts = tr.retry(client(uri).list_artifacts, run_id, sc.MODEL_DIR)
     pts = [a.path for a in arts if a.path.endswith(".pt")]
     if not pts:
         raise SallError(f"run {run_id} has no model artifact (model/*.pt); expected a finished trial "

@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 
 from analysis import common as cm  # noqa: E402
 from sall.errors import DataError, SallError  # noqa: E402
+from sweeps import schema as sc  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         cm.log(f"[evaluate] {t} head on {n} {t} images at T={cfg.temperature:g}")
         metrics[t] = evaluate(models[t].to(rt.device), t, data, args.split, cfg.temperature, rt, preds[t])
     out = {
-        "evaluated_run": args.run_id, "label": orig.data.tags.get(cm.tr.TAG_LABEL),
+        "evaluated_run": args.run_id, "label": orig.data.tags.get(sc.TAG_LABEL),
         "fold": cfg.fold, "temperature": cfg.temperature, "dataset": args.dataset, "data_root": args.data_root,
         "split": args.split, "tasks": tasks,
         "n_images": {t: metrics[t]["n"] for t in tasks},
@@ -148,11 +149,11 @@ def log_run(uri, orig, args, cfg, metrics, preds, manifest, summary) -> str:
     t = orig.data.tags
     name = dataset_name(args.dataset)
     run = tr.retry(c.create_run, orig.info.experiment_id,
-                   run_name=f"external {t.get(tr.TAG_LABEL, '?')} fold{cfg.fold} on {name}",
-                   tags={tr.TAG_STAGE: "external", "sall.evaluated_run": orig.info.run_id,
-                         tr.TAG_PARENT: orig.info.run_id, tr.TAG_LABEL: t.get(tr.TAG_LABEL, ""),
-                         tr.TAG_FOLD: str(cfg.fold), tr.TAG_SWEEP: t.get(tr.TAG_SWEEP, ""),
-                         "sall.external_dataset": name})
+                   run_name=f"external {t.get(sc.TAG_LABEL, '?')} fold{cfg.fold} on {name}",
+                   tags={sc.TAG_STAGE: sc.STAGE_EXTERNAL, sc.TAG_EVALUATED_RUN: orig.info.run_id,
+                         sc.TAG_PARENT: orig.info.run_id, sc.TAG_LABEL: t.get(sc.TAG_LABEL, ""),
+                         sc.TAG_FOLD: str(cfg.fold), sc.TAG_SWEEP: t.get(sc.TAG_SWEEP, ""),
+                         sc.TAG_EXTERNAL_DATASET: name})
     rid = run.info.run_id
     params = {"dataset": args.dataset, "data_root": args.data_root, "split": args.split,
               "tasks": ",".join(metrics), "temperature": cfg.temperature, "evaluated_run": orig.info.run_id,
@@ -160,8 +161,8 @@ def log_run(uri, orig, args, cfg, metrics, preds, manifest, summary) -> str:
     tr.log_params(uri, rid, params)
     flat = {}
     for task, m in metrics.items():
-        flat.update({f"external/{task}/{k}": v for k, v in scalar_metrics(m).items()})
-        flat[f"external/{task}/n"] = m["n"]
+        flat.update({sc.metric(sc.EXTERNAL, task, k): v for k, v in scalar_metrics(m).items()})
+        flat[sc.metric(sc.EXTERNAL, task, "n")] = m["n"]
     tr.log_metrics(uri, rid, flat)
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
@@ -179,7 +180,8 @@ def log_run(uri, orig, args, cfg, metrics, preds, manifest, summary) -> str:
             pd.DataFrame(cols).to_csv(root / f"predictions_{task}.csv", index=False, float_format="%.6g")
         tr.retry(c.log_artifacts, rid, str(root))
     tr.end_run(uri, rid, "FINISHED")
-    cm.log(f"[evaluate] logged run {rid} (sall.stage=external) in experiment {orig.info.experiment_id}")
+    cm.log(f"[evaluate] logged run {rid} ({sc.TAG_STAGE}={sc.STAGE_EXTERNAL}) in experiment "
+           f"{orig.info.experiment_id}")
     return rid
 
 

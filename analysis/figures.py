@@ -36,8 +36,10 @@ if __package__ in (None, ""):
 import numpy as np  # noqa: E402
 
 from analysis import common as cm  # noqa: E402
+from sall.config import TrialConfig  # noqa: E402
 from sall.errors import SallError  # noqa: E402
 from sall.tasks import TASKS  # noqa: E402
+from sweeps import schema as sc  # noqa: E402
 
 COLORS = {"dr": "#1f77b4", "amd": "#d62728", "arter": "#2ca02c"}
 METRICS = (("acc", "accuracy"), ("conf", "confidence (correct)"), ("err", "error (confidence, wrong)"))
@@ -72,59 +74,48 @@ def _stat(s: cm.Setting, metric: str) -> tuple[float, float, int]:
     return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v)
 
 
-def _is_baseline(s: cm.Setting) -> bool:
-    r = s.first
-    return not r.sa and not r.mt and r.temperature == 1.0
-
-
-def _tasks(sets: list[cm.Setting]) -> list[str]:
-    have = {t for s in sets for t in s.first.tasks}
-    return [t for t in TASKS if t in have]
-
-
-def _score(s: cm.Setting) -> float:
-    v = [s.mean(f"test/{t}/acc") for t in s.first.tasks]
-    v = [x for x in v if not math.isnan(x)]
-    return sum(v) / len(v) if v else -1.0
+def _is_sall(s: cm.Setting) -> bool:
+    """Soft labels and multi-task: a SALL setting (whatever its T)."""
+    return s.config.sa_labels and s.config.multitask
 
 
 def pick(sets: list[cm.Setting], temperature: float | None) -> tuple[cm.Setting | None, cm.Setting | None]:
     """(baseline, SALL): SALL = the soft-label multi-task setting with the best mean accuracy, or
     the one at `temperature`; with several such settings (e.g. task count) the one with most tasks."""
     done = [s for s in sets if s.finished]
-    base = next((s for s in done if _is_baseline(s) and not s.first.sample_counts), None)
-    sall = [s for s in done if s.first.sa and s.first.mt]
+    base = next((s for s in done if s.config.is_baseline and not s.config.sample_counts), None)
+    sall = [s for s in done if _is_sall(s)]
     if temperature is not None:
-        sall = [s for s in sall if abs(s.first.temperature - temperature) < 1e-9]
+        sall = [s for s in sall if abs(s.config.temperature - temperature) < 1e-9]
         if not sall:
             raise SallError(f"--temperature {temperature:g}: no finished SALL setting at that T; have "
-                            + ", ".join(sorted({f'{s.first.temperature:g}' for s in done if s.first.sa})))
+                            + ", ".join(sorted({f'{s.config.temperature:g}' for s in done if s.config.sa_labels})))
     if base is not None:  # compare like with like: the baseline's cap and tasks where possible
-        same = [s for s in sall if s.first.class_cap == base.first.class_cap]
+        same = [s for s in sall if s.config.class_cap == base.config.class_cap]
         sall = same or sall
-    best = max(sall, key=lambda s: (_score(s), len(s.first.tasks)), default=None)
+    best = max(sall, key=lambda s: (cm.score(s), len(s.config.tasks)), default=None)
     return base, best
 
 
 # ---------------------------------------------------------------------------------------------
 def fig_temperature(sets: list[cm.Setting], out: Path) -> Path | None:
     """Paper Fig. 5: acc / conf / err against T."""
-    sall = sorted((s for s in sets if s.first.sa and s.first.mt and s.finished), key=lambda s: s.first.temperature)
+    sall = sorted((s for s in sets if _is_sall(s) and s.finished), key=lambda s: s.config.temperature)
     if not sall:
         return None
-    base = next((s for s in sets if _is_baseline(s) and s.finished), None)
-    tasks = _tasks(sets)
-    ts = [s.first.temperature for s in sall]
+    base = next((s for s in sets if s.config.is_baseline and s.finished), None)
+    tasks = cm.tasks(sets)
+    ts = [s.config.temperature for s in sall]
     fig = _figure(figsize=(5.0 * len(METRICS), 4.2))
     axes = fig.subplots(1, len(METRICS))
     for ax, (m, name) in zip(axes, METRICS):
         for t in tasks:
-            st = [_stat(s, f"test/{t}/{m}") for s in sall]
+            st = [_stat(s, sc.metric(sc.TEST, t, m)) for s in sall]
             y = np.array([100 * a for a, _, _ in st])
             e = np.array([100 * b for _, b, _ in st])
             ax.errorbar(ts, y, yerr=e, marker="o", capsize=3, color=COLORS.get(t), label=f"{t.upper()} SALL")
             if base is not None:
-                bm, bs, _ = _stat(base, f"test/{t}/{m}")
+                bm, bs, _ = _stat(base, sc.metric(sc.TEST, t, m))
                 if not math.isnan(bm):
                     ax.axhline(100 * bm, color=COLORS.get(t), ls="--", lw=1.2, label=f"{t.upper()} baseline")
                     ax.axhspan(100 * (bm - bs), 100 * (bm + bs), color=COLORS.get(t), alpha=0.08)
@@ -146,15 +137,15 @@ def fig_temperature(sets: list[cm.Setting], out: Path) -> Path | None:
 
 def fig_ratio(sets: list[cm.Setting], out: Path) -> Path | None:
     """Accuracy against the share of the reduced task's training images, both directions."""
-    tasks = _tasks(sets)
+    tasks = cm.tasks(sets)
     if len(tasks) < 2:
         return None
-    full = next((s for s in sets if not s.first.sample_counts and s.finished), None)
+    full = next((s for s in sets if not s.config.sample_counts and s.finished), None)
     fig = _figure(figsize=(11, 4.2))
     axes = fig.subplots(1, 2, sharey=True)
     for ax, reduced in zip(axes, tasks[:2]):
-        pts = [(s.first.sample_counts[reduced], s) for s in sets
-               if set(s.first.sample_counts) == {reduced} and s.finished and s.first.sample_counts[reduced] <= 1]
+        pts = [(s.config.sample_count(reduced), s) for s in sets
+               if dict(s.config.sample_counts).keys() == {reduced} and s.finished and s.config.sample_count(reduced) <= 1]
         if full is not None:
             pts.append((1.0, full))
         pts.sort(key=lambda p: p[0])
@@ -162,7 +153,7 @@ def fig_ratio(sets: list[cm.Setting], out: Path) -> Path | None:
             continue
         x = [100 * f for f, _ in pts]
         for t in tasks:
-            st = [_stat(s, f"test/{t}/acc") for _, s in pts]
+            st = [_stat(s, sc.metric(sc.TEST, t, "acc")) for _, s in pts]
             ls = "-" if t != reduced else ":"
             ax.errorbar(x, [100 * a for a, _, _ in st], yerr=[100 * b for _, b, _ in st], marker="o", capsize=3,
                         ls=ls, color=COLORS.get(t), label=f"{t.upper()} acc" + (" (reduced task)" if t == reduced else ""))
@@ -185,13 +176,13 @@ def fig_settings(sets: list[cm.Setting], out: Path) -> Path | None:
     sets = [s for s in sets if s.finished]
     if not sets:
         return None
-    tasks = _tasks(sets)
-    sets = sorted(sets, key=lambda s: (not _is_baseline(s), s.first.class_cap or 0, s.label))
+    tasks = cm.tasks(sets)
+    sets = sorted(sets, key=lambda s: (not s.config.is_baseline, s.config.class_cap or 0, s.label))
     w = 0.8 / len(tasks)
     fig = _figure(figsize=(max(6.0, 1.3 * len(sets) + 2), 4.5))
     ax = fig.subplots()
     for i, t in enumerate(tasks):
-        st = [_stat(s, f"test/{t}/acc") for s in sets]
+        st = [_stat(s, sc.metric(sc.TEST, t, "acc")) for s in sets]
         x = np.arange(len(sets)) + (i - (len(tasks) - 1) / 2) * w
         ax.bar(x, [100 * a if n else 0 for a, _, n in st], w, yerr=[100 * b for _, b, _ in st], capsize=3,
                color=COLORS.get(t), label=t.upper())
@@ -224,11 +215,12 @@ def search_candidates(uri: str, experiment: str) -> list[Candidate]:
     exp = cm.tr.retry(cm.client(uri).get_experiment_by_name, experiment)
     if exp is None:
         return []
-    runs = cm.tr.find_runs(uri, exp.experiment_id, f"tags.`{cm.tr.TAG_STAGE}` = 'candidate'", max_results=50000)
-    return [Candidate(float(r.data.params["temperature"]), r.data.metrics["search/score"],
-                      int(r.data.tags.get("sall.final_epoch", "0")), r.data.tags.get("sall.stopped") == "1",
-                      int(r.data.tags.get(cm.tr.TAG_FOLD, "0")), r.data.tags.get("sall.search_metric", "mean"))
-            for r in runs if "search/score" in r.data.metrics and "temperature" in r.data.params]
+    runs = cm.tr.find_runs(uri, exp.experiment_id, f"tags.`{sc.TAG_STAGE}` = '{sc.STAGE_CANDIDATE}'",
+                           max_results=50000)
+    return [Candidate(TrialConfig.from_params(r.data.params).temperature, r.data.metrics[sc.SEARCH_SCORE],
+                      int(r.data.tags.get(sc.TAG_FINAL_EPOCH, "0")), r.data.tags.get(sc.TAG_STOPPED) == "1",
+                      int(r.data.tags.get(sc.TAG_FOLD, "0")), r.data.tags.get(sc.TAG_SEARCH_METRIC, "mean"))
+            for r in runs if sc.SEARCH_SCORE in r.data.metrics and "temperature" in r.data.params]
 
 
 def grid_settings(uri: str, experiment: str) -> list[cm.Setting]:
@@ -243,11 +235,11 @@ def _grid_curve(sets: list[cm.Setting], fold: int, metric: str) -> tuple[list[fl
     pts = []
     for s in sets:
         run = next((r for (f, _), r in s.finished.items() if f == fold), None)
-        if run is None or not (s.first.sa and s.first.mt):
+        if run is None or not _is_sall(s):
             continue
-        names = [f"val_best/{t}/acc" for t in (s.first.tasks if metric == "mean" else (metric,))]
+        names = [sc.metric(sc.VAL_BEST, t, "acc") for t in (s.config.tasks if metric == "mean" else (metric,))]
         if all(n in run.metrics for n in names):
-            pts.append((s.first.temperature, sum(run.metrics[n] for n in names) / len(names)))
+            pts.append((s.config.temperature, sum(run.metrics[n] for n in names) / len(names)))
     pts.sort()
     return [t for t, _ in pts], [v for _, v in pts]
 
@@ -291,7 +283,7 @@ def search_trace(uri: str, args: argparse.Namespace, sets: list[cm.Setting], swe
     """The trace for a search experiment (over the --grid-experiment's curve) or for a grid
     experiment (with the --search-experiment's candidates), when the store holds a search."""
     if sweep == "search":
-        confirmed = sorted({s.first.temperature for s in sets if s.first.sa and s.first.mt})
+        confirmed = sorted({s.config.temperature for s in sets if _is_sall(s)})
         return fig_search(search_candidates(uri, args.experiment), grid_settings(uri, args.grid_experiment),
                           confirmed, out)
     if sweep == "temperature":
@@ -521,14 +513,14 @@ def draw(uri: str, sets: list[cm.Setting], sweep: str | None, out: Path, cache: 
     """The sweep's own figure, then the confusion and reliability figures of the baseline beside the
     best (or --temperature) setting: everything but Grad-CAM, which needs the students and images.
     Returns (written PNGs, baseline, SALL setting). Shared with sweeps/review.py."""
-    tasks = _tasks(sets)
+    tasks = cm.tasks(sets)
     sweep_fig = {"temperature": fig_temperature, "search": fig_temperature,
                  "data_ratio": fig_ratio}.get(sweep or "", fig_settings)
     written: list[Path | None] = [sweep_fig(sets, out)]
     base, best = pick(sets, temperature)
     pair = [(n, s) for n, s in (("baseline", base), ("SALL", best)) if s is not None]
     if pair:
-        both = [t for t in tasks if all(t in s.first.tasks for _, s in pair)]
+        both = [t for t in tasks if all(t in s.config.tasks for _, s in pair)]
         written.append(fig_confusion(uri, pair, both, out, cache))
         written.append(fig_reliability(uri, pair, both, out, cache))
     return [p for p in written if p is not None], base, best
@@ -556,8 +548,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_log and written:
         parent = args.parent or cm.latest_parent(uri, exp_id)
         if parent:
-            cm.log_outputs(uri, parent, out, "analysis/figures")
-            cm.log(f"[figures] logged {len(written)} figures to parent run {parent} under analysis/figures")
+            cm.log_outputs(uri, parent, out, sc.ANALYSIS_FIGURES)
+            cm.log(f"[figures] logged {len(written)} figures to parent run {parent} under {sc.ANALYSIS_FIGURES}")
     return 0
 
 

@@ -34,11 +34,11 @@ if __package__ in (None, ""):
 from analysis import common as cm  # noqa: E402
 from analysis import stats  # noqa: E402
 from sall.errors import SallError  # noqa: E402
+from sweeps import schema as sc  # noqa: E402
 
 SWEEP_TABLES = {"ablation": ["III"], "temperature": ["IV", "V"], "search": ["IV", "V"], "data_ratio": ["VI"],
                 "task_count": ["VIII"], "sample_caps": ["IX"]}
 TABLES = ("III", "IV", "V", "VI", "VIII", "IX")
-TASK_ORDER = ("dr", "amd", "arter")
 METRIC_NAMES = {"acc": "acc", "conf": "con", "err": "err"}
 DASH = "—"
 
@@ -100,7 +100,7 @@ def ours(row: Row, col: Column) -> tuple[str, float, float, int]:
     s = row.setting
     if s is None:
         return DASH, math.nan, math.nan, 0
-    if col.task not in s.first.tasks:
+    if col.task not in s.config.tasks:
         return "NA", math.nan, math.nan, 0
     values = s.values(col.metric)
     if not values:
@@ -150,11 +150,6 @@ def display_rows(t: Table) -> list[list[str]]:
 
 # ---------------------------------------------------------------------------------------------
 # building the tables
-def _tasks(sets: list[cm.Setting]) -> list[str]:
-    have = {t for s in sets for t in s.first.tasks}
-    return [t for t in TASK_ORDER if t in have]
-
-
 def _fmt_t(t: float) -> str:
     return f"{t:g}"
 
@@ -164,7 +159,7 @@ def _yn(b: bool) -> str:
 
 
 def _metric_columns(tasks: list[str], metrics: list[str], paper_metrics=("acc", "conf", "err")) -> list[Column]:
-    return [Column(f"{t}/{m}", f"{t.upper()} {METRIC_NAMES.get(m, m)}", f"test/{t}/{m}", t,
+    return [Column(f"{t}/{m}", f"{t.upper()} {METRIC_NAMES.get(m, m)}", sc.metric(sc.TEST, t, m), t,
                    paper=m in paper_metrics, decimals=1 if m in ("acc", "conf", "err", "macro_f1") else 3,
                    scale=100.0 if m in ("acc", "conf", "err", "macro_f1", "ece") else 1.0)
             for m in metrics for t in tasks]
@@ -174,29 +169,24 @@ def _paper_values(prow: dict, tasks: list[str]) -> dict[str, float]:
     return {f"{t}/{m}": v for t in tasks for m, v in prow.get(t, {}).items()}
 
 
-def _is_baseline(s: cm.Setting) -> bool:
-    r = s.first
-    return not r.sa and not r.mt and r.temperature == 1.0
-
-
 def switch_table(tid: str, sets: list[cm.Setting], paper: dict, metrics: list[str]) -> Table:
     """Table III (ablation) or IV (temperature): rows keyed by (T, SA-label, multi-task)."""
     lookup: dict[tuple, tuple[str, int, dict]] = {}
     for src in ("III", "IV"):
         for i, p in enumerate(paper[src]["rows"]):
             lookup[(float(p["T"]), p["sa"], p["mt"])] = (src, i, p)
-    tasks = _tasks(sets)
+    tasks = cm.tasks(sets)
     cols = _metric_columns(tasks, metrics)
     rows = []
     for s in sets:
-        r = s.first
-        k = (r.temperature, r.sa, r.mt)
+        c = s.config
+        k = (c.temperature, c.sa_labels, c.multitask)
         src, i, p = lookup.get(k, (DASH, 99, {}))
-        row = Row([s.label, _fmt_t(r.temperature), _yn(r.sa), _yn(r.mt),
+        row = Row([s.label, _fmt_t(c.temperature), _yn(c.sa_labels), _yn(c.multitask),
                    f"{src}{'*' if k == (1.0, False, False) else ''}"], s, _paper_values(p, tasks),
-                  reference=_is_baseline(s))
+                  reference=c.is_baseline)
         row._order = ((0, 0, 0) if row.reference else (1, i, 0)) if tid == "III" else \
-            ((0, 0, 0) if row.reference else (1, r.temperature, (not r.sa, not r.mt)))
+            ((0, 0, 0) if row.reference else (1, c.temperature, (not c.sa_labels, not c.multitask)))
         rows.append(row)
     base = _order_and_link(rows)
     title = (paper["III"]["title"] if tid == "III" else
@@ -211,17 +201,17 @@ def switch_table(tid: str, sets: list[cm.Setting], paper: dict, metrics: list[st
 def soft_table(sets: list[cm.Setting], paper: dict) -> Table:
     """Table V: the soft labels' mean max and variance against T (per task's teacher)."""
     pv = {float(p["T"]): p for p in paper["V"]["rows"]}
-    sets = [s for s in sets if s.first.sa]
-    tasks = _tasks(sets)
+    sets = [s for s in sets if s.config.sa_labels]
+    tasks = cm.tasks(sets)
     cols = []
     for t in tasks:
-        cols.append(Column(f"{t}/max", f"{t.upper()} max", f"soft/{t}/max_mean", t, 1.0, 4, True, 4))
-        cols.append(Column(f"{t}/var", f"{t.upper()} var", f"soft/{t}/var", t, 1.0, 4, True, 4))
+        cols.append(Column(f"{t}/max", f"{t.upper()} max", sc.metric(sc.SOFT, t, "max_mean"), t, 1.0, 4, True, 4))
+        cols.append(Column(f"{t}/var", f"{t.upper()} var", sc.metric(sc.SOFT, t, "var"), t, 1.0, 4, True, 4))
     rows = []
-    for s in sorted(sets, key=lambda s: (s.first.temperature, not s.first.mt)):
-        p = pv.get(s.first.temperature, {})
+    for s in sorted(sets, key=lambda s: (s.config.temperature, not s.config.multitask)):
+        p = pv.get(s.config.temperature, {})
         vals = {f"{t}/{k}": p[k] for t in tasks for k in ("max", "var") if k in p}
-        rows.append(Row([s.label, _fmt_t(s.first.temperature)], s, vals))
+        rows.append(Row([s.label, _fmt_t(s.config.temperature)], s, vals))
     return Table("V", paper["V"]["title"], ["setting", "T"], cols, rows,
                  ["Ours: soft labels of each task's teacher on the other tasks' training images at T. "
                   "The paper gives one max / var over both tasks, repeated beside each task."])
@@ -229,7 +219,7 @@ def soft_table(sets: list[cm.Setting], paper: dict) -> Table:
 
 def ratio_tables(sets: list[cm.Setting], paper: dict, metrics: list[str]) -> list[Table]:
     """Table VI: one half per direction; the reduced task's share and the paper's image counts."""
-    tasks = list(sets[0].first.tasks)
+    tasks = list(sets[0].config.tasks)
     if len(tasks) < 2:
         raise SallError("the data-ratio table needs two tasks; the trials have " + ",".join(tasks))
     totals = paper["VI"]["totals"]
@@ -238,7 +228,7 @@ def ratio_tables(sets: list[cm.Setting], paper: dict, metrics: list[str]) -> lis
         prow = {p["count"]: p for p in paper["VI"]["rows"] if p["reduced"] == b and a in p}
         rows = []
         for s in sets:
-            counts = s.first.sample_counts
+            counts = dict(s.config.sample_counts)
             if set(counts) - {b}:
                 continue
             f = counts.get(b, 1.0)
@@ -266,45 +256,45 @@ def ratio_tables(sets: list[cm.Setting], paper: dict, metrics: list[str]) -> lis
 def count_table(sets: list[cm.Setting], paper: dict, metrics: list[str]) -> Table:
     """Table VIII: single-task models vs SALL with 2 and 3 sub-tasks."""
     pv = {p["setting"]: p for p in paper["VIII"]["rows"]}
-    tasks = [t for t in TASK_ORDER if t in {t for s in sets for t in s.first.tasks}]
+    tasks = cm.tasks(sets)
     cols = _metric_columns(tasks, metrics)
     rows = []
     for s in sets:
-        r = s.first
-        name = "single" if _is_baseline(s) else (f"{len(r.tasks)} sub-task" if r.sa and r.mt else None)
-        row = Row([s.label, f"T={_fmt_t(r.temperature)}"], s, _paper_values(pv.get(name, {}), tasks),
+        c = s.config
+        name = "single" if c.is_baseline else (f"{len(c.tasks)} sub-task" if c.sa_labels and c.multitask else None)
+        row = Row([s.label, f"T={_fmt_t(c.temperature)}"], s, _paper_values(pv.get(name, {}), tasks),
                   reference=name == "single")
-        row._order = (0 if row.reference else 1, len(r.tasks), r.temperature)
+        row._order = (0 if row.reference else 1, len(c.tasks), c.temperature)
         rows.append(row)
-    base = _order_and_link(rows)
+    _order_and_link(rows)
     return Table("VIII", paper["VIII"]["title"], ["setting", "T"], cols, rows,
                  ["NA: the setting has no such task. The paper's 2 sub-task row is its T = 8 row of Table IV."])
 
 
 def caps_table(sets: list[cm.Setting], paper: dict, metrics: list[str]) -> Table:
     """Table IX: per-class caps, single-task models vs ours; caps map in order to 1500, 3000."""
-    caps = sorted({s.first.class_cap for s in sets if s.first.class_cap is not None})
+    caps = sorted({s.config.class_cap for s in sets if s.config.class_cap is not None})
     paper_caps = sorted({p["cap"] for p in paper["IX"]["rows"]})
     cap_map = {c: (paper_caps[i] if i < len(paper_caps) and len(caps) == len(paper_caps) else None)
                for i, c in enumerate(caps)}
     pv = {(p["cap"], p["kind"]): p for p in paper["IX"]["rows"]}
-    tasks = [t for t in TASK_ORDER if t in {t for s in sets for t in s.first.tasks}]
+    tasks = cm.tasks(sets)
     cols = _metric_columns(tasks, metrics, paper_metrics=("acc",))
     rows, singles = [], {}
     for s in sets:
-        r = s.first
-        kind = "single" if _is_baseline(s) else "ours"
-        pc = cap_map.get(r.class_cap)
-        row = Row([s.label, str(r.class_cap), f"{pc} + {'Single Model' if kind == 'single' else 'ours'}"
+        c = s.config
+        kind = "single" if c.is_baseline else "ours"
+        pc = cap_map.get(c.class_cap)
+        row = Row([s.label, str(c.class_cap), f"{pc} + {'Single Model' if kind == 'single' else 'ours'}"
                    if pc else DASH], s, _paper_values(pv.get((pc, kind), {}), tasks), reference=kind == "single")
-        row._order = (r.class_cap or 0, kind != "single", r.temperature)
+        row._order = (c.class_cap or 0, kind != "single", c.temperature)
         rows.append(row)
         if kind == "single":
-            singles[r.class_cap] = row
+            singles[c.class_cap] = row
     rows.sort(key=lambda r: r._order)
     for r in rows:
         if not r.reference:
-            r.ref = singles.get(r.setting.first.class_cap)
+            r.ref = singles.get(r.setting.config.class_cap)
     notes = ["Our caps map in order to the paper's 1500 and 3000 images per class: "
              + ", ".join(f"cap={c} ↔ {p}" for c, p in cap_map.items() if p) if any(cap_map.values())
              else "Our caps do not map one to one to the paper's 1500 / 3000: no paper values."]
@@ -335,10 +325,10 @@ def gains(t: Table, uri: str, cache: Path, n_boot: int) -> None:
     for r in t.rows:
         if r.ref is None or r.setting is None or r.ref.setting is None:
             continue
-        for task in r.setting.first.tasks:
-            if task not in r.ref.setting.first.tasks:
+        for task in r.setting.config.tasks:
+            if task not in r.ref.setting.config.tasks:
                 continue
-            metric = f"test/{task}/acc"
+            metric = sc.metric(sc.TEST, task, "acc")
             ft = stats.paired_folds(r.setting.values(metric), r.ref.setting.values(metric))
             by_fold, note = (_image_pairs(r, task, sorted(ft.diffs), uri, cache) if n_boot > 0
                              else ({}, "bootstrap skipped (--bootstrap 0)"))
@@ -389,15 +379,7 @@ def _pool_floors(t: Table) -> None:
 def _best(t: Table) -> Row | None:
     """The non-reference row with the best mean accuracy over tasks (finished folds)."""
     cands = [r for r in t.rows if r.ref is not None and r.setting and r.setting.finished]
-    if not cands:
-        return None
-
-    def score(r: Row) -> float:
-        v = [r.setting.mean(f"test/{task}/acc") for task in r.setting.first.tasks]
-        v = [x for x in v if not math.isnan(x)]
-        return sum(v) / len(v) if v else -1
-
-    return max(cands, key=score)
+    return max(cands, key=lambda r: cm.score(r.setting), default=None)
 
 
 GAIN_HEADERS = ["setting", "vs", "task", "Δ acc, pp, paired over fold × seed [per pair] (test)",
@@ -437,7 +419,7 @@ def headline(t: Table) -> str:
     if ref is None or not t.gains:
         return ""
     tasks = [c.task for c in t.columns if c.metric.endswith("/acc")]
-    sds = ", ".join(f"{k.upper()} {_pp(stats.noise(ref.setting.values(f'test/{k}/acc')).fold_sd)}" for k in tasks)
+    sds = ", ".join(f"{k.upper()} {_pp(stats.noise(ref.setting.values(sc.metric(sc.TEST, k, 'acc'))).fold_sd)}" for k in tasks)
     floors = ", ".join(f"{k.upper()} {_pp(t.floors[(ref.label, k)].floor)}" for k in tasks
                        if (ref.label, k) in t.floors)
     best = [g for g in t.gains if g["setting"].startswith("★ ")]
@@ -479,7 +461,7 @@ def noise_rows(t: Table) -> tuple[list[str], list[list[str]]]:
             continue
         line = [r.label]
         for task in tasks:
-            nz = stats.noise(r.setting.values(f"test/{task}/acc"))
+            nz = stats.noise(r.setting.values(sc.metric(sc.TEST, task, "acc")))
             line += [_pp(nz.fold_sd), _pp(nz.seed_sd)]
         rows.append(line)
     return head, rows
@@ -658,8 +640,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_log:
         parent = args.parent or cm.latest_parent(uri, exp_id)
         if parent:
-            cm.log_outputs(uri, parent, out, "analysis/tables")
-            cm.log(f"[analysis] logged to parent run {parent} under analysis/tables")
+            cm.log_outputs(uri, parent, out, sc.ANALYSIS_TABLES)
+            cm.log(f"[analysis] logged to parent run {parent} under {sc.ANALYSIS_TABLES}")
     return 0
 
 

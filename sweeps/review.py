@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-NOTE_TAG = "mlflow.note.content"
+from sweeps import schema as sc
+
 NOTE_LIMIT = 8000  # MLflow's longest tag value (mlflow.utils.validation.MAX_TAG_VAL_LENGTH)
 METRICS = ["acc", "conf", "err"]  # the paper's columns, as tables.py prints by default
 BOOTSTRAP = 10000  # tables.py's default: the multinomial bootstrap costs well under a second
@@ -77,14 +78,14 @@ def _sweep_of(uri: str, experiment_id: str, parent_id: str) -> tuple[str, str | 
     c = tr.client(uri)
     run = tr.retry(c.get_run, parent_id)
     name = tr.retry(c.get_experiment, experiment_id).name
-    return name, run.data.tags.get(tr.TAG_SWEEP), run.data.params.get("folds")
+    return name, run.data.tags.get(sc.TAG_SWEEP), run.data.params.get("folds")
 
 
 def _has_trials(uri: str, experiment_id: str, parent_id: str) -> bool:
     from sweeps import tracking as tr
 
-    return bool(tr.find_runs(uri, experiment_id, f"tags.`{tr.TAG_STAGE}` = 'student' and "
-                                                 f"tags.`{tr.TAG_PARENT}` = '{parent_id}'", max_results=1))
+    return bool(tr.find_runs(uri, experiment_id, f"tags.`{sc.TAG_STAGE}` = '{sc.STAGE_STUDENT}' and "
+                                                 f"tags.`{sc.TAG_PARENT}` = '{parent_id}'", max_results=1))
 
 
 def _review(uri: str, experiment: str, parent_id: str, folds: str | None, n_boot: int) -> str:
@@ -101,15 +102,15 @@ def _review(uri: str, experiment: str, parent_id: str, folds: str | None, n_boot
         tb.write_outputs(tables, experiment, out / "tables")
         (out / "figures").mkdir()
         fg.draw(uri, sets, sweep, out / "figures", out / "cache")
-        for part in ("tables", "figures"):
-            cm.log_outputs(uri, parent_id, out / part, f"analysis/{part}")
+        cm.log_outputs(uri, parent_id, out / "tables", sc.ANALYSIS_TABLES)
+        cm.log_outputs(uri, parent_id, out / "figures", sc.ANALYSIS_FIGURES)
     client = tr.client(uri)
-    tr.retry(client.set_tag, parent_id, NOTE_TAG, note(tables, experiment, parent_id))
+    tr.retry(client.set_tag, parent_id, sc.TAG_NOTE, note(tables, experiment, parent_id))
     best = best_settings(tables)
-    tr.log_metrics(uri, parent_id, {f"best/{task}/{k}": v for task, m in best.items() for k, v in m.items()
+    tr.log_metrics(uri, parent_id, {sc.metric(sc.BEST, task, k): v for task, m in best.items() for k, v in m.items()
                                     if k in BEST_METRICS})
     for task, m in best.items():
-        tr.retry(client.set_tag, parent_id, f"sall.best.{task}", m["setting"])
+        tr.retry(client.set_tag, parent_id, sc.per_task(sc.TAG_BEST, task), m["setting"])
     heads = [tb.headline(t) for t in tables if tb.headline(t)]
     return heads[0].replace("**", "") if heads else "no reference setting, so no gain tests"
 
@@ -148,9 +149,9 @@ def best_settings(tables: list) -> dict[str, dict[str, Any]]:
                 continue
             floor = tb.floor_of(g)
             best[g["task"]] = {
-                "setting": row.label, "temperature": row.setting.first.temperature,
+                "setting": row.label, "temperature": row.setting.config.temperature,
                 "delta_pp": 100 * ft.mean, "ci_low_pp": 100 * (ft.mean - floor),
                 "ci_high_pp": 100 * (ft.mean + floor), "boot_low_pp": 100 * g["boot"].lo,
                 "boot_high_pp": 100 * g["boot"].hi,
-                "acc_pct": 100 * row.setting.mean(f"test/{g['task']}/acc")}
+                "acc_pct": 100 * row.setting.mean(sc.metric(sc.TEST, g["task"], "acc"))}
     return best

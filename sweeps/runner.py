@@ -21,6 +21,7 @@ from typing import Any
 from sall.cli import add_data_model_args, config_overrides, guarded
 from sall.config import N_FOLDS, SWEEP_SEEDS, TrialConfig, from_preset, stable_hash
 from sall.errors import ConfigError, SallError
+from sweeps import schema as sc
 from sweeps import tracking as tr
 
 Grid = list[tuple[str, TrialConfig]]  # (label, config at fold 0)
@@ -389,9 +390,9 @@ def open_sweep(sweep: str, sweep_id: str, args: argparse.Namespace, uri: str, ca
     if args.fresh:
         if os.path.isdir(exp_dir):
             shutil.rmtree(exp_dir)
-        old = tr.find_runs(uri, exp_id, f"tags.`{tr.TAG_SWEEP_ID}` = '{sweep_id}' and tags.`{tr.TAG_STAGE}` = 'sweep'")
+        old = tr.find_runs(uri, exp_id, tr.sweep_filter(sweep_id))
         for r in old:  # the new invocation gets its own parent run
-            tr.retry(tr.client(uri).set_tag, r.info.run_id, tr.TAG_SWEEP_ID, f"{sweep_id}-superseded-{int(time.time())}")
+            tr.retry(tr.client(uri).set_tag, r.info.run_id, sc.TAG_SWEEP_ID, f"{sweep_id}-superseded-{int(time.time())}")
     parent = tr.parent_run(uri, exp_id, sweep, sweep_id, {
         "sweep": sweep, "folds": args.folds, "preset": args.preset, "seeds": ",".join(map(str, sweep_seeds(args))),
         "dataset": args.dataset, "tasks": args.tasks, "smoke": args.smoke, "address": args.address or "local",

@@ -27,16 +27,15 @@ from sall.cli import guarded
 from sall.config import N_FOLDS, TrialConfig, config_from_dict, stable_hash
 from sall.errors import ConfigError
 from sweeps import runner as rn
+from sweeps import schema as sc
 from sweeps import temperature
 from sweeps import tracking as tr
 
 SWEEP = "search"
-STAGE = "candidate"  # not "student": the analysis of the confirmed trials never mixes candidates in
+# Candidates are not students: the analysis of the confirmed trials never mixes them in. (STAGE
+# and TAG_FINAL_EPOCH stay here under these names for bench/search_vs_grid.py.)
+STAGE, TAG_FINAL_EPOCH = sc.STAGE_CANDIDATE, sc.TAG_FINAL_EPOCH
 METRIC = "val_metric"  # what candidates report to Tune: the searcher's and ASHA's objective
-TAG_CANDIDATE = "sall.candidate"  # the Tune trial id: finds the run again after a restore
-TAG_METRIC = "sall.search_metric"
-TAG_STOPPED = "sall.stopped"
-TAG_FINAL_EPOCH = "sall.final_epoch"
 SMOKE_PLAN = dict(num_samples=4, top=2, grace=1)  # --smoke: a whole search and confirmation in ~a minute
 
 
@@ -123,7 +122,7 @@ def round_t(t: float) -> float:
 
 def score(metrics: dict[str, float], metric: str, tasks: tuple[str, ...]) -> float:
     """The search's objective from one epoch's metrics: validation accuracy, mean over tasks or one."""
-    names = [f"val/{t}/acc" for t in (tasks if metric == "mean" else (metric,))]
+    names = [sc.metric(sc.VAL, t, "acc") for t in (tasks if metric == "mean" else (metric,))]
     missing = [n for n in names if n not in metrics]
     if missing:
         raise RuntimeError(f"epoch metrics lack {', '.join(missing)}; the search needs validation every epoch")
@@ -179,7 +178,7 @@ def candidate(config: dict[str, Any]) -> None:
     if replayed >= cfg.student_epochs:
         return
     run_id = tl.open_run(sw, cfg, f"T={cfg.temperature:g}", earlier,
-                         {tr.TAG_STAGE: STAGE, TAG_CANDIDATE: trial_id, TAG_METRIC: config["metric"]})
+                         {sc.TAG_STAGE: STAGE, sc.TAG_CANDIDATE: trial_id, sc.TAG_SEARCH_METRIC: config["metric"]})
     hooks = Hooks(teacher_ready=tl.teacher_hook(sw, cfg, run_id),
                   student_epoch=epoch_reporter(uri, run_id, cfg, config["metric"], replayed))
     try:
@@ -197,12 +196,12 @@ def _earlier_run(sw: dict[str, Any], cfg: TrialConfig, trial_id: str) -> Any:
     killed driver left behind before Tune saved the trial (the restored searcher proposes that T
     again under a new id): adopted, so a crash leaves no orphan run."""
     uri, parent = sw["mlflow_uri"], sw["parent_run_id"]
-    mine = f"tags.`{tr.TAG_PARENT}` = '{parent}' and tags.`{tr.TAG_STAGE}` = '{STAGE}'"
-    for which in (f"tags.`{TAG_CANDIDATE}` = '{trial_id}'",
-                  f"tags.`{tr.TAG_CONFIG_KEY}` = '{cfg.key()}' and attributes.status != 'FINISHED'"):
+    mine = f"tags.`{sc.TAG_PARENT}` = '{parent}' and tags.`{sc.TAG_STAGE}` = '{STAGE}'"
+    for which in (f"tags.`{sc.TAG_CANDIDATE}` = '{trial_id}'",
+                  f"tags.`{sc.TAG_CONFIG_KEY}` = '{cfg.key()}' and attributes.status != 'FINISHED'"):
         found = tr.find_runs(uri, sw["experiment_id"], f"{which} and {mine}")
         if found:
-            tr.retry(tr.client(uri).set_tag, found[0].info.run_id, TAG_CANDIDATE, trial_id)
+            tr.retry(tr.client(uri).set_tag, found[0].info.run_id, sc.TAG_CANDIDATE, trial_id)
             return found[0]
     return None
 
@@ -217,7 +216,7 @@ def replay(uri: str, earlier: Any, cfg: TrialConfig, metric: str) -> int:
     if earlier is None or earlier.info.status != "FINISHED" or TAG_FINAL_EPOCH not in earlier.data.tags:
         return 0
     run_id, c = earlier.info.run_id, tr.client(uri)
-    names = [f"val/{t}/acc" for t in cfg.tasks]
+    names = [sc.metric(sc.VAL, t, "acc") for t in cfg.tasks]
     per_epoch: dict[int, dict[str, float]] = {}
     for name in names:
         for m in tr.retry(c.get_metric_history, run_id, name):
@@ -232,11 +231,11 @@ def replay(uri: str, earlier: Any, cfg: TrialConfig, metric: str) -> int:
 def close_orphans(uri: str, experiment_id: str, parent: str, booked: set[str]) -> int:
     """Candidates whose trial a killed driver lost and the resumed search did not propose again:
     KILLED, tagged sall.lost=1, so no run of the search stays RUNNING. Returns how many."""
-    runs = tr.find_runs(uri, experiment_id, f"tags.`{tr.TAG_PARENT}` = '{parent}' and tags.`{tr.TAG_STAGE}` = "
+    runs = tr.find_runs(uri, experiment_id, f"tags.`{sc.TAG_PARENT}` = '{parent}' and tags.`{sc.TAG_STAGE}` = "
                                             f"'{STAGE}' and attributes.status = 'RUNNING'")
     lost = [r.info.run_id for r in runs if r.info.run_id not in booked]
     for rid in lost:
-        tr.retry(tr.client(uri).set_tag, rid, "sall.lost", "1")
+        tr.retry(tr.client(uri).set_tag, rid, sc.TAG_LOST, "1")
         tr.end_run(uri, rid, "KILLED")
     return len(lost)
 
@@ -252,9 +251,9 @@ def book(uri: str, result: dict[str, Any], epochs: int) -> dict[str, Any]:
     run = tr.retry(c.get_run, run_id)
     if run.info.status == "FINISHED" and run.data.tags.get(TAG_FINAL_EPOCH) == str(epoch):
         return row
-    tr.retry(c.set_tag, run_id, TAG_STOPPED, "1" if row["stopped"] else "0")
+    tr.retry(c.set_tag, run_id, sc.TAG_STOPPED, "1" if row["stopped"] else "0")
     tr.retry(c.set_tag, run_id, TAG_FINAL_EPOCH, str(epoch))
-    tr.log_metrics(uri, run_id, {"search/score": row["score"], "search/final_epoch": epoch})
+    tr.log_metrics(uri, run_id, {sc.SEARCH_SCORE: row["score"], sc.SEARCH_FINAL_EPOCH: epoch})
     tr.end_run(uri, run_id, "FINISHED")
     return row
 
@@ -280,7 +279,7 @@ def make_bookkeeper(uri: str, epochs: int, total: int) -> Any:
                 return
             row = book(uri, r, epochs)
             self.done += 1
-            note = f" (stopped early by ASHA)" if row["stopped"] else ""
+            note = " (stopped early by ASHA)" if row["stopped"] else ""
             print(f"[candidate] T={row['temperature']:g}: validation {row['score']:.3f} at epoch "
                   f"{row['epoch']}/{epochs}{note} · {self.done}/{total} · elapsed {rn._fmt(time.time() - self.t0)}",
                   file=sys.stderr, flush=True)
@@ -311,7 +310,7 @@ def search(args: argparse.Namespace, plan: Plan, search_base: TrialConfig, uri: 
     sweep_id = (rn.make_sweep_id(SWEEP, [rn.Trial("T search", search_base)], uri, cache_dir, args.experiment)
                 + "-" + stable_hash(dataclasses.asdict(plan)) + "-candidates")
     run = rn.open_sweep(SWEEP, sweep_id, args, uri, cache_dir, {"trials": plan.num_samples, **plan.params()})
-    tr.retry(tr.client(uri).set_tag, run.parent, "mlflow.runName", "search: candidates")
+    tr.retry(tr.client(uri).set_tag, run.parent, sc.TAG_RUN_NAME, "search: candidates")
     print(f"[search] {plan.num_samples} candidates, T log-uniform in [{plan.t_min:g}, {plan.t_max:g}] on fold "
           f"{plan.fold} · MLflow {uri} experiment '{args.experiment}' (parent run {run.parent}) · Tune "
           f"{run.exp_dir}", file=sys.stderr, flush=True)
@@ -337,10 +336,10 @@ def search(args: argparse.Namespace, plan: Plan, search_base: TrialConfig, uri: 
 def _log_search(uri: str, parent: str, rows: list[dict[str, Any]], plan: Plan) -> None:
     """The search's outcome on its parent run: the picks, the epochs spent, every candidate."""
     picked = pick(rows, plan.top)
-    tr.retry(tr.client(uri).set_tag, parent, "sall.picked", ",".join(f"{t:g}" for t in picked))
+    tr.retry(tr.client(uri).set_tag, parent, sc.TAG_PICKED, ",".join(f"{t:g}" for t in picked))
     tr.log_metrics(uri, parent, {"student_epochs": sum(r["epoch"] for r in rows),
                                  "candidates_stopped": sum(r["stopped"] for r in rows)})
-    tr.log_dict_artifact(uri, parent, sorted(rows, key=lambda r: r["temperature"]), "candidates.json")
+    tr.log_dict_artifact(uri, parent, sorted(rows, key=lambda r: r["temperature"]), sc.CANDIDATES_JSON)
     spent = sum(r["epoch"] for r in rows)
     print(f"[search] picked T={', '.join(f'{t:g}' for t in picked)} (validation '{plan.metric}' at the furthest "
           f"epoch); {sum(r['stopped'] for r in rows)} of {len(rows)} stopped early; student-epochs "
@@ -359,11 +358,11 @@ def answer(uri: str, experiment_id: str, temps: list[float], metric: str) -> tup
     averaged over its folds. Validation again, never test: the test accuracy of the answer is
     measured, not used to choose it."""
     per_t: dict[float, list[float]] = {}
-    for r in tr.find_runs(uri, experiment_id, f"tags.`{tr.TAG_STAGE}` = 'student'", max_results=50000):
-        t, tasks = float(r.data.params.get("temperature", "nan")), r.data.params.get("tasks", "").split(",")
-        metrics = {k.replace("val_best/", "val/"): v for k, v in r.data.metrics.items()}
-        if r.info.status == "FINISHED" and t in temps and r.data.params.get("sa_labels") == "True":
-            per_t.setdefault(t, []).append(score(metrics, metric, tuple(tasks)))
+    for r in tr.find_runs(uri, experiment_id, f"tags.`{sc.TAG_STAGE}` = '{sc.STAGE_STUDENT}'", max_results=50000):
+        cfg = TrialConfig.from_params(r.data.params)
+        metrics = {k.replace(f"{sc.VAL_BEST}/", f"{sc.VAL}/"): v for k, v in r.data.metrics.items()}
+        if r.info.status == "FINISHED" and cfg.temperature in temps and cfg.sa_labels:
+            per_t.setdefault(cfg.temperature, []).append(score(metrics, metric, cfg.tasks))
     means = {t: sum(v) / len(v) for t, v in per_t.items()}
     return max(means.items(), key=lambda kv: kv[1]) if means else None
 

@@ -19,19 +19,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sall.errors import SallError
+from sweeps import schema as sc
 
 T = TypeVar("T")
 
-TAG_STAGE = "sall.stage"
-TAG_SWEEP = "sall.sweep"
-TAG_SWEEP_ID = "sall.sweep_id"
-TAG_FOLD = "sall.fold"
-TAG_SEED = "sall.seed"
-TAG_TRIAL_KEY = "sall.trial_key"
-TAG_CONFIG_KEY = "sall.config_key"
-TAG_TEACHER_KEY = "sall.teacher_key"
-TAG_LABEL = "sall.label"
-TAG_PARENT = "mlflow.parentRunId"
+# The tag names live in sweeps/schema.py; these two stay here for bench/, which reads them as
+# tracking's.
+TAG_STAGE, TAG_PARENT = sc.TAG_STAGE, sc.TAG_PARENT
 
 
 def retry(fn: Callable[..., T], *args: Any, attempts: int = 40, **kwargs: Any) -> T:
@@ -144,16 +138,21 @@ def find_runs(uri: str, experiment_id: str, filter_string: str, max_results: int
     return retry(c.search_runs, [experiment_id], filter_string=filter_string, max_results=max_results)
 
 
+def sweep_filter(sweep_id: str) -> str:
+    """The search filter of the parent run of invocation `sweep_id` (resumed, or superseded)."""
+    return f"tags.`{sc.TAG_SWEEP_ID}` = '{sweep_id}' and tags.`{sc.TAG_STAGE}` = '{sc.STAGE_SWEEP}'"
+
+
 def parent_run(uri: str, experiment_id: str, sweep: str, sweep_id: str, params: dict[str, str]) -> str:
     """The parent run of this sweep invocation: reused when the same sweep is resumed."""
-    runs = find_runs(uri, experiment_id, f"tags.`{TAG_SWEEP_ID}` = '{sweep_id}' and tags.`{TAG_STAGE}` = 'sweep'")
+    runs = find_runs(uri, experiment_id, sweep_filter(sweep_id))
     c = client(uri)
     if runs:
         run_id = runs[0].info.run_id
         retry(c.update_run, run_id, status="RUNNING")
         return run_id
     run = retry(c.create_run, experiment_id, run_name=f"{sweep} sweep",
-                tags={TAG_STAGE: "sweep", TAG_SWEEP: sweep, TAG_SWEEP_ID: sweep_id})
+                tags={sc.TAG_STAGE: sc.STAGE_SWEEP, sc.TAG_SWEEP: sweep, sc.TAG_SWEEP_ID: sweep_id})
     log_params(uri, run.info.run_id, params)
     return run.info.run_id
 

@@ -14,11 +14,9 @@ from typing import Any
 
 from sall.config import TrialConfig, config_from_dict, param_strings
 from sall.store import ArtifactStore
+from sweeps import schema as sc
 from sweeps import tracking as tr
 from sweeps.tracking import retry
-
-
-TEACHERS_RUN = "teachers"  # the child of a sweep run that holds its teacher runs
 
 
 def teacher_run(uri: str, experiment_id: str, parent_id: str, sweep: str, store: ArtifactStore, teacher,
@@ -31,7 +29,7 @@ def teacher_run(uri: str, experiment_id: str, parent_id: str, sweep: str, store:
     string form as a trial's params."""
     with store.lock(f"mlflow-teacher-{experiment_id}-{teacher.key}"):
         runs = tr.find_runs(uri, experiment_id,
-                            f"tags.`{tr.TAG_TEACHER_KEY}` = '{teacher.key}' and tags.`{tr.TAG_STAGE}` = 'teacher'")
+                            f"tags.`{sc.TAG_TEACHER_KEY}` = '{teacher.key}' and tags.`{sc.TAG_STAGE}` = '{sc.STAGE_TEACHER}'")
         if runs:
             return runs[0].info.run_id
         c = tr.client(uri)
@@ -40,14 +38,14 @@ def teacher_run(uri: str, experiment_id: str, parent_id: str, sweep: str, store:
         group = _teachers_run(uri, experiment_id, parent_id, sweep, store, start_ms)
         run = retry(c.create_run, experiment_id, start_time=start_ms,
                     run_name=f"teacher {teacher.task} {replicate_name(cfg.fold, cfg.seed)}",
-                    tags={tr.TAG_STAGE: "teacher", tr.TAG_SWEEP: sweep, tr.TAG_TEACHER_KEY: teacher.key,
-                          tr.TAG_FOLD: str(cfg.fold), tr.TAG_SEED: str(cfg.seed), tr.TAG_PARENT: group,
-                          "sall.task": teacher.task, "sall.trained_now": str(teacher.fetched.built)})
+                    tags={sc.TAG_STAGE: sc.STAGE_TEACHER, sc.TAG_SWEEP: sweep, sc.TAG_TEACHER_KEY: teacher.key,
+                          sc.TAG_FOLD: str(cfg.fold), sc.TAG_SEED: str(cfg.seed), sc.TAG_PARENT: group,
+                          sc.TAG_TASK: teacher.task, sc.TAG_TRAINED_NOW: str(teacher.fetched.built)})
         rid = run.info.run_id
         tr.log_params(uri, rid, param_strings(cfg.teacher_fields(teacher.task)))
         for h in info["history"]:
             tr.log_metrics(uri, rid, {k: v for k, v in h.items() if "/" in k}, step=int(h["epoch"]))
-        tr.log_metrics(uri, rid, {f"test/{teacher.task}/{k}": v for k, v in info["test"].items()
+        tr.log_metrics(uri, rid, {sc.metric(sc.TEST, teacher.task, k): v for k, v in info["test"].items()
                                   if isinstance(v, (int, float))})
         tr.log_metrics(uri, rid, {"best_epoch": info["best_epoch"], "train_seconds": info["seconds"]})
         retry(c.set_terminated, rid, "FINISHED", end_time=end_ms)
@@ -70,14 +68,14 @@ def _teachers_run(uri: str, experiment_id: str, parent_id: str, sweep: str, stor
     It starts with the sweep, or with an earlier teacher: a run's start cannot be moved later, and
     a teacher that finishes second may have started first."""
     with store.lock(f"mlflow-teachers-{parent_id}"):
-        found = tr.find_runs(uri, experiment_id, f"tags.`{tr.TAG_STAGE}` = '{TEACHERS_RUN}' and "
-                                                 f"tags.`{tr.TAG_PARENT}` = '{parent_id}'")
+        found = tr.find_runs(uri, experiment_id, f"tags.`{sc.TAG_STAGE}` = '{sc.STAGE_TEACHERS}' and "
+                                                 f"tags.`{sc.TAG_PARENT}` = '{parent_id}'")
         if found:
             return found[0].info.run_id
         c = tr.client(uri)
         start_ms = min(start_ms, retry(c.get_run, parent_id).info.start_time or start_ms)
-        run = retry(c.create_run, experiment_id, start_time=start_ms, run_name=TEACHERS_RUN,
-                    tags={tr.TAG_STAGE: TEACHERS_RUN, tr.TAG_SWEEP: sweep, tr.TAG_PARENT: parent_id})
+        run = retry(c.create_run, experiment_id, start_time=start_ms, run_name=sc.STAGE_TEACHERS,
+                    tags={sc.TAG_STAGE: sc.STAGE_TEACHERS, sc.TAG_SWEEP: sweep, sc.TAG_PARENT: parent_id})
         return run.info.run_id
 
 
@@ -95,7 +93,7 @@ def replicate_name(fold: int, seed: int) -> str:
 
 def _find_trial_run(uri: str, experiment_id: str, parent_id: str, config_key: str):
     runs = tr.find_runs(uri, experiment_id,
-                        f"tags.`{tr.TAG_CONFIG_KEY}` = '{config_key}' and tags.`{tr.TAG_PARENT}` = '{parent_id}'")
+                        f"tags.`{sc.TAG_CONFIG_KEY}` = '{config_key}' and tags.`{sc.TAG_PARENT}` = '{parent_id}'")
     return runs[0] if runs else None
 
 
@@ -104,12 +102,12 @@ def _final_metrics(res) -> dict[str, float]:
 
     out: dict[str, float] = {}
     for task, m in res.test.items():
-        out.update({f"test/{task}/{k}": v for k, v in scalar_metrics(m).items()})
+        out.update({sc.metric(sc.TEST, task, k): v for k, v in scalar_metrics(m).items()})
     for task, m in res.val.items():
-        out[f"val_best/{task}/acc"] = m["acc"]
+        out[sc.metric(sc.VAL_BEST, task, "acc")] = m["acc"]
     for task, s in res.soft.items():
-        out[f"soft/{task}/max_mean"] = s["max_mean"]
-        out[f"soft/{task}/var"] = s["var"]
+        out[sc.metric(sc.SOFT, task, "max_mean")] = s["max_mean"]
+        out[sc.metric(sc.SOFT, task, "var")] = s["var"]
     out["trial_seconds"] = res.seconds
     return out
 
@@ -158,18 +156,18 @@ def open_run(sw: dict[str, Any], cfg: TrialConfig, label: str, existing: Any = N
     if existing is not None:
         run_id = existing.info.run_id
         retry(c.update_run, run_id, status="RUNNING")
-        attempts = int(existing.data.tags.get("sall.attempts", "1")) + 1
-        retry(c.set_tag, run_id, "sall.attempts", str(attempts))
+        attempts = int(existing.data.tags.get(sc.TAG_ATTEMPTS, "1")) + 1
+        retry(c.set_tag, run_id, sc.TAG_ATTEMPTS, str(attempts))
     else:
-        tags = {tr.TAG_STAGE: "student", tr.TAG_SWEEP: sw["sweep"], tr.TAG_FOLD: str(cfg.fold),
-                tr.TAG_SEED: str(cfg.seed), tr.TAG_TRIAL_KEY: cfg.trial_key(), tr.TAG_CONFIG_KEY: cfg.key(),
-                tr.TAG_LABEL: label, tr.TAG_PARENT: parent_id, "sall.node": _node(),
-                "sall.host": socket.gethostname(), **(tags or {})}
+        tags = {sc.TAG_STAGE: sc.STAGE_STUDENT, sc.TAG_SWEEP: sw["sweep"], sc.TAG_FOLD: str(cfg.fold),
+                sc.TAG_SEED: str(cfg.seed), sc.TAG_TRIAL_KEY: cfg.trial_key(), sc.TAG_CONFIG_KEY: cfg.key(),
+                sc.TAG_LABEL: label, sc.TAG_PARENT: parent_id, sc.TAG_NODE: _node(),
+                sc.TAG_HOST: socket.gethostname(), **(tags or {})}
         run = retry(c.create_run, exp_id, run_name=f"{label} {replicate_name(cfg.fold, cfg.seed)}", tags=tags)
         run_id = run.info.run_id
-        retry(c.set_tag, run_id, "sall.attempts", "1")
+        retry(c.set_tag, run_id, sc.TAG_ATTEMPTS, "1")
         tr.log_params(uri, run_id, cfg.params())
-    retry(c.set_tag, run_id, "sall.node", _node())
+    retry(c.set_tag, run_id, sc.TAG_NODE, _node())
     return run_id
 
 
@@ -182,8 +180,8 @@ def teacher_hook(sw: dict[str, Any], cfg: TrialConfig, run_id: str) -> Callable[
 
     def teacher_ready(teacher) -> None:
         rid = teacher_run(uri, exp_id, parent_id, sw["sweep"], store, teacher, cfg)
-        retry(c.set_tag, run_id, f"sall.teacher.{teacher.task}", rid)
-        retry(c.set_tag, run_id, f"{tr.TAG_TEACHER_KEY}.{teacher.task}", teacher.key)
+        retry(c.set_tag, run_id, sc.per_task(sc.TAG_TEACHER_RUN, teacher.task), rid)
+        retry(c.set_tag, run_id, sc.per_task(sc.TAG_TEACHER_KEY, teacher.task), teacher.key)
 
     return teacher_ready
 
@@ -192,9 +190,9 @@ def fail_run(uri: str, run_id: str, e: BaseException) -> None:
     """Mark a run FAILED with the error as a tag and the traceback as `error.txt` (call it from
     the `except` block, where the traceback is current)."""
     c = tr.client(uri)
-    retry(c.set_tag, run_id, "sall.error", f"{type(e).__name__}: {e}"[:5000])
+    retry(c.set_tag, run_id, sc.TAG_ERROR, f"{type(e).__name__}: {e}"[:5000])
     with tempfile.TemporaryDirectory() as d:
-        p = Path(d) / "error.txt"
+        p = Path(d) / sc.ERROR_TXT
         p.write_text(traceback.format_exc())
         retry(c.log_artifact, run_id, str(p))
     tr.end_run(uri, run_id, "FAILED")
@@ -219,7 +217,7 @@ def run_trial(config: dict[str, Any]) -> None:
     existing = _find_trial_run(uri, exp_id, parent_id, key)
     if existing is not None and existing.info.status == "FINISHED":
         # finished before a crash of the driver: report what it logged, do not run or log again
-        metrics = {k: v for k, v in existing.data.metrics.items() if k.startswith("test/")}
+        metrics = {k: v for k, v in existing.data.metrics.items() if k.startswith(f"{sc.TEST}/")}
         tune.report({**_tune_metrics(metrics), "mlflow_run_id": existing.info.run_id, "reused_run": 1})
         return
     run_id = open_run(sw, cfg, config["label"], existing)
@@ -242,9 +240,9 @@ def run_trial(config: dict[str, Any]) -> None:
         logging_s[0] += time.perf_counter() - t0
         if cfg.profile:
             prof = {**res.profile, "logging_s": logging_s[0]}
-            tr.log_metrics(uri, run_id, {f"profile/{k}": v for k, v in prof.items()})
+            tr.log_metrics(uri, run_id, {f"{sc.PROFILE}/{k}": v for k, v in prof.items()})
             print("[profile] " + ", ".join(f"{k} {v:.1f}s" for k, v in prof.items()), file=sys.stderr, flush=True)
-        retry(c.set_tag, run_id, "sall.teachers_trained",
+        retry(c.set_tag, run_id, sc.TAG_TEACHERS_TRAINED,
               ",".join(t for t, d in res.teachers.items() if d["built"]) or "none")
     except BaseException as e:
         fail_run(uri, run_id, e)
@@ -256,8 +254,8 @@ def run_trial(config: dict[str, Any]) -> None:
 
 def _tune_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """Tune-friendly names (no slashes) of the test metrics, for its progress and result grid."""
-    return {k.replace("test/", "").replace("/", "_"): v for k, v in metrics.items()
-            if k.startswith("test/") and v is not None}
+    return {k.replace(f"{sc.TEST}/", "").replace("/", "_"): v for k, v in metrics.items()
+            if k.startswith(f"{sc.TEST}/") and v is not None}
 
 
 def _node() -> str:

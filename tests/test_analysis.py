@@ -23,6 +23,7 @@ from analysis import common as cm  # noqa: E402
 from analysis import evaluate as ev  # noqa: E402
 from analysis import stats  # noqa: E402
 from analysis import tables as tb  # noqa: E402
+from sweeps import schema as sc  # noqa: E402
 
 EXP = "sall-temperature"
 
@@ -83,7 +84,7 @@ def failed_store(store, tmp_path_factory):
     shutil.copy(store / "mlflow.db", d / "mlflow.db")
     c = cm.client(uri(d))
     rid = student(d, "T=8", 1).info.run_id
-    c.set_tag(rid, "sall.error", "RuntimeError: injected")
+    c.set_tag(rid, sc.TAG_ERROR, "RuntimeError: injected")
     c.set_terminated(rid, "FAILED")
     return d
 
@@ -95,8 +96,8 @@ def uri(d: Path) -> str:
 def student(d: Path, label: str, fold: int):
     c = cm.client(uri(d))
     exp = c.get_experiment_by_name(EXP)
-    return c.search_runs([exp.experiment_id], f"tags.`sall.stage` = 'student' and tags.`sall.label` = '{label}' "
-                                              f"and tags.`sall.fold` = '{fold}'")[0]
+    return c.search_runs([exp.experiment_id], f"tags.`{sc.TAG_STAGE}` = '{sc.STAGE_STUDENT}' and "
+                                              f"tags.`{sc.TAG_LABEL}` = '{label}' and tags.`{sc.TAG_FOLD}` = '{fold}'")[0]
 
 
 @pytest.mark.slow
@@ -209,7 +210,7 @@ def test_evaluate_external_end_to_end(store, external):
     assert 0 <= out["metrics"]["dr"]["acc"] <= 1
     c = cm.client(uri(store))
     ext = c.get_run(out["external_run"])
-    assert ext.data.tags["sall.stage"] == "external" and ext.data.tags["sall.evaluated_run"] == rid
+    assert ext.data.tags[sc.TAG_STAGE] == sc.STAGE_EXTERNAL and ext.data.tags[sc.TAG_EVALUATED_RUN] == rid
     assert ext.info.experiment_id == c.get_run(rid).info.experiment_id
     assert ext.data.metrics["external/dr/acc"] == pytest.approx(out["metrics"]["dr"]["acc"])
     assert "predictions_dr.csv" in {a.path for a in c.list_artifacts(ext.info.run_id)}
@@ -274,19 +275,18 @@ def test_bootstrap_counts_an_image_once_over_seeds():
 def _hand_store(d: Path, acc: dict[tuple[str, int, int], float]) -> str:
     """An MLflow store with one student run per (setting, fold, seed) and the tags a sweep writes."""
     from sall.config import from_preset
-    from sweeps import tracking as tr
 
     u = f"sqlite:///{d / 'mlflow.db'}"
     c = cm.client(u)
     exp = c.create_experiment(EXP)
-    parent = c.create_run(exp, tags={tr.TAG_STAGE: "sweep", tr.TAG_SWEEP: "temperature"}).info.run_id
+    parent = c.create_run(exp, tags={sc.TAG_STAGE: sc.STAGE_SWEEP, sc.TAG_SWEEP: "temperature"}).info.run_id
     for (label, fold, seed), a in acc.items():
         base = from_preset("cpu", fold=fold, seed=seed)
         cfg = (base.replace(temperature=1.0, multitask=False, sa_labels=False) if label == "baseline"
                else base.replace(temperature=float(label[2:])))
-        run = c.create_run(exp, tags={tr.TAG_STAGE: "student", tr.TAG_SWEEP: "temperature", tr.TAG_FOLD: str(fold),
-                                      tr.TAG_SEED: str(seed), tr.TAG_TRIAL_KEY: cfg.trial_key(),
-                                      tr.TAG_LABEL: label, tr.TAG_PARENT: parent})
+        run = c.create_run(exp, tags={sc.TAG_STAGE: sc.STAGE_STUDENT, sc.TAG_SWEEP: "temperature", sc.TAG_FOLD: str(fold),
+                                      sc.TAG_SEED: str(seed), sc.TAG_TRIAL_KEY: cfg.trial_key(),
+                                      sc.TAG_LABEL: label, sc.TAG_PARENT: parent})
         rid = run.info.run_id
         for k, v in cfg.params().items():
             c.log_param(rid, k, v)

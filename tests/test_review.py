@@ -14,7 +14,8 @@ from test_analysis import EXP, _hand_store
 from analysis import common as cm
 from analysis import tables as tb
 from sall.config import from_preset, param_strings
-from sweeps.review import NOTE_TAG, note, review_sweep
+from sweeps import schema as sc
+from sweeps.review import note, review_sweep
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,7 +50,7 @@ def test_review_puts_the_answer_on_the_sweep_run(gain_store, capsys):
     assert "warning" not in err and "the answer is on the sweep run's page" in err
     assert len(err.strip().splitlines()) == 1  # the analysis' own progress stays quiet
     run_ = cm.client(u).get_run(parent)
-    text = run_.data.tags[NOTE_TAG]
+    text = run_.data.tags[sc.TAG_NOTE]
     assert text.index("Best setting: T=4") < text.index("| baseline |")  # the answer first
     assert "Table IV" in text and "### Noise (IV)" in text and "Is the gain real?" in text
     m = run_.data.metrics
@@ -57,7 +58,7 @@ def test_review_puts_the_answer_on_the_sweep_run(gain_store, capsys):
     assert m["best/dr/ci_low_pp"] < m["best/dr/delta_pp"] < m["best/dr/ci_high_pp"]
     assert m["best/amd/acc_pct"] == pytest.approx(100 * (0.72 + 0.11 / 3))
     assert "best/dr/boot_low_pp" not in m  # no bootstrap: nothing made up
-    assert run_.data.tags["sall.best.dr"] == "T=4"
+    assert run_.data.tags[sc.per_task(sc.TAG_BEST, "dr")] == "T=4"
     arts = {a.path for p in ("analysis/tables", "analysis/figures") for a in cm.client(u).list_artifacts(parent, p)}
     assert {"analysis/tables/tables.md", "analysis/tables/table_IV.csv", "analysis/tables/gain_IV.csv",
             "analysis/figures/fig5_temperature.png", "analysis/figures/fig6_confusion.png"} <= arts
@@ -87,13 +88,13 @@ def test_a_sweep_without_a_paper_table_or_a_trial_gets_no_review(gain_store, cap
     u, _ = gain_store
     c = cm.client(u)
     exp = c.create_experiment("sall-custom")
-    custom = c.create_run(exp, tags={"sall.stage": "sweep", "sall.sweep": "custom"}).info.run_id
-    empty = c.create_run(cm.experiment_id(u, EXP), tags={"sall.stage": "sweep", "sall.sweep": "temperature"}).info.run_id
+    custom = c.create_run(exp, tags={sc.TAG_STAGE: sc.STAGE_SWEEP, sc.TAG_SWEEP: "custom"}).info.run_id
+    empty = c.create_run(cm.experiment_id(u, EXP), tags={sc.TAG_STAGE: sc.STAGE_SWEEP, sc.TAG_SWEEP: "temperature"}).info.run_id
     capsys.readouterr()
     review_sweep(u, exp, custom)
     review_sweep(u, cm.experiment_id(u, EXP), empty)  # e.g. a search's candidates: no trial under it
     assert capsys.readouterr().err == ""
-    assert NOTE_TAG not in c.get_run(custom).data.tags and NOTE_TAG not in c.get_run(empty).data.tags
+    assert sc.TAG_NOTE not in c.get_run(custom).data.tags and sc.TAG_NOTE not in c.get_run(empty).data.tags
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,14 +107,14 @@ def smoke(temperature_smoke):
 
 
 def _stage(rs: list, stage: str) -> list:
-    return [r for r in rs if r.data.tags.get("sall.stage") == stage]
+    return [r for r in rs if r.data.tags.get(sc.TAG_STAGE) == stage]
 
 
 @pytest.mark.slow
 def test_smoke_sweep_run_shows_the_answer(smoke):
     out, rs, _ = smoke
-    (parent,) = _stage(rs, "sweep")
-    text = parent.data.tags[NOTE_TAG]
+    (parent,) = _stage(rs, sc.STAGE_SWEEP)
+    text = parent.data.tags[sc.TAG_NOTE]
     assert "**Best setting:" in text and "| baseline |" in text and "| T=8 |" in text
     assert {"best/dr/temperature", "best/dr/delta_pp", "best/dr/ci_low_pp", "best/dr/boot_high_pp",
             "review_seconds"} <= set(parent.data.metrics)
@@ -123,13 +124,13 @@ def test_smoke_sweep_run_shows_the_answer(smoke):
 @pytest.mark.slow
 def test_smoke_teachers_sit_apart_with_their_training_span(smoke):
     _, rs, by_id = smoke
-    (parent,) = _stage(rs, "sweep")
-    (group,) = _stage(rs, "teachers")
-    teachers = _stage(rs, "teacher")
-    assert group.data.tags["mlflow.parentRunId"] == parent.info.run_id and group.info.status == "FINISHED"
-    assert len(teachers) == 6 and all(t.data.tags["mlflow.parentRunId"] == group.info.run_id for t in teachers)
-    children = {r.info.run_id for r in rs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert children == {r.info.run_id for r in _stage(rs, "student")} | {group.info.run_id}
+    (parent,) = _stage(rs, sc.STAGE_SWEEP)
+    (group,) = _stage(rs, sc.STAGE_TEACHERS)
+    teachers = _stage(rs, sc.STAGE_TEACHER)
+    assert group.data.tags[sc.TAG_PARENT] == parent.info.run_id and group.info.status == "FINISHED"
+    assert len(teachers) == 6 and all(t.data.tags[sc.TAG_PARENT] == group.info.run_id for t in teachers)
+    children = {r.info.run_id for r in rs if r.data.tags.get(sc.TAG_PARENT) == parent.info.run_id}
+    assert children == {r.info.run_id for r in _stage(rs, sc.STAGE_STUDENT)} | {group.info.run_id}
     for t in teachers:
         span = (t.info.end_time - t.info.start_time) / 1000
         assert span == pytest.approx(t.data.metrics["train_seconds"], abs=0.01)
@@ -140,7 +141,7 @@ def test_smoke_teachers_sit_apart_with_their_training_span(smoke):
 @pytest.mark.slow
 def test_smoke_params_read_alike_and_progress_ends_at_zero_running(smoke):
     out, rs, _ = smoke
-    student, teacher = _stage(rs, "student")[0], _stage(rs, "teacher")[0]
+    student, teacher = _stage(rs, sc.STAGE_STUDENT)[0], _stage(rs, sc.STAGE_TEACHER)[0]
     assert student.data.params["betas"] == teacher.data.params["betas"] == "0.9,0.999"
     assert student.data.params["sample_counts"] == "all"
     assert all(v != "" for r in rs for v in r.data.params.values())

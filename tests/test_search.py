@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from analysis import figures as fg  # noqa: E402
 from sall.config import from_preset  # noqa: E402
+from sweeps import schema as sc  # noqa: E402
 from sweeps import search as se  # noqa: E402
 from sweeps import tracking as tr  # noqa: E402
 
@@ -45,7 +46,7 @@ def test_validating_every_epoch_changes_neither_the_key_nor_the_weights():
 def _candidate_run(u: str) -> str:
     c = tr.client(u)
     exp = tr.ensure_experiment(u, EXP)
-    return c.create_run(exp, tags={tr.TAG_STAGE: se.STAGE}).info.run_id
+    return c.create_run(exp, tags={sc.TAG_STAGE: sc.STAGE_CANDIDATE}).info.run_id
 
 
 def test_book_marks_stopped_and_complete_candidates_once(tmp_path):
@@ -60,7 +61,7 @@ def test_book_marks_stopped_and_complete_candidates_once(tmp_path):
     for rid, flag, epoch in ((stopped, "1", "2"), (complete, "0", "6")):
         r = c.get_run(rid)
         assert r.info.status == "FINISHED"
-        assert (r.data.tags[se.TAG_STOPPED], r.data.tags[se.TAG_FINAL_EPOCH]) == (flag, epoch)
+        assert (r.data.tags[sc.TAG_STOPPED], r.data.tags[sc.TAG_FINAL_EPOCH]) == (flag, epoch)
         assert len(c.get_metric_history(rid, "search/score")) == 1
 
 
@@ -68,18 +69,18 @@ def test_a_run_a_killed_driver_lost_is_adopted_by_its_t_or_closed(tmp_path):
     u = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c = tr.client(u)
     exp = tr.ensure_experiment(u, EXP)
-    parent = c.create_run(exp, tags={tr.TAG_STAGE: "sweep"}).info.run_id
+    parent = c.create_run(exp, tags={sc.TAG_STAGE: sc.STAGE_SWEEP}).info.run_id
     sw = dict(mlflow_uri=u, experiment_id=exp, parent_run_id=parent)
     cfg = from_preset("cpu", temperature=3.17)
-    tags = {tr.TAG_STAGE: se.STAGE, tr.TAG_PARENT: parent, se.TAG_CANDIDATE: "lost_1"}
-    lost = c.create_run(exp, tags={**tags, tr.TAG_CONFIG_KEY: cfg.key()}).info.run_id
-    other = c.create_run(exp, tags={**tags, tr.TAG_CONFIG_KEY: "another-t"}).info.run_id
+    tags = {sc.TAG_STAGE: sc.STAGE_CANDIDATE, sc.TAG_PARENT: parent, sc.TAG_CANDIDATE: "lost_1"}
+    lost = c.create_run(exp, tags={**tags, sc.TAG_CONFIG_KEY: cfg.key()}).info.run_id
+    other = c.create_run(exp, tags={**tags, sc.TAG_CONFIG_KEY: "another-t"}).info.run_id
     assert se._earlier_run(sw, cfg.replace(temperature=5.0), "new_1") is None
     assert se._earlier_run(sw, cfg, "new_2").info.run_id == lost  # proposed again: adopted
-    assert c.get_run(lost).data.tags[se.TAG_CANDIDATE] == "new_2"
+    assert c.get_run(lost).data.tags[sc.TAG_CANDIDATE] == "new_2"
     assert se.close_orphans(u, exp, parent, booked={lost}) == 1  # never proposed again: closed
     r = c.get_run(other)
-    assert (r.info.status, r.data.tags["sall.lost"]) == ("KILLED", "1")
+    assert (r.info.status, r.data.tags[sc.TAG_LOST]) == ("KILLED", "1")
     assert c.get_run(lost).info.status == "RUNNING"
 
 
@@ -144,14 +145,14 @@ def _hand_store(d: Path) -> str:
     grid = c.create_experiment("sall-temperature")
     for t, fold in ((2.0, 0), (8.0, 0), (8.0, 1)):
         cfg = from_preset("cpu", fold=fold, temperature=t)
-        rid = c.create_run(grid, tags={tr.TAG_STAGE: "student", tr.TAG_FOLD: str(fold), tr.TAG_LABEL: f"T={t:g}",
-                                       tr.TAG_TRIAL_KEY: cfg.trial_key()}).info.run_id
+        rid = c.create_run(grid, tags={sc.TAG_STAGE: sc.STAGE_STUDENT, sc.TAG_FOLD: str(fold), sc.TAG_LABEL: f"T={t:g}",
+                                       sc.TAG_TRIAL_KEY: cfg.trial_key()}).info.run_id
         tr.log_params(u, rid, cfg.params())
         tr.log_metrics(u, rid, {"val_best/dr/acc": 0.5 + t / 100 + fold, "val_best/amd/acc": 0.7})
         c.set_terminated(rid, "FINISHED")
     search = c.create_experiment(EXP)
     for t, score, epoch in ((3.0, 0.61, 6), (20.0, 0.40, 2), (9.5, 0.63, 6)):
-        rid = c.create_run(search, tags={tr.TAG_STAGE: se.STAGE, tr.TAG_FOLD: "0", se.TAG_METRIC: "mean"}).info.run_id
+        rid = c.create_run(search, tags={sc.TAG_STAGE: sc.STAGE_CANDIDATE, sc.TAG_FOLD: "0", sc.TAG_SEARCH_METRIC: "mean"}).info.run_id
         tr.log_params(u, rid, {"temperature": str(t)})
         se.book(u, {"mlflow_run_id": rid, "epoch": epoch, se.METRIC: score, "temperature": t}, epochs=6)
     return u
@@ -180,7 +181,7 @@ N = 6
 
 
 def _candidates(d: Path) -> list:
-    return [r for r in runs(d, EXP) if r.data.tags.get("sall.stage") == se.STAGE]
+    return [r for r in runs(d, EXP) if r.data.tags.get(sc.TAG_STAGE) == sc.STAGE_CANDIDATE]
 
 
 @pytest.fixture(scope="module")
@@ -188,8 +189,8 @@ def searched(tmp_path_factory) -> tuple[Path, dict[str, int], subprocess.Complet
     """(store dir, {run id: end time} of the candidates booked before the kill, the rerun)."""
     d = tmp_path_factory.mktemp("search")
     cmd = sweep_cmd("search", d, *SEARCH_FLAGS)
-    kill_when(cmd, d, lambda: any(se.TAG_FINAL_EPOCH in r.data.tags for r in _candidates(d)), timeout=420)
-    before = {r.info.run_id: r.info.end_time for r in _candidates(d) if se.TAG_FINAL_EPOCH in r.data.tags}
+    kill_when(cmd, d, lambda: any(sc.TAG_FINAL_EPOCH in r.data.tags for r in _candidates(d)), timeout=420)
+    before = {r.info.run_id: r.info.end_time for r in _candidates(d) if sc.TAG_FINAL_EPOCH in r.data.tags}
     time.sleep(2)
     return d, before, run(cmd, d)
 
@@ -198,22 +199,22 @@ def searched(tmp_path_factory) -> tuple[Path, dict[str, int], subprocess.Complet
 def test_early_stopped_candidates_are_tagged_with_their_final_epoch(searched):
     d, _, out = searched
     assert out.returncode == 0, out.stderr[-3000:]
-    cands = [r for r in _candidates(d) if r.data.tags.get("sall.lost") != "1"]
+    cands = [r for r in _candidates(d) if r.data.tags.get(sc.TAG_LOST) != "1"]
     # Tune writes its trial list, Optuna's study and the generator's count one file after another
     # (and copies them to storage in the background), so a SIGKILL between two writes restores a
     # generator that has not counted the newest trial: the resumed search proposes one candidate
     # more than --num-samples (seen once in CI: 7 of 6). Never two, and none run twice.
     assert N <= len(cands) <= N + 1
-    assert len({r.data.tags[se.TAG_CANDIDATE] for r in cands}) == len(cands)  # each trial once
+    assert len({r.data.tags[sc.TAG_CANDIDATE] for r in cands}) == len(cands)  # each trial once
     c = tr.client(f"sqlite:///{d / 'mlflow.db'}")
     for r in cands:
-        epoch = int(r.data.tags[se.TAG_FINAL_EPOCH])
+        epoch = int(r.data.tags[sc.TAG_FINAL_EPOCH])
         assert r.info.status == "FINISHED"
-        assert r.data.tags[se.TAG_STOPPED] == ("1" if epoch < 3 else "0")
+        assert r.data.tags[sc.TAG_STOPPED] == ("1" if epoch < 3 else "0")
         steps = sorted({m.step for m in c.get_metric_history(r.info.run_id, "val/dr/acc")})
         assert steps == list(range(1, epoch + 1))  # every epoch the searcher saw, and no other
         assert not any(k.startswith("test/") for k in r.data.metrics)  # the search never sees test
-    stopped = [r for r in cands if r.data.tags[se.TAG_STOPPED] == "1"]
+    stopped = [r for r in cands if r.data.tags[sc.TAG_STOPPED] == "1"]
     assert 0 < len(stopped) < N, "ASHA stopped no candidate (or all): the bookkeeping went untested"
     assert "(stopped early by ASHA)" in out.stderr
 
@@ -227,9 +228,9 @@ def test_a_killed_search_resumes_keeping_what_was_booked(searched):
     for rid, end in before.items():  # booked before the kill: left as they were
         assert now[rid].info.end_time == end
     for r in now.values():  # none left RUNNING: a run the killed driver lost is adopted or closed
-        assert r.info.status == "FINISHED" or (r.info.status, r.data.tags.get("sall.lost")) == ("KILLED", "1")
-    parents = [r for r in runs(d, EXP) if r.data.tags.get("sall.stage") == "sweep"]
-    names = sorted(r.data.tags["mlflow.runName"] for r in parents)
+        assert r.info.status == "FINISHED" or (r.info.status, r.data.tags.get(sc.TAG_LOST)) == ("KILLED", "1")
+    parents = [r for r in runs(d, EXP) if r.data.tags.get(sc.TAG_STAGE) == sc.STAGE_SWEEP]
+    names = sorted(r.data.tags[sc.TAG_RUN_NAME] for r in parents)
     assert names == ["search sweep", "search: candidates"]  # one parent per phase, not one per invocation
     assert all(r.info.status == "FINISHED" for r in parents)
 
@@ -238,10 +239,10 @@ def test_a_killed_search_resumes_keeping_what_was_booked(searched):
 def test_the_picks_are_confirmed_as_ordinary_trials(searched, tmp_path):
     d, _, out = searched
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = [dict(temperature=float(r.data.params["temperature"]), epoch=int(r.data.tags[se.TAG_FINAL_EPOCH]),
-                 score=r.data.metrics["search/score"]) for r in _candidates(d) if se.TAG_FINAL_EPOCH in r.data.tags]
-    students = [r for r in runs(d, EXP) if r.data.tags.get("sall.stage") == "student"]
-    temps = sorted(float(r.data.params["temperature"]) for r in students if r.data.tags["sall.label"] != "baseline")
+    rows = [dict(temperature=float(r.data.params["temperature"]), epoch=int(r.data.tags[sc.TAG_FINAL_EPOCH]),
+                 score=r.data.metrics["search/score"]) for r in _candidates(d) if sc.TAG_FINAL_EPOCH in r.data.tags]
+    students = [r for r in runs(d, EXP) if r.data.tags.get(sc.TAG_STAGE) == sc.STAGE_STUDENT]
+    temps = sorted(float(r.data.params["temperature"]) for r in students if r.data.tags[sc.TAG_LABEL] != "baseline")
     assert temps == sorted(se.pick(rows, 2))
     assert len(students) == 3 and all(r.info.status == "FINISHED" and "test/dr/acc" in r.data.metrics
                                       for r in students)

@@ -139,11 +139,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def log_run(uri, orig, args, cfg, metrics, preds, manifest, summary) -> str:
-    import pandas as pd
-
+    """The external evaluation as its own run, nested under the evaluated one, with the same
+    per-task artifacts as a trial's run."""
     from sall.metrics import scalar_metrics, to_jsonable
-    from sall.plots import confusion_csv, plot_confusion, plot_reliability, reliability_csv
-    from sall.tasks import TASKS
 
     tr, c = cm.tr, cm.client(uri)
     t = orig.data.tags
@@ -166,18 +164,12 @@ def log_run(uri, orig, args, cfg, metrics, preds, manifest, summary) -> str:
     tr.log_metrics(uri, rid, flat)
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
-        (root / "metrics.json").write_text(json.dumps(to_jsonable({"external": metrics, "summary": summary}), indent=2))
+        (root / sc.METRICS_JSON).write_text(json.dumps(to_jsonable({"external": metrics, "summary": summary}),
+                                                       indent=2))
         for task, m in metrics.items():
-            names = list(TASKS[task].grades)
-            plot_confusion(m["confusion"], names, f"{task} on {name}", str(root / f"confusion_{task}.png"))
-            confusion_csv(m["confusion"], names, str(root / f"confusion_{task}.csv"))
-            plot_reliability(m["reliability"], f"{task} on {name} (ECE {m['ece']:.3f})",
-                             str(root / f"reliability_{task}.png"))
-            reliability_csv(m["reliability"], str(root / f"reliability_{task}.csv"))
+            tr.write_task_artifacts(root, task, m, f"{task} on {name}", f"{task} on {name}")
             p = preds[task]
-            cols = {"row": p["rows"], "image": manifest["image"].to_numpy()[p["rows"]], "label": p["labels"]}
-            cols.update({f"prob_{k}": p["probs"][:, k] for k in range(p["probs"].shape[1])})
-            pd.DataFrame(cols).to_csv(root / f"predictions_{task}.csv", index=False, float_format="%.6g")
+            tr.write_predictions(root, task, p, images=manifest["image"].to_numpy()[p["rows"]])
         tr.retry(c.log_artifacts, rid, str(root))
     tr.end_run(uri, rid, "FINISHED")
     cm.log(f"[evaluate] logged run {rid} ({sc.TAG_STAGE}={sc.STAGE_EXTERNAL}) in experiment "

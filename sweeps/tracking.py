@@ -177,6 +177,32 @@ def log_dict_artifact(uri: str, run_id: str, obj: Any, name: str, artifact_path:
         retry(client(uri).log_artifact, run_id, str(p), artifact_path)
 
 
+def write_task_artifacts(root: Path, task: str, m: dict[str, Any], confusion_title: str,
+                         reliability_title: str) -> None:
+    """A task's confusion matrix and reliability diagram, each as PNG and CSV, into `root` (logged
+    with the run's other artifacts). One writer for trials and external evaluations, so both kinds
+    of run carry the same files under the same names. The reliability title gets the ECE added."""
+    from sall.plots import confusion_csv, plot_confusion, plot_reliability, reliability_csv
+    from sall.tasks import TASKS
+
+    names = list(TASKS[task].grades)
+    plot_confusion(m["confusion"], names, confusion_title, str(root / sc.task_file(sc.CONFUSION, task, "png")))
+    confusion_csv(m["confusion"], names, str(root / sc.task_file(sc.CONFUSION, task, "csv")))
+    plot_reliability(m["reliability"], f"{reliability_title} (ECE {m['ece']:.3f})",
+                     str(root / sc.task_file(sc.RELIABILITY, task, "png")))
+    reliability_csv(m["reliability"], str(root / sc.task_file(sc.RELIABILITY, task, "csv")))
+
+
+def write_predictions(root: Path, task: str, p: dict[str, Any], images: Any = None) -> None:
+    """A task's per-image predictions as CSV: row, image (when given), label, prob_0 ... The
+    bootstrap of analysis/tables.py pairs two runs' files on `row`."""
+    import pandas as pd
+
+    cols = {"row": p["rows"], **({"image": images} if images is not None else {}), "label": p["labels"]}
+    cols.update({f"prob_{k}": p["probs"][:, k] for k in range(p["probs"].shape[1])})
+    pd.DataFrame(cols).to_csv(root / sc.task_file(sc.PREDICTIONS, task, "csv"), index=False, float_format="%.6g")
+
+
 def log_metrics(uri: str, run_id: str, metrics: dict[str, float | None], step: int = 0) -> None:
     """Log finite scalars in one batch (NaN/None, e.g. `err` with no wrong prediction, is skipped)."""
     from mlflow.entities import Metric

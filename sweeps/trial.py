@@ -115,35 +115,24 @@ def _final_metrics(res) -> dict[str, float]:
 def _log_artifacts(uri: str, run_id: str, res, label: str) -> None:
     """Config, metrics, per-task plots and CSVs, per-image predictions and the student, on the run.
     Plot titles name the setting and replicate ("DR confusion: T=8, fold 1"), not a hash."""
-    import pandas as pd
-
     from sall.metrics import to_jsonable
-    from sall.plots import confusion_csv, plot_confusion, plot_reliability, reliability_csv
-    from sall.tasks import TASKS
 
     c = tr.client(uri)
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
-        (root / "config.json").write_text(res.config.to_json())
-        (root / "metrics.json").write_text(json.dumps(to_jsonable(
+        (root / sc.CONFIG_JSON).write_text(res.config.to_json())
+        (root / sc.METRICS_JSON).write_text(json.dumps(to_jsonable(
             {"test": res.test, "val": res.val, "soft": res.soft, "history": res.history,
              "profile": res.profile}), indent=2))
+        seed = f", seed {res.config.seed}" if res.config.seed else ""
+        where = f"{label}, fold {res.config.fold}{seed}"
         for task, m in res.test.items():
-            names = list(TASKS[task].grades)
-            seed = f", seed {res.config.seed}" if res.config.seed else ""
-            where = f"{label}, fold {res.config.fold}{seed}"
-            plot_confusion(m["confusion"], names, f"{task.upper()} confusion: {where}",
-                           str(root / f"confusion_{task}.png"))
-            confusion_csv(m["confusion"], names, str(root / f"confusion_{task}.csv"))
-            plot_reliability(m["reliability"], f"{task.upper()} reliability: {where} (ECE {m['ece']:.3f})",
-                             str(root / f"reliability_{task}.png"))
-            reliability_csv(m["reliability"], str(root / f"reliability_{task}.csv"))
+            tr.write_task_artifacts(root, task, m, f"{task.upper()} confusion: {where}",
+                                    f"{task.upper()} reliability: {where}")
         for task, p in res.predictions.items():  # per-image test predictions (analysis/ bootstraps)
-            cols = {"row": p["rows"], "label": p["labels"]}
-            cols.update({f"prob_{k}": p["probs"][:, k] for k in range(p["probs"].shape[1])})
-            pd.DataFrame(cols).to_csv(root / f"predictions_{task}.csv", index=False, float_format="%.6g")
+            tr.write_predictions(root, task, p)
         retry(c.log_artifacts, run_id, str(root))
-    retry(c.log_artifact, run_id, res.student_path, "model")
+    retry(c.log_artifact, run_id, res.student_path, sc.MODEL_DIR)
 
 
 def open_run(sw: dict[str, Any], cfg: TrialConfig, label: str, existing: Any = None,

@@ -354,6 +354,8 @@ def fig_reliability(uri: str, pair: list[tuple[str, cm.Setting]], tasks: list[st
     """Paper Fig. 7: reliability diagrams of the baseline and SALL, bins pooled over folds."""
     from matplotlib.patches import Patch
 
+    from sall.metrics import _ece_from_bins  # the ECE of sall.metrics, on the pooled bins
+
     mets = {name: _test_metrics(uri, s, cache) for name, s in pair}
     fig = _figure(figsize=(4.8 * len(pair), 5.4 * len(tasks)))
     grid = fig.add_gridspec(2 * len(tasks), len(pair), height_ratios=[3, 1] * len(tasks))
@@ -368,7 +370,7 @@ def fig_reliability(uri: str, pair: list[tuple[str, cm.Setting]], tasks: list[st
             bins = pooled_bins(per_fold)
             n = sum(b["count"] for b in bins)
             full = [b for b in bins if b["count"]]
-            ece = sum(abs(b["acc"] - b["conf"]) * b["count"] for b in full) / n if n else math.nan
+            ece = _ece_from_bins(bins, n) if n else math.nan
             lo = [b["lo"] for b in full]
             wd = [b["hi"] - b["lo"] for b in full]
             ax.bar(lo, [b["acc"] for b in full], wd, align="edge", color="#1f77b4", edgecolor="black", lw=0.6,

@@ -416,21 +416,20 @@ def target_layer(model, image_size: int, name: str | None = None):
     return f"backbone.{mod}", bb.get_submodule(mod)
 
 
-class _Head:
-    """A torch module returning one head's tempered logits, as Grad-CAM wants."""
+def make_head(model, task: str, temperature: float):
+    """A torch module returning one head's tempered logits, as Grad-CAM wants. (Defined here so
+    that torch is imported only when Grad-CAM runs.)"""
+    import torch
 
-    def __new__(cls, model, task: str, temperature: float):
-        import torch
+    class _Head(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
 
-        class Head(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.model = model
+        def forward(self, x):
+            return self.model(x)[task] / temperature
 
-            def forward(self, x):
-                return self.model(x)[task] / temperature
-
-        return Head()
+    return _Head()
 
 
 def fig_gradcam(uri: str, s: cm.Setting, out: Path, cache: Path, cache_dir: str, per_task: int,
@@ -469,7 +468,7 @@ def fig_gradcam(uri: str, s: cm.Setting, out: Path, cache: Path, cache_dir: str,
             model = models[h].eval()
             lname, layer = target_layer(model, cfg.image_size, layer_name)
             used[h] = lname
-            head = _Head(model, h, cfg.temperature)
+            head = make_head(model, h, cfg.temperature)
             with torch.no_grad():
                 p = torch.softmax(head(x), 1)[0]
             pred = int(p.argmax())

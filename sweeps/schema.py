@@ -67,6 +67,8 @@ def per_task(tag: str, task: str) -> str:
 
 
 # ---- metrics: <prefix>/<task>/<name>, per epoch (train, val) or once (the rest) --------------
+# train/ and val/ are named by sall/train.py's epoch history (sall/ imports nothing from sweeps/);
+# the trial logs them as they come.
 TRAIN = "train"
 VAL = "val"  # per epoch; also what a search reports
 TEST = "test"

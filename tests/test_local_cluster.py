@@ -239,11 +239,13 @@ def server_runs(uri: str, experiment: str = "sall-temperature") -> list:
 
 
 def _smoke_sweep_spreads_over_the_nodes(c: LocalCluster) -> None:
-    out = subprocess.run(sweep_on(c), env=c.env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    # one fold: 3 trials, two at a time on the two 1-CPU workers, so the first two land apart
+    out = subprocess.run(sweep_on(c, "--folds", "0"), env=c.env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     rs = server_runs(c.mlflow_uri)
     stages = Counter((r.data.tags["sall.stage"], r.info.status) for r in rs)
-    assert stages == Counter({("student", "FINISHED"): 9, ("teacher", "FINISHED"): 6, ("teachers", "FINISHED"): 1,
+    assert stages == Counter({("student", "FINISHED"): 3, ("teacher", "FINISHED"): 2, ("teachers", "FINISHED"): 1,
                               ("sweep", "FINISHED"): 1})
     nodes = {r.data.tags["sall.node"] for r in rs if r.data.tags["sall.stage"] == "student"}
     assert len(nodes) > 1, nodes

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -249,47 +250,184 @@ def _box(u: float, v: float, rad: float, ax: np.ndarray) -> tuple[slice, slice, 
     return sy, sx, ax[sx][None, :], ax[sy][:, None]
 
 
+@dataclass(frozen=True)
+class _Traits:
+    """Traits of a patient, shared by both eyes: drawn from the patient's generator, not the image's."""
+
+    tint: np.ndarray  # fundus colour, from the pigmentation
+    caliber: float  # vessel width scale
+    texture_amp: float  # amplitude of the choroidal texture
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """Where the fundus, optic disc and macula of one eye lie, in normalised coordinates."""
+
+    m: float  # +1 right eye (disc on the right), -1 left eye (mirrored)
+    fr: float  # fundus radius
+    fc: list[float]  # fundus centre
+    disc: tuple[float, float]
+    disc_r: float
+    mac: tuple[float, float]
+    mac_r: float
+
+    @property
+    def avoid(self) -> tuple[float, float, float]:
+        """The disc as (u, v, r): lesions keep out of it."""
+        return (self.disc[0], self.disc[1], self.disc_r)
+
+
+@dataclass
+class _Vessels:
+    """The drawn vein paths and vessel widths/opacities, which some lesions follow or cross."""
+
+    veins: list[tuple[np.ndarray, np.ndarray]]  # (points, direction angles) of each vein and branch
+    vein_w: float
+    art_w: float
+    vein_alpha: float
+    art_alpha: float
+
+
+@dataclass
+class _Painter:
+    """What every lesion draws with: the image's generator, the canvas, the eye, and how visible
+    this image's lesions are (``contrast``). The methods are the lesion types that several grades
+    and tasks share; each draws its random numbers in a fixed order."""
+
+    rng: np.random.Generator
+    cv: _Canvas
+    geo: _Geometry
+    contrast: float
+
+    def spots(self, n: int, centre: tuple[float, float], spread: float) -> np.ndarray:
+        return _spots(self.rng, n, centre, spread, self.geo.fr, self.geo.avoid)
+
+    def dots(self, n: int, spread: float) -> np.ndarray:
+        """n positions around the macula, where most lesions of the three tasks sit."""
+        return self.spots(n, self.geo.mac, spread)
+
+    def dust(self) -> None:
+        """Nuisance: a few faint dust specks / pigment spots on every image."""
+        rng = self.rng
+        for u, v in self.spots(int(rng.integers(0, 3)), (0.0, 0.0), 0.45):
+            self.cv.ellipse("dark", u, v, 0.012, 0.012, rng.uniform(0.15, 0.35))
+
+    def microaneurysms(self, n: int) -> None:
+        rng = self.rng
+        for u, v in self.dots(n, 0.33):
+            r = rng.uniform(0.016, 0.026)
+            self.cv.ellipse("dark", u, v, r, r, self.contrast * rng.uniform(0.8, 1.0))
+
+    def haemorrhages(self, n: int, rmin: float, rmax: float, spread: float = 0.40) -> None:
+        rng = self.rng
+        for u, v in self.dots(n, spread):
+            r = rng.uniform(rmin, rmax)
+            for _ in range(int(rng.integers(1, 4))):  # blot: a few overlapping ellipses
+                self.blob("dark", (u, v), r, (0.8, 1.0))
+
+    def blob(self, layer: str, c: tuple[float, float], r: float, opacity: tuple[float, float]) -> None:
+        """One ellipse of an irregular blot of radius ~r around c (haemorrhage, CNV membrane), its
+        opacity contrast * U(opacity), drawn last."""
+        rng = self.rng
+        self.cv.rot_ellipse(layer, c[0] + rng.normal(0, 0.3 * r), c[1] + rng.normal(0, 0.3 * r),
+                            r * rng.uniform(0.6, 1.0), r * rng.uniform(0.5, 0.9), rng.uniform(0, np.pi),
+                            self.contrast * rng.uniform(*opacity))
+
+    def exudates(self, n: int, rmin: float, rmax: float) -> None:
+        if n <= 0:
+            return
+        rng = self.rng
+        centres = self.dots(int(rng.integers(1, 4)), 0.22)
+        for i in range(n):
+            u, v = centres[i % len(centres)] + rng.normal(0.0, 0.06, 2)
+            r = rng.uniform(rmin, rmax)
+            self.cv.rot_ellipse("yellow", u, v, r, r * rng.uniform(0.6, 1.0), rng.uniform(0, np.pi),
+                                self.contrast * rng.uniform(0.75, 1.0))
+
+    def cotton_wool(self, n: int) -> None:
+        rng, (disc, mac) = self.rng, (self.geo.disc, self.geo.mac)
+        for u, v in self.spots(n, ((disc[0] + mac[0]) / 2, (disc[1] + mac[1]) / 2), 0.35):
+            r = rng.uniform(0.025, 0.045)
+            self.cv.rot_ellipse("pale", u, v, r, r * rng.uniform(0.5, 0.8), rng.uniform(0, np.pi),
+                                self.contrast * rng.uniform(0.45, 0.7))
+
+    def drusen(self, n: int, rmin: float, rmax: float, spread: float) -> None:
+        rng = self.rng
+        for u, v in self.dots(n, spread):
+            r = rng.uniform(rmin, rmax)
+            a = self.contrast * rng.uniform(0.6, 0.95)
+            self.cv.ellipse("pale", u, v, r, r * rng.uniform(0.8, 1.0), a * 0.6)
+            self.cv.ellipse("pale", u, v, 0.6 * r, 0.6 * r, a)
+
+
 def render(image_id: str, size: int) -> np.ndarray:
     """The synthetic fundus photograph named by image_id, as a (size, size, 3) uint8 RGB array.
 
     Deterministic in (image_id, size): the random generator is seeded from a SHA-256 of the id, and
     all geometry is drawn in size-independent coordinates, so different sizes show the same eye.
+    The steps below draw from one generator in a fixed order (tests/test_synthetic_pixels.py pins
+    the pixels): reordering them changes every image and needs a RENDER_VERSION bump.
     """
     task, index, grade, seed = parse_id(image_id)
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 8 <= size <= 4096:
         raise DataError(f"synthetic image {image_id}: size must be an integer in 8..4096, got {size!r}")
     size = int(size)
-    res = 2 * size
     rng = _rng("image", image_id)
-    prng = _rng("patient", task, index // 2, seed)  # traits shared by both eyes of a patient
-    m = 1.0 if index % 2 == 0 else -1.0  # right eye: disc on the right; left eye mirrored
+    traits = _patient_traits(_rng("patient", task, index // 2, seed))
+    geo = _geometry(rng, 1.0 if index % 2 == 0 else -1.0)
+    img = _base_fundus(rng, geo, traits, size)
+    painter = _Painter(rng, _Canvas(2 * size), geo, contrast=rng.uniform(0.55, 1.0))
+    vessels = _vessel_tree(painter, traits.caliber, hyper=task == "arter" and grade == 1)
+    painter.dust()
+    _LESIONS[task](painter, grade, vessels)
+    img = _composite(img, painter.cv, size)
+    img = _illuminate(rng, img, geo, size)
+    return _camera(rng, img, size)
 
-    # ---- patient traits
+
+def _patient_traits(prng: np.random.Generator) -> _Traits:
     pig = prng.uniform(0.0, 1.0)  # pigmentation: lighter orange .. darker brown-red
     tint = np.array([0.93 - 0.13 * pig, 0.40 - 0.14 * pig, 0.17 - 0.07 * pig], np.float32)
-    caliber = prng.uniform(0.85, 1.15)
-    texture_amp = prng.uniform(0.03, 0.10)
+    return _Traits(tint, caliber=prng.uniform(0.85, 1.15), texture_amp=prng.uniform(0.03, 0.10))
 
-    # ---- geometry
+
+def _geometry(rng: np.random.Generator, m: float) -> _Geometry:
     fr = rng.uniform(0.90, 0.99)
     fc = [float(x) for x in rng.normal(0.0, 0.015, 2)]
     disc = (m * rng.uniform(0.42, 0.56) + fc[0], rng.uniform(-0.10, 0.08) + fc[1])
     disc_r = rng.uniform(0.10, 0.13)
     mac = (disc[0] - m * rng.uniform(0.58, 0.72), disc[1] + rng.uniform(0.0, 0.10))
-    mac_r = rng.uniform(0.16, 0.24)
+    return _Geometry(m, fr, fc, disc, disc_r, mac, mac_r=rng.uniform(0.16, 0.24))
 
-    # ---- base fundus (numpy, float32, at the output size: it is smooth, so no supersampling)
-    ax = np.linspace(-1.0 + 1.0 / size, 1.0 - 1.0 / size, size, dtype=np.float32)
-    U, V = ax[None, :], ax[:, None]
+
+def _axis(size: int) -> np.ndarray:
+    """Normalised coordinates of the pixel centres along one axis of the output image."""
+    return np.linspace(-1.0 + 1.0 / size, 1.0 - 1.0 / size, size, dtype=np.float32)
+
+
+def _base_fundus(rng: np.random.Generator, geo: _Geometry, traits: _Traits, size: int) -> np.ndarray:
+    """Textured fundus, macula and optic disc as float32 RGB at the output size (smooth, so no
+    supersampling)."""
     low = rng.uniform(-1.0, 1.0, (9, 9)).astype(np.float32)
     tex = np.asarray(Image.fromarray(low, mode="F").resize((size, size), Image.BICUBIC), dtype=np.float32)
-    img = tint * (1.0 + texture_amp * tex)[:, :, None]
-    # macula: darker, browner (drawn in its bounding box only)
-    mac_s = 0.55 * mac_r
+    img = traits.tint * (1.0 + traits.texture_amp * tex)[:, :, None]
+    ax = _axis(size)
+    _darken_macula(rng, img, geo, ax)
+    _draw_disc(rng, img, geo, ax)
+    return img
+
+
+def _darken_macula(rng: np.random.Generator, img: np.ndarray, geo: _Geometry, ax: np.ndarray) -> None:
+    """Macula: darker, browner, drawn in place in its bounding box only."""
+    mac, mac_s = geo.mac, 0.55 * geo.mac_r
     sy, sx, lu, lv = _box(mac[0], mac[1], 3.0 * mac_s, ax)
     mac_dark = rng.uniform(0.22, 0.45) * np.exp(((lu - mac[0]) ** 2 + (lv - mac[1]) ** 2) * (-0.5 / mac_s ** 2))
     img[sy, sx] *= 1.0 - mac_dark[:, :, None] * np.array([0.75, 1.0, 0.9], np.float32)
-    # optic disc: bright yellow-pink rim, paler cup, faint halo
+
+
+def _draw_disc(rng: np.random.Generator, img: np.ndarray, geo: _Geometry, ax: np.ndarray) -> None:
+    """Optic disc, in place: bright yellow-pink rim, paler cup, faint halo."""
+    disc, disc_r = geo.disc, geo.disc_r
     dr_u, dr_v = disc_r * rng.uniform(0.9, 1.0), disc_r * rng.uniform(1.0, 1.12)
     sy, sx, lu, lv = _box(disc[0], disc[1], 2.6 * disc_r, ax)
     dd = np.sqrt(((lu - disc[0]) / dr_u) ** 2 + ((lv - disc[1]) / dr_v) ** 2)
@@ -303,196 +441,219 @@ def render(image_id: str, size: int) -> np.ndarray:
     img[sy, sx] = img[sy, sx] * (1.0 - disc_a) + disc_a * (disc_col * (1.0 - cup_a) + cup_col * cup_a) \
         + halo[:, :, None] * np.array([0.25, 0.18, 0.08], np.float32)
 
-    cv = _Canvas(res)
-    contrast = rng.uniform(0.55, 1.0)  # how visible this image's lesions are
 
-    # ---- vessel tree: four arcades (temporal arcs around the macula, nasal) + a few small ones
-    hyper = task == "arter" and grade == 1
+# The vessel tree: four arcades (temporal arcs around the macula, nasal) + a few small ones, each a
+# vein and an artery: (start angle in the right-eye frame, curvature, length, width scale).
+_ARCADES = (
+    (math.pi + 1.0, -1.0, 1.4, 1.0), (math.pi - 1.0, 1.0, 1.4, 1.0),
+    (-1.15, 0.5, 0.95, 0.75), (1.15, -0.5, 0.95, 0.75),
+    (math.pi + 0.2, -0.3, 0.45, 0.45), (0.1, 0.0, 0.6, 0.5),
+)
+
+
+def _vessel_tree(p: _Painter, caliber: float, hyper: bool) -> _Vessels:
+    """Veins and arteries from the disc; with hypertensive arteriosclerosis (``hyper``) the arteries
+    are narrower, paler and straighter, with a bright central reflex."""
+    rng = p.rng
     art_factor = rng.uniform(0.50, 0.78) if hyper else rng.uniform(0.78, 1.08)
     art_tort = 0.5 if hyper else 1.0
     vein_w, art_w = 0.019 * caliber, 0.013 * caliber * art_factor
     vein_alpha = rng.uniform(0.75, 0.95)
     art_alpha = vein_alpha * (rng.uniform(0.45, 0.6) if hyper else rng.uniform(0.6, 0.75))
-    veins: list[tuple[np.ndarray, np.ndarray]] = []
-    arteries: list[np.ndarray] = []
-    arcades = [  # (start angle in the right-eye frame, curvature, length, width scale)
-        (math.pi + 1.0, -1.0, 1.4, 1.0), (math.pi - 1.0, 1.0, 1.4, 1.0),
-        (-1.15, 0.5, 0.95, 0.75), (1.15, -0.5, 0.95, 0.75),
-        (math.pi + 0.2, -0.3, 0.45, 0.45), (0.1, 0.0, 0.6, 0.5),
-    ]
-    for a0, curv, length, ws in arcades:
-        for kind in ("vein", "artery"):
-            da = rng.normal(0.0, 0.12) + (0.14 if kind == "artery" else 0.0) * np.sign(a0 - math.pi + 1e-9)
-            tort = (1.0 if kind == "vein" else art_tort) * 0.45
-            ln = length * rng.uniform(0.85, 1.15)
-            start = (disc[0] + m * rng.normal(0.0, 0.015), disc[1] + rng.normal(0.0, 0.02))
-            pts, th = _walk(rng, (0.0, 0.0), a0 + da, ln, curv * rng.uniform(0.8, 1.2), tort)
-            pts[:, 0] = start[0] + m * pts[:, 0]
-            pts[:, 1] += start[1]
-            th = np.where(m > 0, th, math.pi - th)
-            w = (vein_w if kind == "vein" else art_w) * ws
-            alpha = vein_alpha if kind == "vein" else art_alpha
-            layer = "dark"
-            _draw_vessel(cv, layer, pts, w, 0.45 * w, alpha)
-            (veins.append((pts, th)) if kind == "vein" else arteries.append(pts))
-            # branches
-            for _ in range(int(rng.integers(1, 4))):
-                k = int(rng.integers(len(pts) // 4, max(len(pts) // 4 + 1, 3 * len(pts) // 4)))
-                side = 1.0 if rng.random() < 0.5 else -1.0
-                ba = th[k] + side * rng.uniform(0.45, 1.0)
-                bpts, bth = _walk(rng, tuple(pts[k]), ba, ln * rng.uniform(0.2, 0.45),
-                                  rng.normal(0.0, 0.8), tort)
-                bw = w * (1.0 - 0.55 * k / len(pts)) * 0.6
-                _draw_vessel(cv, layer, bpts, bw, 0.5 * bw, alpha * 0.9)
-                (veins.append((bpts, bth)) if kind == "vein" else arteries.append(bpts))
-            if hyper:  # "copper wire": bright central reflex along the artery
-                cv.polyline("pale", pts[: int(len(pts) * 0.7)], max(w * 0.35, 0.004), rng.uniform(0.35, 0.6))
+    vessels = _Vessels([], vein_w, art_w, vein_alpha, art_alpha)
+    for arcade in _ARCADES:
+        ws = arcade[3]
+        vessels.veins += _vessel(p, arcade, False, 0.45, vein_w * ws, vein_alpha, hyper)
+        _vessel(p, arcade, True, art_tort * 0.45, art_w * ws, art_alpha, hyper)
+    return vessels
 
-    avoid = (disc[0], disc[1], disc_r)
-    dots = lambda n, spread: _spots(rng, n, mac, spread, fr, avoid)  # noqa: E731
 
-    # nuisance: a few faint dust specks / pigment spots on every image
-    for u, v in _spots(rng, int(rng.integers(0, 3)), (0.0, 0.0), 0.45, fr, avoid):
-        cv.ellipse("dark", u, v, 0.012, 0.012, rng.uniform(0.15, 0.35))
+def _vessel(p: _Painter, arcade: tuple[float, float, float, float], artery: bool, tort: float, w: float,
+            alpha: float, reflex: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One vessel from the disc along its arcade with 1-3 branches, drawn; its (points, angles) paths.
+    ``reflex`` adds the "copper wire" central reflex (drawn on veins too, as it always was)."""
+    rng, geo, m = p.rng, p.geo, p.geo.m
+    a0, curv, length, _ = arcade
+    da = rng.normal(0.0, 0.12) + (0.14 if artery else 0.0) * np.sign(a0 - math.pi + 1e-9)
+    ln = length * rng.uniform(0.85, 1.15)
+    start = (geo.disc[0] + m * rng.normal(0.0, 0.015), geo.disc[1] + rng.normal(0.0, 0.02))
+    pts, th = _walk(rng, (0.0, 0.0), a0 + da, ln, curv * rng.uniform(0.8, 1.2), tort)
+    pts[:, 0] = start[0] + m * pts[:, 0]
+    pts[:, 1] += start[1]
+    th = np.where(m > 0, th, math.pi - th)
+    _draw_vessel(p.cv, "dark", pts, w, 0.45 * w, alpha)
+    paths = [(pts, th)]
+    for _ in range(int(rng.integers(1, 4))):
+        paths.append(_branch(p, pts, th, ln, tort, w, alpha))
+    if reflex:
+        p.cv.polyline("pale", pts[: int(len(pts) * 0.7)], max(w * 0.35, 0.004), rng.uniform(0.35, 0.6))
+    return paths
 
-    def microaneurysms(n: int) -> None:
-        for u, v in dots(n, 0.33):
-            r = rng.uniform(0.016, 0.026)
-            cv.ellipse("dark", u, v, r, r, contrast * rng.uniform(0.8, 1.0))
 
-    def haemorrhages(n: int, rmin: float, rmax: float, spread: float = 0.40) -> None:
-        for u, v in dots(n, spread):
-            r = rng.uniform(rmin, rmax)
-            for _ in range(int(rng.integers(1, 4))):  # blot: a few overlapping ellipses
-                cv.rot_ellipse("dark", u + rng.normal(0, 0.3 * r), v + rng.normal(0, 0.3 * r),
-                               r * rng.uniform(0.6, 1.0), r * rng.uniform(0.5, 0.9), rng.uniform(0, np.pi),
-                               contrast * rng.uniform(0.8, 1.0))
+def _branch(p: _Painter, pts: np.ndarray, th: np.ndarray, ln: float, tort: float, w: float,
+            alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """A thinner side branch leaving the vessel (pts, th) from its middle half, drawn."""
+    rng = p.rng
+    k = int(rng.integers(len(pts) // 4, max(len(pts) // 4 + 1, 3 * len(pts) // 4)))
+    side = 1.0 if rng.random() < 0.5 else -1.0
+    ba = th[k] + side * rng.uniform(0.45, 1.0)
+    bpts, bth = _walk(rng, tuple(pts[k]), ba, ln * rng.uniform(0.2, 0.45), rng.normal(0.0, 0.8), tort)
+    bw = w * (1.0 - 0.55 * k / len(pts)) * 0.6
+    _draw_vessel(p.cv, "dark", bpts, bw, 0.5 * bw, alpha * 0.9)
+    return bpts, bth
 
-    def exudates(n: int, rmin: float, rmax: float) -> None:
-        if n <= 0:
-            return
-        n_clusters = int(rng.integers(1, 4))
-        centres = dots(n_clusters, 0.22)
-        for i in range(n):
-            c = centres[i % len(centres)]
-            u, v = c + rng.normal(0.0, 0.06, 2)
-            r = rng.uniform(rmin, rmax)
-            cv.rot_ellipse("yellow", u, v, r, r * rng.uniform(0.6, 1.0), rng.uniform(0, np.pi),
-                           contrast * rng.uniform(0.75, 1.0))
 
-    def cotton_wool(n: int) -> None:
-        for u, v in _spots(rng, n, ((disc[0] + mac[0]) / 2, (disc[1] + mac[1]) / 2), 0.35, fr, avoid):
-            r = rng.uniform(0.025, 0.045)
-            cv.rot_ellipse("pale", u, v, r, r * rng.uniform(0.5, 0.8), rng.uniform(0, np.pi),
-                           contrast * rng.uniform(0.45, 0.7))
+# ---- lesions, one function per task: (painter, rendered grade, vessel tree)
 
-    def drusen(n: int, rmin: float, rmax: float, spread: float) -> None:
-        for u, v in dots(n, spread):
-            r = rng.uniform(rmin, rmax)
-            a = contrast * rng.uniform(0.6, 0.95)
-            cv.ellipse("pale", u, v, r, r * rng.uniform(0.8, 1.0), a * 0.6)
-            cv.ellipse("pale", u, v, 0.6 * r, 0.6 * r, a)
+def _dr_lesions(p: _Painter, grade: int, vessels: _Vessels) -> None:
+    """Diabetic retinopathy: microaneurysms, haemorrhages, exudates, cotton-wool spots growing with
+    the grade; neovessels and a preretinal haemorrhage in proliferative DR (grade 4)."""
+    rng = p.rng
+    if grade == 0:
+        return
+    if grade == 1:
+        p.microaneurysms(int(rng.integers(4, 11)))
+        p.haemorrhages(int(rng.random() < 0.5), 0.012, 0.020)
+        p.exudates(int(rng.random() < 0.2) * int(rng.integers(1, 3)), 0.008, 0.013)
+    elif grade == 2:
+        p.microaneurysms(int(rng.integers(3, 12)))
+        p.haemorrhages(int(rng.integers(1, 7)), 0.013, 0.030)
+        p.exudates(int(rng.integers(0, 11)), 0.010, 0.020)
+        p.cotton_wool(int(rng.random() < 0.3))
+    else:
+        severe = grade == 3
+        p.microaneurysms(int(rng.integers(6, 18)) if severe else int(rng.integers(4, 16)))
+        p.haemorrhages(int(rng.integers(6, 19)) if severe else int(rng.integers(4, 17)), 0.018, 0.045, 0.5)
+        p.exudates(int(rng.integers(5, 26)) if severe else int(rng.integers(2, 21)), 0.012, 0.028)
+        p.cotton_wool(int(rng.integers(0, 5)) if severe else int(rng.integers(0, 4)))
+    if grade == 4:
+        _neovessels(p, vessels)
+        u, v = p.dots(1, 0.3)[0]  # preretinal (boat-shaped) haemorrhage
+        r = rng.uniform(0.08, 0.13)
+        p.cv.rot_ellipse("dark", u, v, r, r * rng.uniform(0.6, 0.9), rng.normal(0, 0.2), 0.95)
 
-    # ---- lesions
-    if task == "dr" and grade >= 1:
-        if grade == 1:
-            microaneurysms(int(rng.integers(4, 11)))
-            haemorrhages(int(rng.random() < 0.5), 0.012, 0.020)
-            exudates(int(rng.random() < 0.2) * int(rng.integers(1, 3)), 0.008, 0.013)
-        elif grade == 2:
-            microaneurysms(int(rng.integers(3, 12)))
-            haemorrhages(int(rng.integers(1, 7)), 0.013, 0.030)
-            exudates(int(rng.integers(0, 11)), 0.010, 0.020)
-            cotton_wool(int(rng.random() < 0.3))
+
+def _neovessels(p: _Painter, vessels: _Vessels) -> None:
+    """Fine tortuous tufts at the disc (NVD) or along a vein (NVE)."""
+    rng, geo = p.rng, p.geo
+    for _ in range(int(rng.integers(1, 4))):
+        if rng.random() < 0.6:
+            ang = rng.uniform(0, 2 * np.pi)
+            c = (geo.disc[0] + math.cos(ang) * geo.disc_r * 1.1, geo.disc[1] + math.sin(ang) * geo.disc_r * 1.1)
         else:
-            microaneurysms(int(rng.integers(6, 18)) if grade == 3 else int(rng.integers(4, 16)))
-            haemorrhages(int(rng.integers(6, 19)) if grade == 3 else int(rng.integers(4, 17)), 0.018, 0.045, 0.5)
-            exudates(int(rng.integers(5, 26)) if grade == 3 else int(rng.integers(2, 21)), 0.012, 0.028)
-            cotton_wool(int(rng.integers(0, 5)) if grade == 3 else int(rng.integers(0, 4)))
-        if grade == 4:
-            # neovessels: fine tortuous tufts at the disc (NVD) or along a vein (NVE)
-            for _ in range(int(rng.integers(1, 4))):
-                if rng.random() < 0.6:
-                    ang = rng.uniform(0, 2 * np.pi)
-                    c = (disc[0] + math.cos(ang) * disc_r * 1.1, disc[1] + math.sin(ang) * disc_r * 1.1)
-                else:
-                    pts, _ = veins[int(rng.integers(0, len(veins)))]
-                    c = tuple(pts[int(rng.integers(0, len(pts)))])
-                for _ in range(int(rng.integers(4, 9))):
-                    p, _ = _walk(rng, (c[0] + rng.normal(0, 0.02), c[1] + rng.normal(0, 0.02)),
-                                 rng.uniform(0, 2 * np.pi), rng.uniform(0.08, 0.2), rng.normal(0, 12.0),
-                                 9.0, step=0.008)
-                    cv.polyline("dark", p, 0.013, contrast * rng.uniform(0.7, 1.0))
-            # preretinal (boat-shaped) haemorrhage
-            u, v = _spots(rng, 1, mac, 0.3, fr, avoid)[0]
-            r = rng.uniform(0.08, 0.13)
-            cv.rot_ellipse("dark", u, v, r, r * rng.uniform(0.6, 0.9), rng.normal(0, 0.2), 0.95)
-    elif task == "amd" and grade >= 0:
-        if grade == 0:
-            if rng.random() < 0.15:  # a couple of tiny hard drusen are common in normal eyes
-                drusen(int(rng.integers(1, 3)), 0.010, 0.016, 0.12)
-        elif grade == 1:
-            drusen(int(rng.integers(4, 19)), 0.014, 0.028, 0.12)
-        elif grade == 2:
-            drusen(int(rng.integers(0, 13)), 0.014, 0.026, 0.14)
-            drusen(int(rng.integers(4, 15)), 0.028, 0.055, 0.09)
-            for u, v in dots(int(rng.integers(0, 4)), 0.1):  # pigment clumps
-                cv.ellipse("dark", u, v, 0.01, 0.01, contrast * 0.6)
-        else:
-            drusen(int(rng.integers(0, 11)), 0.008, 0.035, 0.14)
-            c = np.asarray(mac) + rng.normal(0.0, 0.04, 2)
-            r = rng.uniform(0.05, 0.10)
-            for _ in range(int(rng.integers(3, 8))):  # haemorrhage around the membrane
-                ang = rng.uniform(0, 2 * np.pi)
-                rr = r * rng.uniform(0.8, 1.3)
-                cv.rot_ellipse("dark", c[0] + math.cos(ang) * rr, c[1] + math.sin(ang) * rr,
-                               r * rng.uniform(0.4, 0.8), r * rng.uniform(0.3, 0.6), ang,
-                               contrast * rng.uniform(0.75, 1.0))
-            for _ in range(int(rng.integers(2, 5))):  # the grey-green membrane
-                cv.rot_ellipse("cnv", c[0] + rng.normal(0, 0.3 * r), c[1] + rng.normal(0, 0.3 * r),
-                               r * rng.uniform(0.6, 1.0), r * rng.uniform(0.5, 0.9), rng.uniform(0, np.pi),
-                               contrast * rng.uniform(0.7, 1.0))
-            if rng.random() < 0.5:  # exudate ring
-                for _ in range(int(rng.integers(2, 7))):
-                    ang = rng.uniform(0, 2 * np.pi)
-                    rr = r * rng.uniform(1.4, 1.9)
-                    cv.ellipse("yellow", c[0] + math.cos(ang) * rr, c[1] + math.sin(ang) * rr,
-                               0.012, 0.012, contrast * 0.8)
-    elif task == "arter" and grade == 1:
-        # arteriovenous nicking: the vein tapers away on both sides of a crossing artery
-        for _ in range(int(rng.integers(2, 5))):
-            pts, th = veins[int(rng.integers(0, len(veins)))]
-            k = int(rng.integers(len(pts) // 5, max(len(pts) // 5 + 1, 4 * len(pts) // 5)))
-            u, v = pts[k]
-            t = th[k]
-            cv.rot_ellipse("dark", u, v, 0.045, vein_w * 0.9, t, vein_alpha * 0.25)
-            ca = t + math.pi / 2 + rng.normal(0, 0.3)
-            seg = np.array([[u - math.cos(ca) * 0.06, v - math.sin(ca) * 0.06],
-                            [u + math.cos(ca) * 0.06, v + math.sin(ca) * 0.06]])
-            cv.polyline("dark", seg, art_w, art_alpha)
-            cv.polyline("pale", seg, max(art_w * 0.35, 0.004), 0.5)
-        # flame-shaped haemorrhages: elongated, beside and along the vessels near the disc
-        for _ in range(int(rng.integers(2, 9))):
-            pts, th = veins[int(rng.integers(0, len(veins)))]
-            k = int(rng.integers(1, max(2, len(pts) // 3)))
-            side = rng.uniform(0.012, 0.03) * (1.0 if rng.random() < 0.5 else -1.0)
-            u = pts[k][0] - math.sin(th[k]) * side
-            v = pts[k][1] + math.cos(th[k]) * side
-            cv.rot_ellipse("dark", u, v, rng.uniform(0.04, 0.08), rng.uniform(0.015, 0.024),
-                           th[k] + rng.normal(0, 0.15), contrast * rng.uniform(0.75, 1.0))
-        cotton_wool(int(rng.integers(0, 4)))
+            pts, _ = vessels.veins[int(rng.integers(0, len(vessels.veins)))]
+            c = tuple(pts[int(rng.integers(0, len(pts)))])
+        for _ in range(int(rng.integers(4, 9))):
+            tuft, _ = _walk(rng, (c[0] + rng.normal(0, 0.02), c[1] + rng.normal(0, 0.02)),
+                            rng.uniform(0, 2 * np.pi), rng.uniform(0.08, 0.2), rng.normal(0, 12.0),
+                            9.0, step=0.008)
+            p.cv.polyline("dark", tuft, 0.013, p.contrast * rng.uniform(0.7, 1.0))
 
-    # ---- compose the layers
+
+def _amd_lesions(p: _Painter, grade: int, vessels: _Vessels) -> None:
+    """Age-related macular degeneration: drusen growing with the grade, pigment clumps in the dry
+    form, a choroidal neovascular membrane in the wet form (grade 3)."""
+    rng = p.rng
+    if grade == 0:
+        if rng.random() < 0.15:  # a couple of tiny hard drusen are common in normal eyes
+            p.drusen(int(rng.integers(1, 3)), 0.010, 0.016, 0.12)
+    elif grade == 1:
+        p.drusen(int(rng.integers(4, 19)), 0.014, 0.028, 0.12)
+    elif grade == 2:
+        p.drusen(int(rng.integers(0, 13)), 0.014, 0.026, 0.14)
+        p.drusen(int(rng.integers(4, 15)), 0.028, 0.055, 0.09)
+        for u, v in p.dots(int(rng.integers(0, 4)), 0.1):  # pigment clumps
+            p.cv.ellipse("dark", u, v, 0.01, 0.01, p.contrast * 0.6)
+    else:
+        p.drusen(int(rng.integers(0, 11)), 0.008, 0.035, 0.14)
+        _cnv(p)
+
+
+def _cnv(p: _Painter) -> None:
+    """A grey-green membrane near the fovea, ringed by haemorrhage and, in half the eyes, exudate."""
+    rng = p.rng
+    c = np.asarray(p.geo.mac) + rng.normal(0.0, 0.04, 2)
+    r = rng.uniform(0.05, 0.10)
+    for _ in range(int(rng.integers(3, 8))):  # haemorrhage around the membrane
+        ang = rng.uniform(0, 2 * np.pi)
+        rr = r * rng.uniform(0.8, 1.3)
+        p.cv.rot_ellipse("dark", c[0] + math.cos(ang) * rr, c[1] + math.sin(ang) * rr,
+                         r * rng.uniform(0.4, 0.8), r * rng.uniform(0.3, 0.6), ang,
+                         p.contrast * rng.uniform(0.75, 1.0))
+    for _ in range(int(rng.integers(2, 5))):  # the membrane
+        p.blob("cnv", c, r, (0.7, 1.0))
+    if rng.random() < 0.5:  # exudate ring
+        for _ in range(int(rng.integers(2, 7))):
+            ang = rng.uniform(0, 2 * np.pi)
+            rr = r * rng.uniform(1.4, 1.9)
+            p.cv.ellipse("yellow", c[0] + math.cos(ang) * rr, c[1] + math.sin(ang) * rr,
+                         0.012, 0.012, p.contrast * 0.8)
+
+
+def _arter_lesions(p: _Painter, grade: int, vessels: _Vessels) -> None:
+    """Hypertensive arteriosclerosis (grade 1; its thin, reflecting arteries are drawn with the
+    vessel tree): arteriovenous nicking, flame-shaped haemorrhages, cotton-wool spots."""
+    if grade != 1:
+        return
+    rng = p.rng
+    for _ in range(int(rng.integers(2, 5))):
+        _av_nicking(p, vessels)
+    for _ in range(int(rng.integers(2, 9))):
+        _flame_haemorrhage(p, vessels)
+    p.cotton_wool(int(rng.integers(0, 4)))
+
+
+def _av_nicking(p: _Painter, vessels: _Vessels) -> None:
+    """The vein tapers away on both sides of a crossing artery."""
+    rng = p.rng
+    pts, th = vessels.veins[int(rng.integers(0, len(vessels.veins)))]
+    k = int(rng.integers(len(pts) // 5, max(len(pts) // 5 + 1, 4 * len(pts) // 5)))
+    u, v = pts[k]
+    t = th[k]
+    p.cv.rot_ellipse("dark", u, v, 0.045, vessels.vein_w * 0.9, t, vessels.vein_alpha * 0.25)
+    ca = t + math.pi / 2 + rng.normal(0, 0.3)
+    seg = np.array([[u - math.cos(ca) * 0.06, v - math.sin(ca) * 0.06],
+                    [u + math.cos(ca) * 0.06, v + math.sin(ca) * 0.06]])
+    p.cv.polyline("dark", seg, vessels.art_w, vessels.art_alpha)
+    p.cv.polyline("pale", seg, max(vessels.art_w * 0.35, 0.004), 0.5)
+
+
+def _flame_haemorrhage(p: _Painter, vessels: _Vessels) -> None:
+    """Elongated, beside and along a vein near the disc."""
+    rng = p.rng
+    pts, th = vessels.veins[int(rng.integers(0, len(vessels.veins)))]
+    k = int(rng.integers(1, max(2, len(pts) // 3)))
+    side = rng.uniform(0.012, 0.03) * (1.0 if rng.random() < 0.5 else -1.0)
+    u = pts[k][0] - math.sin(th[k]) * side
+    v = pts[k][1] + math.cos(th[k]) * side
+    p.cv.rot_ellipse("dark", u, v, rng.uniform(0.04, 0.08), rng.uniform(0.015, 0.024),
+                     th[k] + rng.normal(0, 0.15), p.contrast * rng.uniform(0.75, 1.0))
+
+
+_LESIONS = {"dr": _dr_lesions, "amd": _amd_lesions, "arter": _arter_lesions}
+
+# Tinted layers over the darkened fundus: (layer, colour, blur in pixels at 128 px).
+_TINTS = (("cnv", _CNV, 1.2), ("yellow", _YELLOW, 0.3), ("pale", _PALE, 1.0))
+
+
+def _composite(img: np.ndarray, cv: _Canvas, size: int) -> np.ndarray:
+    """The canvas layers over the fundus: dark ones multiply, tinted ones blend towards their colour."""
     a = cv.alpha("dark", blur=0.2 * size / 64)
     if a is not None:
         img *= 1.0 - a[:, :, None] * (1.0 - _DARK)
-    for name, col, blur in (("cnv", _CNV, 1.2), ("yellow", _YELLOW, 0.3), ("pale", _PALE, 1.0)):
+    for name, col, blur in _TINTS:
         a = cv.alpha(name, blur=blur * size / 128)
         if a is not None:
             a = a[:, :, None]
             img = img * (1.0 - a) + a * col * np.maximum(img[:, :, :1], 0.55)
+    return img
 
-    # ---- illumination (gain, vignetting, gradient), colour cast, haze, circular mask
+
+def _illuminate(rng: np.random.Generator, img: np.ndarray, geo: _Geometry, size: int) -> np.ndarray:
+    """Illumination (gain, vignetting, gradient), colour cast, haze and the circular mask."""
+    ax = _axis(size)
+    U, V = ax[None, :], ax[:, None]
+    fc, fr = geo.fc, geo.fr
     r2 = ((U - fc[0]) ** 2 + (V - fc[1]) ** 2) / (fr * fr)
     gain = rng.uniform(0.7, 1.25)
     vig = rng.uniform(0.25, 0.65)
@@ -503,9 +664,11 @@ def render(image_id: str, size: int) -> np.ndarray:
     img = img * illum[:, :, None] * cast + rng.uniform(0.0, 0.06)
     edge = np.clip((1.0 - np.sqrt(r2)) * fr * size * 0.5 + 0.5, 0.0, 1.0)  # ~1 px soft edge
     bg = rng.uniform(0.0, 0.03)
-    img = img * edge[:, :, None] + bg * (1.0 - edge[:, :, None])
+    return img * edge[:, :, None] + bg * (1.0 - edge[:, :, None])
 
-    # ---- blur, sensor noise
+
+def _camera(rng: np.random.Generator, img: np.ndarray, size: int) -> np.ndarray:
+    """Acquisition: 8-bit quantisation, defocus blur, sensor noise; the final uint8 image."""
     out = Image.fromarray((np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), mode="RGB")
     blur = rng.uniform(0.0, 1.3) ** 1.5 * size / 128
     if blur > 0.15:

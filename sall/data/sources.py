@@ -289,6 +289,27 @@ def _classify_eye(keywords: str) -> tuple[str, int] | str:
 
 
 def _odir(data_root: str, tasks: tuple[str, ...], seed: int) -> tuple[str, pd.DataFrame, Counter]:
+    """The ODIR-5K manifest of the requested tasks by the labelling rules of the module docstring:
+    (table path, manifest, skip counts)."""
+    table, img_dir, per_patient = _odir_table(data_root)
+    skipped: Counter = Counter()
+    eyes = _odir_eyes(per_patient, img_dir, skipped)
+    # Graded images per requested task decide the rarity order and the normal shares.
+    graded = Counter(t for _, _, t, _ in eyes if t != "normal")
+    by_patient: dict[str, list[tuple[str, str, int]]] = {}
+    for pid, path, task, grade in eyes:
+        by_patient.setdefault(pid, []).append((path, task, grade))
+    rows, pool, normals_bound = _odir_graded_patients(by_patient, graded, tasks, skipped)
+    rows += _odir_deal_normals(pool, by_patient, graded, normals_bound, tasks, seed)
+    return table, _odir_sorted(rows), skipped
+
+
+_ODIR_COLUMNS = ("ID", "Left-Diagnostic Keywords", "Right-Diagnostic Keywords")
+
+
+def _odir_table(data_root: str) -> tuple[str, str, pd.DataFrame]:
+    """(table path, image folder, one row per patient) of an ODIR-5K folder; a DataError naming the
+    missing file, folder or column otherwise."""
     root = os.path.abspath(data_root)
     table = os.path.join(root, "full_df.csv")
     img_dir = os.path.join(root, "preprocessed_images")
@@ -298,26 +319,27 @@ def _odir(data_root: str, tasks: tuple[str, ...], seed: int) -> tuple[str, pd.Da
         raise DataError(f"'{table}' does not exist; {ODIR_HELP}")
     if not os.path.isdir(img_dir):
         raise DataError(f"'{img_dir}' does not exist; {ODIR_HELP}")
-    cols = {"ID": str, "Left-Diagnostic Keywords": str, "Right-Diagnostic Keywords": str}
     try:
         raw = pd.read_csv(table, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as e:
         raise DataError(f"{table}: not a readable CSV file ({' '.join(str(e).split())[:160]})") from None
     raw.columns = [str(c).strip() for c in raw.columns]
-    missing = [c for c in cols if c not in raw.columns]
+    missing = [c for c in _ODIR_COLUMNS if c not in raw.columns]
     if missing:
         raise DataError(f"{table}: missing column(s) {', '.join(missing)}; expected the ODIR-5K table "
-                        f"with columns {', '.join(cols)}")
+                        f"with columns {', '.join(_ODIR_COLUMNS)}")
     raw["ID"] = raw["ID"].str.strip()
     # full_df.csv has one row per image of the original table: the same patient appears twice.
-    per_patient = raw.drop_duplicates("ID", keep="first")
-    present = set(os.listdir(img_dir))
-    skipped: Counter = Counter()
+    return table, img_dir, raw.drop_duplicates("ID", keep="first")
 
-    eyes = []  # (patient, file, category)
-    for pid, left, right in per_patient[["ID", "Left-Diagnostic Keywords", "Right-Diagnostic Keywords"]].itertuples(
-        index=False
-    ):
+
+
+def _odir_eyes(per_patient: pd.DataFrame, img_dir: str, skipped: Counter) -> list[tuple[str, str, str, int]]:
+    """(patient, image path, task or "normal", grade) of every usable eye; the others are counted
+    in ``skipped`` by reason."""
+    present = set(os.listdir(img_dir))
+    eyes = []
+    for pid, left, right in per_patient[list(_ODIR_COLUMNS)].itertuples(index=False):
         if pid == "":
             continue
         for side, kw in (("left", left), ("right", right)):
@@ -330,13 +352,14 @@ def _odir(data_root: str, tasks: tuple[str, ...], seed: int) -> tuple[str, pd.Da
                 skipped[cat] += 1
                 continue
             eyes.append((pid, os.path.join(img_dir, fname), cat[0], cat[1]))
+    return eyes
 
-    # Graded images per requested task decide the rarity order and the normal shares.
-    graded = Counter(t for _, _, t, _ in eyes if t != "normal")
-    by_patient: dict[str, list[tuple[str, str, int]]] = {}
-    for pid, path, task, grade in eyes:
-        by_patient.setdefault(pid, []).append((path, task, grade))
 
+def _odir_graded_patients(
+    by_patient: dict[str, list[tuple[str, str, int]]], graded: Counter, tasks: tuple[str, ...], skipped: Counter
+) -> tuple[list[tuple], list[str], Counter]:
+    """Rows of the patients with graded eyes, each in ONE task (the rarest of theirs, normal eyes
+    included); the patients with only normal eyes; and the normal eyes bound to each task."""
     rows = []
     pool: list[str] = []  # patients with only normal eyes
     normals_bound: Counter = Counter()
@@ -358,8 +381,13 @@ def _odir(data_root: str, tasks: tuple[str, ...], seed: int) -> tuple[str, pd.Da
                 skipped[_R_STRADDLE] += 1
             else:
                 skipped["task not requested"] += 1
+    return rows, pool, normals_bound
 
-    # Deal the all-normal patients to the requested tasks (seeded, whole patients).
+
+def _odir_deal_normals(pool: list[str], by_patient: dict[str, list[tuple[str, str, int]]], graded: Counter,
+                       normals_bound: Counter, tasks: tuple[str, ...], seed: int) -> list[tuple]:
+    """Rows dealing the all-normal patients (whole, seeded) to the tasks, so that each task's normal
+    count follows its share max(graded_t, graded_total / (2 * n_tasks)) / sum(...)."""
     total_graded = sum(graded[t] for t in tasks)
     weights = np.array([max(graded[t], total_graded / (2 * len(tasks)), 1.0) for t in tasks], dtype=float)
     n_normal = sum(normals_bound.values()) + sum(len(by_patient[p]) for p in pool)
@@ -367,18 +395,22 @@ def _odir(data_root: str, tasks: tuple[str, ...], seed: int) -> tuple[str, pd.Da
     have = np.array([normals_bound[t] for t in tasks], dtype=float)
     order = np.random.default_rng(seed).permutation(len(pool))
     pool_sorted = sorted(pool, key=lambda p: (len(p), p))
+    rows = []
     for k in order:
         pid = pool_sorted[k]
         j = int(np.argmax((target - have) / target))
         for path, _, g in by_patient[pid]:
             rows.append((path, tasks[j], 0, pid, "odir"))
         have[j] += len(by_patient[pid])
+    return rows
 
+
+def _odir_sorted(rows: list[tuple]) -> pd.DataFrame:
+    """The manifest in a stable, readable order: by task, then patient ID, then file."""
     df = pd.DataFrame(rows, columns=list(COLUMNS))
-    # A stable, readable order: by task, then patient ID, then file.
     if len(df):
         df["_t"] = df["task"].map({t: i for i, t in enumerate(TASKS)})
         df["_p"] = pd.to_numeric(df["patient"], errors="coerce")
         df = df.sort_values(["_t", "_p", "patient", "image"], kind="stable").drop(columns=["_t", "_p"])
         df = df.reset_index(drop=True)
-    return table, df, skipped
+    return df

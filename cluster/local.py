@@ -411,24 +411,64 @@ def up(
     timeout: float = 120.0,
     quiet: bool = False,
 ) -> dict:
+    """Start a head, `workers` worker nodes and (with `mlflow`) an MLflow server; return the state
+    written to <directory>/cluster.json once every node is alive and MLflow answers, all within
+    `timeout` seconds. On any failure, everything started so far is stopped again."""
     d = Path(directory).resolve()
     d.mkdir(parents=True, exist_ok=True)
+    _refuse_running(d)
+    host = "127.0.0.1" if host == "localhost" else host
+    temp_root = _temp_root(temp_dir, d)
+    taken: set[int] = set()
+    state = _new_state(d, host, temp_root, taken, dashboard, auth, object_store_mb)
+    shutil.rmtree(temp_root, ignore_errors=True)
+    if auth:
+        _write_token(d / "ray_auth_token")
+    head = _new_node(state, "sall-head", 0, cpus_per_node if head_cpus is None else head_cpus, taken)
+    state["head"] = head
+    deadline = time.monotonic() + timeout
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        procs["sall-head"] = _start_node(state, head, head=True)
+        save_state(state)
+        ml_proc = _start_mlflow(state, mlflow_port or _free_ports(host, 1, taken)[0]) if mlflow else None
+        _wait_nodes(state, procs, [head], deadline)
+        _start_workers(state, procs, workers, cpus_per_node, taken)
+        _wait_nodes(state, procs, state["workers"], deadline)
+        if ml_proc is not None:
+            _wait_mlflow(state["mlflow"], ml_proc, deadline)
+        save_state(state)
+    except BaseException:
+        _abort_up(state, d)
+        raise
+    if not quiet:
+        print(describe(state))
+    return state
+
+
+def _refuse_running(d: Path) -> None:
+    """One cluster per directory: `up` over a running one would orphan its processes."""
     if state_path(d).exists():
         old = json.loads(state_path(d).read_text())
         if session_members(all_sids(old), old.get("marker")):
             raise ClusterError(f"a local cluster from {d} is already running; run `down --dir {d}` first")
-    if host == "localhost":
-        host = "127.0.0.1"
-    loopback = host in LOOPBACK_HOSTS
+
+
+def _temp_root(temp_dir: str | None, d: Path) -> str:
     temp_root = temp_dir or _default_temp_root(d)
     if len(temp_root) > 48:
         raise ClusterError(
             f"--temp-dir {temp_root!r} is too long: Ray's Unix sockets live under it and "
             "the socket path limit is 107 bytes; use a short path such as /tmp/sall-ray"
         )
-    taken: set[int] = set()
+    return temp_root
+
+
+def _new_state(d: Path, host: str, temp_root: str, taken: set[int], dashboard: bool, auth: bool,
+               object_store_mb: int) -> dict:
+    """The cluster's state before any node starts: addresses, ports and the nodes' environment."""
     gcs_port, dash_port = _free_ports(host, 2, taken)
-    state = {
+    return {
         "version": 1,
         "dir": str(d),
         "marker": str(d),
@@ -447,79 +487,79 @@ def up(
             # clients without that token are refused. Our own token, in our own dir.
             "RAY_AUTH_MODE": "token" if auth else "disabled",
             **({"RAY_AUTH_TOKEN_PATH": str(d / "ray_auth_token")} if auth else {}),
-            **({LOOPBACK_ENV: "0"} if loopback else {}),
+            **({LOOPBACK_ENV: "0"} if host in LOOPBACK_HOSTS else {}),
         },
         "started": time.time(),
         "head": None,
         "workers": [],
         "mlflow": None,
     }
-    shutil.rmtree(temp_root, ignore_errors=True)
-    if auth:
-        token_file = d / "ray_auth_token"
-        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))
-    head = _new_node(state, "sall-head", 0, cpus_per_node if head_cpus is None else head_cpus, taken)
-    state["head"] = head
-    deadline = time.monotonic() + timeout
-    procs: dict[str, subprocess.Popen] = {}
-    try:
-        procs["sall-head"] = _start_node(state, head, head=True)
-        save_state(state)
-        if mlflow:
-            port = mlflow_port or _free_ports(host, 1, taken)[0]
-            uri_host = f"[{host}]" if ":" in host else host
-            ml = {
-                "port": port,
-                "uri": f"http://{uri_host}:{port}",
-                "backend_store_uri": f"sqlite:///{d / 'mlflow.db'}",
-                "artifacts_destination": str(d / "mlartifacts"),
-                "log": str(d / "logs" / "mlflow.log"),
-            }
-            cmd = [
-                sys.executable, "-m", "mlflow", "server",
-                "--host", host,
-                "--port", str(port),
-                "--backend-store-uri", ml["backend_store_uri"],
-                "--serve-artifacts",
-                "--artifacts-destination", ml["artifacts_destination"],
-                "--workers", "1",
-            ]  # fmt: skip
-            ml_proc = _spawn(cmd, Path(ml["log"]), _child_env(state), d)
-            ml["pid"] = ml_proc.pid
-            state["mlflow"] = ml
-            save_state(state)
-        _wait_nodes(state, procs, [head], deadline)
-        for i in range(1, workers + 1):
-            w = _new_node(state, f"sall-worker-{i}", i, cpus_per_node, taken)
-            state["workers"].append(w)
-            procs[w["name"]] = _start_node(state, w, head=False)
-        save_state(state)
-        _wait_nodes(state, procs, state["workers"], deadline)
-        if mlflow:
-            while not _http_ok(state["mlflow"]["uri"] + "/health"):
-                if ml_proc.poll() is not None:
-                    raise ClusterError(
-                        f"mlflow server exited with code {ml_proc.returncode}; "
-                        f"log {ml['log']}:\n{_tail(ml['log'])}"
-                    )
-                if time.monotonic() > deadline:
-                    raise ClusterError(
-                        f"timed out waiting for MLflow at {ml['uri']}/health; "
-                        f"log {ml['log']}:\n{_tail(ml['log'])}"
-                    )
-                time.sleep(0.5)
-        save_state(state)
-    except BaseException:
-        stop_sessions(all_sids_partial(state), state["marker"], grace=5)
-        shutil.rmtree(temp_root, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            state_path(d).unlink()
-        raise
-    if not quiet:
-        print(describe(state))
-    return state
+
+
+def _write_token(token_file: Path) -> None:
+    """A fresh Ray auth token, readable by this user only."""
+    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+
+
+def _start_mlflow(state: dict, port: int) -> subprocess.Popen:
+    """Start `mlflow server` (SQLite and artifacts in the cluster dir) and record it in the state."""
+    d, host = Path(state["dir"]), state["host"]
+    uri_host = f"[{host}]" if ":" in host else host
+    ml = {
+        "port": port,
+        "uri": f"http://{uri_host}:{port}",
+        "backend_store_uri": f"sqlite:///{d / 'mlflow.db'}",
+        "artifacts_destination": str(d / "mlartifacts"),
+        "log": str(d / "logs" / "mlflow.log"),
+    }
+    cmd = [
+        sys.executable, "-m", "mlflow", "server",
+        "--host", host,
+        "--port", str(port),
+        "--backend-store-uri", ml["backend_store_uri"],
+        "--serve-artifacts",
+        "--artifacts-destination", ml["artifacts_destination"],
+        "--workers", "1",
+    ]  # fmt: skip
+    proc = _spawn(cmd, Path(ml["log"]), _child_env(state), d)
+    ml["pid"] = proc.pid
+    state["mlflow"] = ml
+    save_state(state)
+    return proc
+
+
+def _start_workers(state: dict, procs: dict, workers: int, cpus_per_node: int, taken: set[int]) -> None:
+    for i in range(1, workers + 1):
+        w = _new_node(state, f"sall-worker-{i}", i, cpus_per_node, taken)
+        state["workers"].append(w)
+        procs[w["name"]] = _start_node(state, w, head=False)
+    save_state(state)
+
+
+def _wait_mlflow(ml: dict, proc: subprocess.Popen, deadline: float) -> None:
+    """Wait until MLflow answers /health; fail fast if the server exits."""
+    while not _http_ok(ml["uri"] + "/health"):
+        if proc.poll() is not None:
+            raise ClusterError(
+                f"mlflow server exited with code {proc.returncode}; "
+                f"log {ml['log']}:\n{_tail(ml['log'])}"
+            )
+        if time.monotonic() > deadline:
+            raise ClusterError(
+                f"timed out waiting for MLflow at {ml['uri']}/health; "
+                f"log {ml['log']}:\n{_tail(ml['log'])}"
+            )
+        time.sleep(0.5)
+
+
+def _abort_up(state: dict, d: Path) -> None:
+    """Undo a failed `up`: stop what started, drop its temp dirs and its state file."""
+    stop_sessions(all_sids_partial(state), state["marker"], grace=5)
+    shutil.rmtree(state["temp_root"], ignore_errors=True)
+    with contextlib.suppress(OSError):
+        state_path(d).unlink()
 
 
 def all_sids_partial(state: dict) -> list[int]:
@@ -676,7 +716,7 @@ def down(directory: str = DEFAULT_DIR, grace: float = 10.0, keep_temp: bool = Fa
 # --------------------------------------------------------------------------- CLI
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cluster/local.py", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -707,8 +747,25 @@ def main(argv=None) -> int:
     p = with_dir(sub.add_parser("down", help="stop everything `up` started (only that)"))
     p.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
     p.add_argument("--keep-temp", action="store_true", help="keep the Ray temp dirs (session logs)")
-    a = ap.parse_args(argv)
+    return ap
 
+
+def _print_status(st: dict) -> None:
+    print(f"Ray address {st['address']}  (dir {st['dir']})")
+    for r in st["components"]:
+        extra = r.get("uri") or r.get("node_id") or ""
+        health = (
+            f"healthy={r['healthy']}" if "healthy" in r else f"gcs_alive={r['gcs_alive']}"
+        )
+        print(
+            f"  {r['component']:<16} pid {r['pid']:<7} "
+            f"{'running' if r['running'] else 'stopped':<8} procs={r['processes']:<3} "
+            f"{health:<16} {extra}"
+        )
+
+
+def main(argv=None) -> int:
+    a = _parser().parse_args(argv)
     try:
         if a.cmd == "up":
             up(
@@ -730,17 +787,7 @@ def main(argv=None) -> int:
             if a.json:
                 print(json.dumps(st, indent=2))
             else:
-                print(f"Ray address {st['address']}  (dir {st['dir']})")
-                for r in st["components"]:
-                    extra = r.get("uri") or r.get("node_id") or ""
-                    health = (
-                        f"healthy={r['healthy']}" if "healthy" in r else f"gcs_alive={r['gcs_alive']}"
-                    )
-                    print(
-                        f"  {r['component']:<16} pid {r['pid']:<7} "
-                        f"{'running' if r['running'] else 'stopped':<8} procs={r['processes']:<3} "
-                        f"{health:<16} {extra}"
-                    )
+                _print_status(st)
         elif a.cmd == "env":
             print("\n".join(env_lines(load_state(a.dir))))
         elif a.cmd == "kill-worker":

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from sklearn.metrics import cohen_kappa_score, confusion_matrix, f1_score
@@ -26,6 +26,7 @@ from sklearn.metrics import cohen_kappa_score, confusion_matrix, f1_score
 __all__ = [
     "SCALAR_KEYS",
     "classification_metrics",
+    "expected_calibration_error",
     "reliability_bins",
     "scalar_metrics",
     "soft_label_stats",
@@ -99,10 +100,28 @@ def reliability_bins(confidences: np.ndarray, correct: np.ndarray, n_bins: int =
     return bins
 
 
+def expected_calibration_error(bins: Sequence[dict]) -> float:
+    """ECE of :func:`reliability_bins` output: ``sum_b |acc_b - conf_b| * n_b / N``.
+
+    The one formula for every ECE the project reports (the metrics, the reliability plots and the
+    paper figures, whose bins may be pooled over folds), so they cannot drift apart. ``N`` is the
+    total count of the bins; bins without samples (or, as read back, without ``acc``/``conf``) add
+    nothing. ``nan`` when the bins hold no sample.
+    """
+    n = sum(int(b["count"]) for b in bins)
+    if n == 0:
+        return math.nan
+    return float(sum(
+        abs(b["acc"] - b["conf"]) * b["count"] / n
+        for b in bins
+        if b["count"] and b["acc"] is not None and b["conf"] is not None
+    ))
+
+
 def _ece_from_bins(bins: list[dict], n: int) -> float:
-    return float(
-        sum(abs(b["acc"] - b["conf"]) * b["count"] / n for b in bins if b["count"] > 0)
-    )
+    """Kept for analysis/figures.py until it calls :func:`expected_calibration_error` (its ``n`` is
+    the bins' total count, as there)."""
+    return expected_calibration_error(bins)
 
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> dict:
@@ -147,7 +166,7 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, n_bins: int = 
     err = float(confidences[~correct].mean()) if (~correct).any() else math.nan
 
     reliability = reliability_bins(confidences, correct, n_bins)
-    ece = _ece_from_bins(reliability, n)
+    ece = expected_calibration_error(reliability)
 
     p_true = probs[np.arange(n), labels]
     nll = float(-np.log(np.clip(p_true, _NLL_EPS, None)).mean())

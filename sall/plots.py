@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import csv
 import os
-from typing import Sequence
+
+from sall.metrics import expected_calibration_error
 
 __all__ = ["confusion_csv", "plot_confusion", "plot_reliability", "reliability_csv"]
 
@@ -29,17 +30,6 @@ def _new_figure(**kwargs):
 def _ensure_dir(path: str) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-
-
-def _ece(reliability: Sequence[dict]) -> float:
-    n = sum(int(b["count"]) for b in reliability)
-    if n == 0:
-        return float("nan")
-    return sum(
-        abs(b["acc"] - b["conf"]) * b["count"] / n
-        for b in reliability
-        if b["count"] and b["acc"] is not None and b["conf"] is not None
-    )
 
 
 def _save(fig, path: str) -> None:
@@ -115,7 +105,7 @@ def plot_reliability(reliability: list[dict], title: str, path: str) -> str:
     widths = [h - l for l, h in zip(los, his)]
     counts = [int(b["count"]) for b in reliability]
     filled = [i for i, b in enumerate(reliability) if b["count"] and b["acc"] is not None]
-    ece = _ece(reliability)
+    ece = expected_calibration_error(reliability)
 
     fig = _new_figure(figsize=(5.2, 6.0))
     ax, axh = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})

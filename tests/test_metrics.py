@@ -11,6 +11,8 @@ import pytest
 from sall.metrics import (
     SCALAR_KEYS,
     classification_metrics,
+    expected_calibration_error,
+    reliability_bins,
     scalar_metrics,
     soft_label_stats,
     to_jsonable,
@@ -60,6 +62,17 @@ def test_ece_and_reliability(m):
     assert [b["count"] for b in r] == [2, 2]
     assert r[0]["acc"] == pytest.approx(0.0) and r[0]["conf"] == pytest.approx(0.425)
     assert r[1]["acc"] == pytest.approx(1.0) and r[1]["conf"] == pytest.approx(0.65)
+
+
+def test_expected_calibration_error_is_the_metrics_ece(m):
+    """One ECE formula: on the metrics' own bins, on bins read back from JSON, on bins pooled over
+    folds (counts added, acc/conf count-weighted), and nan when there is no sample."""
+    assert expected_calibration_error(m["reliability"]) == m["ece"]
+    assert expected_calibration_error(to_jsonable(m)["reliability"]) == m["ece"]
+    half = [dict(b, count=b["count"] // 2) for b in m["reliability"]]  # a fold with half the samples
+    pooled = [dict(b, count=b["count"] + h["count"]) for b, h in zip(m["reliability"], half)]
+    assert expected_calibration_error(pooled) == pytest.approx(0.3875)
+    assert math.isnan(expected_calibration_error(reliability_bins([], [], n_bins=5)))
 
 
 def test_reliability_default_bins_and_empty_bins():

@@ -81,8 +81,7 @@ def preflight(cfg: TrialConfig) -> Data:
     cfg.validate()
     check_pretrained(cfg.backbone, cfg.pretrained, cfg.pretrained_path)
     manifest, summary, fp = _load_manifest_cached(cfg.dataset, cfg.data_root, cfg.synthetic_n)
-    origin = cfg.dataset if cfg.dataset in ("synthetic", "odir") else str(cfg.dataset)
-    check_classes(manifest, cfg.tasks, origin)
+    check_classes(manifest, cfg.tasks, str(cfg.dataset))
     splits = fold_splits(manifest, cfg.fold)
     where = f"fold {cfg.fold}"
     splits["train"] = cap_per_class(manifest, splits["train"], cfg.class_cap, seed=cfg.fold)

@@ -155,7 +155,6 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, n_bins: int = 
     """
     probs, labels = _check_inputs(probs, labels)
     n, k = probs.shape
-    class_ids = list(range(k))
 
     preds = probs.argmax(axis=1)
     confidences = probs.max(axis=1)
@@ -175,6 +174,26 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, n_bins: int = 
     onehot[np.arange(n), labels] = 1.0
     brier = float(((probs - onehot) ** 2).sum(axis=1).mean())
 
+    kappa, macro_f1, confusion = _agreement(labels, preds, k)
+    return {
+        "acc": acc,
+        "conf": conf,
+        "err": err,
+        "ece": ece,
+        "nll": nll,
+        "brier": brier,
+        "kappa": kappa,
+        "macro_f1": macro_f1,
+        "n": int(n),
+        "confusion": confusion,
+        "reliability": reliability,
+    }
+
+
+def _agreement(labels: np.ndarray, preds: np.ndarray, k: int) -> tuple[float, float, list[list[int]]]:
+    """Kappa, macro F1 and the confusion matrix over the K classes (sklearn, warnings silenced:
+    small splits routinely miss a class, which the definitions in classification_metrics cover)."""
+    class_ids = list(range(k))
     with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
         warnings.simplefilter("ignore")
         try:
@@ -193,20 +212,7 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, n_bins: int = 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sklearn warns on a single label even with labels=
         confusion = confusion_matrix(labels, preds, labels=class_ids).astype(int).tolist()
-
-    return {
-        "acc": acc,
-        "conf": conf,
-        "err": err,
-        "ece": ece,
-        "nll": nll,
-        "brier": brier,
-        "kappa": kappa,
-        "macro_f1": macro_f1,
-        "n": int(n),
-        "confusion": confusion,
-        "reliability": reliability,
-    }
+    return kappa, macro_f1, confusion
 
 
 def soft_label_stats(probs: np.ndarray) -> dict:

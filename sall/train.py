@@ -76,6 +76,53 @@ class FitResult:
     profile: dict[str, float] = field(default_factory=dict)
 
 
+def _train_epoch(step_model: torch.nn.Module, batches: Batches, opt: torch.optim.Optimizer,
+                 sched: torch.optim.lr_scheduler.LRScheduler, targets: dict[str, torch.Tensor],
+                 masks: dict[str, torch.Tensor], temperature: float, rt: Runtime,
+                 prof: dict[str, float]) -> tuple[dict[str, float], int]:
+    """One pass over the shuffled training batches: the summed loss of each head and the number
+    of batches; the time spent waiting for data and stepping is added to `prof`."""
+    heads = list(targets)
+    sums = {t: 0.0 for t in heads}
+    nb = 0
+    it = iter(batches)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            x, pos = next(it)
+        except StopIteration:
+            break
+        rt.sync()
+        t1 = time.perf_counter()
+        pos_t = torch.from_numpy(pos).to(rt.device)
+        with rt.autocast():
+            logits = step_model(x)
+        loss, parts = sall_loss(logits, {t: targets[t][pos_t] for t in heads},
+                                {t: masks[t][pos_t] for t in heads}, temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        rt.sync()
+        t2 = time.perf_counter()
+        prof["data_s"] += t1 - t0
+        prof["step_s"] += t2 - t1
+        for t in heads:
+            sums[t] += parts[t]
+        nb += 1
+    return sums, nb
+
+
+def _val_accuracy(model: torch.nn.Module, images: np.ndarray, val: dict[str, tuple[np.ndarray, np.ndarray]],
+                  rt: Runtime) -> dict[str, float]:
+    """Accuracy of each head on its own task's validation rows (0 where it has none)."""
+    accs = {}
+    for t, (rows, labels) in val.items():
+        z = predict(model, images, rows, rt)[t]
+        accs[t] = float((z.argmax(1) == labels).mean()) if len(labels) else 0.0
+    return accs
+
+
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrialConfig, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-step learning-rate schedule: constant, or cosine decay from lr to 0 over the run."""
     if cfg.schedule == "cosine":
@@ -136,45 +183,15 @@ def fit(model: torch.nn.Module, images: np.ndarray, train: TrainSet,
     for epoch in range(1, epochs + 1):
         t_epoch = time.time()
         model.train()
-        sums = {t: 0.0 for t in heads}
-        nb = 0
-        it = iter(batches)
-        while True:
-            t0 = time.perf_counter()
-            try:
-                x, pos = next(it)
-            except StopIteration:
-                break
-            rt.sync()
-            t1 = time.perf_counter()
-            pos_t = torch.from_numpy(pos).to(rt.device)
-            with rt.autocast():
-                logits = step_model(x)
-            loss, parts = sall_loss(logits, {t: targets[t][pos_t] for t in heads},
-                                    {t: masks[t][pos_t] for t in heads}, temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            rt.sync()
-            t2 = time.perf_counter()
-            prof["data_s"] += t1 - t0
-            prof["step_s"] += t2 - t1
-            for t in heads:
-                sums[t] += parts[t]
-            nb += 1
+        sums, nb = _train_epoch(step_model, batches, opt, sched, targets, masks, temperature, rt, prof)
         t3 = time.perf_counter()
         metrics: dict[str, float] = {f"train/{t}/loss": sums[t] / max(nb, 1) for t in heads}
-        accs = []
         # with checkpoint=last the validation split chooses nothing: measure it once, at the end
         validate = cfg.checkpoint != "last" or epoch == epochs or cfg.validate_every_epoch
-        for t, (rows, labels) in val.items() if validate else ():
-            z = predict(model, images, rows, rt)[t]
-            acc = float((z.argmax(1) == labels).mean()) if len(labels) else 0.0
-            metrics[f"val/{t}/acc"] = acc
-            accs.append(acc)
+        accs = _val_accuracy(model, images, val, rt) if validate else {}
+        metrics.update({f"val/{t}/acc": acc for t, acc in accs.items()})
         prof["eval_s"] += time.perf_counter() - t3
-        score = float(np.mean(accs)) if accs else -float(sum(sums.values()))
+        score = float(np.mean(list(accs.values()))) if accs else -float(sum(sums.values()))
         keep = epoch == epochs if cfg.checkpoint == "last" else score > best_score
         if keep:
             best_score, best_epoch, best_state = score, epoch, state_dict_cpu(model)

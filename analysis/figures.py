@@ -354,7 +354,7 @@ def fig_reliability(uri: str, pair: list[tuple[str, cm.Setting]], tasks: list[st
     """Paper Fig. 7: reliability diagrams of the baseline and SALL, bins pooled over folds."""
     from matplotlib.patches import Patch
 
-    from sall.metrics import _ece_from_bins  # the ECE of sall.metrics, on the pooled bins
+    from sall.metrics import expected_calibration_error  # the one ECE formula, on the pooled bins
 
     mets = {name: _test_metrics(uri, s, cache) for name, s in pair}
     fig = _figure(figsize=(4.8 * len(pair), 5.4 * len(tasks)))
@@ -370,7 +370,7 @@ def fig_reliability(uri: str, pair: list[tuple[str, cm.Setting]], tasks: list[st
             bins = pooled_bins(per_fold)
             n = sum(b["count"] for b in bins)
             full = [b for b in bins if b["count"]]
-            ece = _ece_from_bins(bins, n) if n else math.nan
+            ece = expected_calibration_error(bins)  # nan without samples
             lo = [b["lo"] for b in full]
             wd = [b["hi"] - b["lo"] for b in full]
             ax.bar(lo, [b["acc"] for b in full], wd, align="edge", color="#1f77b4", edgecolor="black", lw=0.6,

@@ -118,12 +118,6 @@ def expected_calibration_error(bins: Sequence[dict]) -> float:
     ))
 
 
-def _ece_from_bins(bins: list[dict], n: int) -> float:
-    """Kept for analysis/figures.py until it calls :func:`expected_calibration_error` (its ``n`` is
-    the bins' total count, as there)."""
-    return expected_calibration_error(bins)
-
-
 def classification_metrics(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> dict:
     """All metrics of design.md "Metrics" for one task on one split.
 

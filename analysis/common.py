@@ -125,23 +125,6 @@ class TrialRun:
         """(fold, seed): what a setting's runs are paired on."""
         return (self.fold, self.seed)
 
-    # bench/search_vs_grid.py reads these four; analysis/ reads `config`
-    @property
-    def tasks(self) -> tuple[str, ...]:
-        return self.config.tasks
-
-    @property
-    def temperature(self) -> float:
-        return self.config.temperature
-
-    @property
-    def sa(self) -> bool:
-        return self.config.sa_labels
-
-    @property
-    def mt(self) -> bool:
-        return self.config.multitask
-
 
 @dataclass
 class Setting:

@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from analysis import common as cm  # noqa: E402
 from analysis import tables as tb  # noqa: E402
+from sweeps import schema as sc  # noqa: E402
 from sweeps import search as se  # noqa: E402
 from sweeps import tracking as tr  # noqa: E402
 
@@ -54,11 +55,11 @@ def student_epochs(uri: str, experiment: str) -> int:
     """Epochs of student training the experiment's runs spent: candidates to their final epoch,
     trials to the end (a baseline that reuses its teachers trains none)."""
     total = 0
-    for r in tr.find_runs(uri, tr.ensure_experiment(uri, experiment), f"tags.`{tr.TAG_STAGE}` != 'sweep'",
+    for r in tr.find_runs(uri, tr.ensure_experiment(uri, experiment), f"tags.`{sc.TAG_STAGE}` != 'sweep'",
                           max_results=50000):
-        stage, p = r.data.tags.get(tr.TAG_STAGE), r.data.params
-        if stage == se.STAGE:
-            total += int(r.data.tags.get(se.TAG_FINAL_EPOCH, "0"))
+        stage, p = r.data.tags.get(sc.TAG_STAGE), r.data.params
+        if stage == sc.STAGE_CANDIDATE:
+            total += int(r.data.tags.get(sc.TAG_FINAL_EPOCH, "0"))
         elif stage == "student" and p.get("sa_labels") == "True":
             total += int(p["student_epochs"])
     return total
@@ -75,9 +76,9 @@ def table(uri: str, experiment: str) -> tb.Table:
 
 def test_acc(t: tb.Table, temperature: float) -> tuple[str, dict[str, float]]:
     """(label, task -> mean test accuracy over folds) of the SALL row at `temperature`."""
-    row = next(r for r in t.rows if r.setting and r.setting.first.sa and r.setting.first.mt
-               and abs(r.setting.first.temperature - temperature) < 1e-9)
-    return row.label, {task: row.setting.mean(f"test/{task}/acc") for task in row.setting.first.tasks}
+    row = next(r for r in t.rows if r.setting and r.setting.first.config.sa_labels and r.setting.first.config.multitask
+               and abs(r.setting.first.config.temperature - temperature) < 1e-9)
+    return row.label, {task: row.setting.mean(f"test/{task}/acc") for task in row.setting.first.config.tasks}
 
 
 def compare(uri: str, metric: str) -> dict[str, Any]:
@@ -85,10 +86,10 @@ def compare(uri: str, metric: str) -> dict[str, Any]:
     grid_t, search_t = table(uri, GRID), table(uri, SEARCH)
     best = tb._best(grid_t)
     found = se.answer(uri, tr.ensure_experiment(uri, SEARCH), sorted(
-        {r.setting.first.temperature for r in search_t.rows if r.setting and r.setting.first.sa}), metric)
+        {r.setting.first.config.temperature for r in search_t.rows if r.setting and r.setting.first.config.sa_labels}), metric)
     if best is None or found is None:
         sys.exit("[bench] no finished SALL setting to compare")
-    grid_label, grid_acc = test_acc(grid_t, best.setting.first.temperature)
+    grid_label, grid_acc = test_acc(grid_t, best.setting.first.config.temperature)
     search_label, search_acc = test_acc(search_t, found[0])
     tasks = {}
     for task, g in grid_acc.items():

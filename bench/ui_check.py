@@ -186,18 +186,19 @@ def start_server(db: Path, port: int, log: Path) -> subprocess.Popen:
 
 def sweep_runs(uri: str) -> tuple[str, Any, list]:
     """(experiment id, the sweep run, its trial runs) of the smoke temperature sweep."""
+    from sweeps import schema as sc
     from sweeps import tracking as tr
 
     exp = tr.client(uri).get_experiment_by_name(EXPERIMENT)
     if exp is None:
         raise CheckError(f"no experiment '{EXPERIMENT}' in {uri}; expected a finished `sweeps/temperature.py --smoke`")
     runs = tr.find_runs(uri, exp.experiment_id, "")
-    sweeps = sorted((r for r in runs if r.data.tags.get(tr.TAG_STAGE) == "sweep"), key=lambda r: -r.info.start_time)
+    sweeps = sorted((r for r in runs if r.data.tags.get(sc.TAG_STAGE) == sc.STAGE_SWEEP), key=lambda r: -r.info.start_time)
     if not sweeps:
         raise CheckError(f"experiment '{EXPERIMENT}' in {uri} has no sweep run")
     parent = sweeps[0]
-    trials = [r for r in runs if r.data.tags.get(tr.TAG_PARENT) == parent.info.run_id
-              and r.data.tags.get(tr.TAG_STAGE) == "student"]
+    trials = [r for r in runs if r.data.tags.get(sc.TAG_PARENT) == parent.info.run_id
+              and r.data.tags.get(sc.TAG_STAGE) == sc.STAGE_STUDENT]
     return exp.experiment_id, parent, sorted(trials, key=lambda r: r.info.run_name)
 
 

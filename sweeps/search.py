@@ -32,9 +32,6 @@ from sweeps import temperature
 from sweeps import tracking as tr
 
 SWEEP = "search"
-# Candidates are not students: the analysis of the confirmed trials never mixes them in. (STAGE
-# and TAG_FINAL_EPOCH stay here under these names for bench/search_vs_grid.py.)
-STAGE, TAG_FINAL_EPOCH = sc.STAGE_CANDIDATE, sc.TAG_FINAL_EPOCH
 METRIC = "val_metric"  # what candidates report to Tune: the searcher's and ASHA's objective
 SMOKE_PLAN = dict(num_samples=4, top=2, grace=1)  # --smoke: a whole search and confirmation in ~a minute
 
@@ -178,7 +175,7 @@ def candidate(config: dict[str, Any]) -> None:
     if replayed >= cfg.student_epochs:
         return
     run_id = tl.open_run(sw, cfg, f"T={cfg.temperature:g}", earlier,
-                         {sc.TAG_STAGE: STAGE, sc.TAG_CANDIDATE: trial_id, sc.TAG_SEARCH_METRIC: config["metric"]})
+                         {sc.TAG_STAGE: sc.STAGE_CANDIDATE, sc.TAG_CANDIDATE: trial_id, sc.TAG_SEARCH_METRIC: config["metric"]})
     hooks = Hooks(teacher_ready=tl.teacher_hook(sw, cfg, run_id),
                   student_epoch=epoch_reporter(uri, run_id, cfg, config["metric"], replayed))
     try:
@@ -196,7 +193,7 @@ def _earlier_run(sw: dict[str, Any], cfg: TrialConfig, trial_id: str) -> Any:
     killed driver left behind before Tune saved the trial (the restored searcher proposes that T
     again under a new id): adopted, so a crash leaves no orphan run."""
     uri, parent = sw["mlflow_uri"], sw["parent_run_id"]
-    mine = f"tags.`{sc.TAG_PARENT}` = '{parent}' and tags.`{sc.TAG_STAGE}` = '{STAGE}'"
+    mine = f"tags.`{sc.TAG_PARENT}` = '{parent}' and tags.`{sc.TAG_STAGE}` = '{sc.STAGE_CANDIDATE}'"
     for which in (f"tags.`{sc.TAG_CANDIDATE}` = '{trial_id}'",
                   f"tags.`{sc.TAG_CONFIG_KEY}` = '{cfg.key()}' and attributes.status != 'FINISHED'"):
         found = tr.find_runs(uri, sw["experiment_id"], f"{which} and {mine}")
@@ -213,7 +210,7 @@ def replay(uri: str, earlier: Any, cfg: TrialConfig, metric: str) -> int:
     stopping it again."""
     from ray import tune
 
-    if earlier is None or earlier.info.status != "FINISHED" or TAG_FINAL_EPOCH not in earlier.data.tags:
+    if earlier is None or earlier.info.status != "FINISHED" or sc.TAG_FINAL_EPOCH not in earlier.data.tags:
         return 0
     run_id, c = earlier.info.run_id, tr.client(uri)
     names = [sc.metric(sc.VAL, t, "acc") for t in cfg.tasks]
@@ -221,7 +218,7 @@ def replay(uri: str, earlier: Any, cfg: TrialConfig, metric: str) -> int:
     for name in names:
         for m in tr.retry(c.get_metric_history, run_id, name):
             per_epoch.setdefault(int(m.step), {})[name] = m.value
-    epochs = [e for e in sorted(per_epoch) if e <= int(earlier.data.tags[TAG_FINAL_EPOCH])]
+    epochs = [e for e in sorted(per_epoch) if e <= int(earlier.data.tags[sc.TAG_FINAL_EPOCH])]
     for epoch in epochs:
         tune.report({"epoch": epoch, METRIC: score(per_epoch[epoch], metric, cfg.tasks),
                      "temperature": cfg.temperature, "mlflow_run_id": run_id})
@@ -232,7 +229,7 @@ def close_orphans(uri: str, experiment_id: str, parent: str, booked: set[str]) -
     """Candidates whose trial a killed driver lost and the resumed search did not propose again:
     KILLED, tagged sall.lost=1, so no run of the search stays RUNNING. Returns how many."""
     runs = tr.find_runs(uri, experiment_id, f"tags.`{sc.TAG_PARENT}` = '{parent}' and tags.`{sc.TAG_STAGE}` = "
-                                            f"'{STAGE}' and attributes.status = 'RUNNING'")
+                                            f"'{sc.STAGE_CANDIDATE}' and attributes.status = 'RUNNING'")
     lost = [r.info.run_id for r in runs if r.info.run_id not in booked]
     for rid in lost:
         tr.retry(tr.client(uri).set_tag, rid, sc.TAG_LOST, "1")
@@ -249,10 +246,10 @@ def book(uri: str, result: dict[str, Any], epochs: int) -> dict[str, Any]:
                stopped=epoch < epochs, run_id=run_id)
     c = tr.client(uri)
     run = tr.retry(c.get_run, run_id)
-    if run.info.status == "FINISHED" and run.data.tags.get(TAG_FINAL_EPOCH) == str(epoch):
+    if run.info.status == "FINISHED" and run.data.tags.get(sc.TAG_FINAL_EPOCH) == str(epoch):
         return row
     tr.retry(c.set_tag, run_id, sc.TAG_STOPPED, "1" if row["stopped"] else "0")
-    tr.retry(c.set_tag, run_id, TAG_FINAL_EPOCH, str(epoch))
+    tr.retry(c.set_tag, run_id, sc.TAG_FINAL_EPOCH, str(epoch))
     tr.log_metrics(uri, run_id, {sc.SEARCH_SCORE: row["score"], sc.SEARCH_FINAL_EPOCH: epoch})
     tr.end_run(uri, run_id, "FINISHED")
     return row

@@ -23,10 +23,6 @@ from sweeps import schema as sc
 
 T = TypeVar("T")
 
-# The tag names live in sweeps/schema.py; these two stay here for bench/, which reads them as
-# tracking's.
-TAG_STAGE, TAG_PARENT = sc.TAG_STAGE, sc.TAG_PARENT
-
 
 def retry(fn: Callable[..., T], *args: Any, attempts: int = 40, **kwargs: Any) -> T:
     """Call an MLflow client method, waiting out SQLite locks and brief server hiccups."""

@@ -171,6 +171,9 @@ def init_ray(args: argparse.Namespace) -> None:
 
     quiet = dict(log_to_driver=args.verbose, include_dashboard=False, configure_logging=True,
                  logging_level="WARNING")
+    fault = os.environ.get("SALL_DEBUG_FAIL")
+    if fault:  # tests only: the job's workers get the driver's fault injection, on a cluster too
+        quiet["runtime_env"] = {"env_vars": {"SALL_DEBUG_FAIL": fault}}
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if args.address:

@@ -150,7 +150,7 @@ def shared_ray(tmp_path_factory):
     stopping a local Ray of its own (measured: 53 s -> 38 s for one smoke sweep on 2 cores).
     What is tested is unchanged: the sweep's own trials, store, Tune state and cache; a driver
     that joins a cluster is a mode users run. The main job's own path (a local Ray started by
-    the sweep) stays covered by `temperature_smoke` and the retry test, which run without it.
+    the sweep) stays covered by `temperature_smoke` (and its rerun), which runs without it.
     Yields a sweep_helpers.SharedRay; the head is stopped at the end of the session."""
     from sweep_helpers import SharedRay
     from test_local_cluster import start_local_cluster

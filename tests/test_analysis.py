@@ -68,9 +68,9 @@ def test_paper_tables_transcribed():
 # ---------------------------------------------------------------------------------------------
 # the store: one small real sweep, plus one failed trial
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tmp_path_factory, shared_ray):
     d = tmp_path_factory.mktemp("analysis")
-    r = run(sweep_cmd("temperature", d, "--folds", "0,1", "--temperatures", "8"), d)
+    r = shared_ray.run(sweep_cmd("temperature", d, "--folds", "0,1", "--temperatures", "8"), d)
     assert r.returncode == 0, r.stderr[-3000:]
     return d
 

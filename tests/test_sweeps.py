@@ -1,8 +1,6 @@
 """Sweeps end to end: every script with --smoke on a real local Ray and a real MLflow store."""
 from __future__ import annotations
 
-import os
-import subprocess
 import time
 from collections import Counter
 from pathlib import Path
@@ -125,10 +123,10 @@ def test_dry_run_lists_trials_and_teachers(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def test_a_failing_trial_is_retried_reported_and_rerun_alone(tmp_path):
-    cmd = sweep_cmd("temperature", tmp_path, "--folds", "0", "--max-failures", "1")
-    env = dict(os.environ, SALL_DEBUG_FAIL="student@T=8", PYTHONUNBUFFERED="1")
-    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+def test_a_failing_trial_is_retried_reported_and_rerun_alone(tmp_path, shared_ray):
+    cmd = [*sweep_cmd("temperature", tmp_path, "--folds", "0", "--max-failures", "1"), *shared_ray.flags]
+    # the fault is set in the driver's environment; the trials run in the head's worker processes
+    out = run(cmd, tmp_path, env=dict(shared_ray.env, SALL_DEBUG_FAIL="student@T=8"))
     assert out.returncode == 1, out.stderr[-3000:]
     assert "1 trial(s) failed" in out.stderr and "T=8 fold0" in out.stderr
     assert "rerun the same command" in out.stderr
@@ -144,7 +142,7 @@ def test_a_failing_trial_is_retried_reported_and_rerun_alone(tmp_path):
     assert status["baseline"].info.status == "FINISHED" and status["T=1"].info.status == "FINISHED"
     ends = {k: r.info.end_time for k, r in status.items() if k != "T=8"}
     # the same command, now without the fault: only the failed trial runs again
-    again = run(cmd, tmp_path)
+    again = run(cmd, tmp_path, env=shared_ray.env)
     assert again.returncode == 0, again.stderr[-3000:]
     rs = [r for r in runs(tmp_path, "sall-temperature") if r.data.tags["sall.stage"] == "student"]
     assert len(rs) == 3 and all(r.info.status == "FINISHED" for r in rs)

@@ -256,8 +256,11 @@ def book(uri: str, result: dict[str, Any], epochs: int) -> dict[str, Any]:
 
 
 def pick(rows: list[dict[str, Any]], top: int) -> list[float]:
-    """The temperatures to confirm: ASHA's survivors first (furthest epoch), then the best score."""
-    ranked = sorted(rows, key=lambda r: (r["epoch"], r["score"]), reverse=True)
+    """The temperatures to confirm: ASHA's survivors first (furthest epoch), then the best score,
+    then the lower T. The last key matters: validation accuracies are fractions of a few hundred
+    images and tie often, and without it the pick followed the order the rows came in (Tune's
+    results, or MLflow's search), so a resumed search could confirm other temperatures."""
+    ranked = sorted(rows, key=lambda r: (-r["epoch"], -r["score"], r["temperature"]))
     return list(dict.fromkeys(r["temperature"] for r in ranked))[:top]
 
 

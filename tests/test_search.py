@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sweep_helpers import ROOT, kill_when, run, runs, sweep_cmd
+from sweep_helpers import ROOT, run, runs, sweep_cmd
 from test_train import _fit
 
 sys.path.insert(0, str(ROOT))
@@ -47,6 +47,13 @@ def _candidate_run(u: str) -> str:
     c = tr.client(u)
     exp = tr.ensure_experiment(u, EXP)
     return c.create_run(exp, tags={sc.TAG_STAGE: sc.STAGE_CANDIDATE}).info.run_id
+
+
+def test_pick_breaks_ties_by_the_lower_temperature_whatever_the_order():
+    rows = [dict(temperature=t, epoch=e, score=sc_) for t, e, sc_ in
+            ((9.0, 3, 0.5), (2.0, 3, 0.5), (4.0, 3, 0.6), (1.5, 1, 0.9), (3.0, 3, 0.5))]
+    assert se.pick(rows, 3) == [4.0, 2.0, 3.0]  # furthest epoch, best score, then the lower T
+    assert se.pick(rows[::-1], 3) == se.pick(rows, 3)
 
 
 def test_book_marks_stopped_and_complete_candidates_once(tmp_path):
@@ -185,14 +192,14 @@ def _candidates(d: Path) -> list:
 
 
 @pytest.fixture(scope="module")
-def searched(tmp_path_factory) -> tuple[Path, dict[str, int], subprocess.CompletedProcess]:
+def searched(tmp_path_factory, shared_ray) -> tuple[Path, dict[str, int], subprocess.CompletedProcess]:
     """(store dir, {run id: end time} of the candidates booked before the kill, the rerun)."""
     d = tmp_path_factory.mktemp("search")
-    cmd = sweep_cmd("search", d, *SEARCH_FLAGS)
-    kill_when(cmd, d, lambda: any(sc.TAG_FINAL_EPOCH in r.data.tags for r in _candidates(d)), timeout=420)
+    cmd = shared_ray.kill_when(sweep_cmd("search", d, *SEARCH_FLAGS), d,
+                               lambda: any(sc.TAG_FINAL_EPOCH in r.data.tags for r in _candidates(d)), timeout=420)
     before = {r.info.run_id: r.info.end_time for r in _candidates(d) if sc.TAG_FINAL_EPOCH in r.data.tags}
     time.sleep(2)
-    return d, before, run(cmd, d)
+    return d, before, run(cmd, d, env=shared_ray.env)
 
 
 @pytest.mark.slow

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
 Key = Hashable  # a fold, or a (fold, seed) replicate
 
 

@@ -50,13 +50,12 @@ def main() -> int:
 
     sall.data.loader.PREFETCH = not args.no_prefetch
 
-    from sall.chain import prepare, student_train_rows
+    from sall.chain import new_model, one_hot, prepare, student_train_rows
     from sall.config import from_preset
     from sall.data.loader import Batches
     from sall.store import ArtifactStore
-    from sall.train import Runtime, TrainSet, fit
-    from sall.chain import new_model, one_hot
     from sall.tasks import TASKS
+    from sall.train import Runtime, TrainSet, fit
 
     cfg = from_preset("cpu", backbone=args.backbone, image_size=args.image_size, batch_size=args.batch_size,
                       threads=args.threads)

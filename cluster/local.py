@@ -40,8 +40,8 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import secrets
+import shutil
 import signal
 import socket
 import subprocess

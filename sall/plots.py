@@ -102,7 +102,7 @@ def plot_reliability(reliability: list[dict], title: str, path: str) -> str:
     """
     los = [float(b["lo"]) for b in reliability]
     his = [float(b["hi"]) for b in reliability]
-    widths = [h - l for l, h in zip(los, his)]
+    widths = [hi - lo for lo, hi in zip(los, his)]
     counts = [int(b["count"]) for b in reliability]
     filled = [i for i, b in enumerate(reliability) if b["count"] and b["acc"] is not None]
     ece = expected_calibration_error(reliability)

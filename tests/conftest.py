@@ -60,7 +60,7 @@ def csv_manifest(tmp_path) -> Path:
     k = 0
     for task, spec in TASKS.items():
         for g in range(spec.num_classes):
-            for j in range(2):
+            for _ in range(2):
                 rel = f"img/{k}.png"
                 write_image(root / rel, 24, seed=k)
                 lines.append(f"{rel},{task},{g},p{k // 2}")

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from sweep_helpers import ROOT, run, sweep_cmd
 from conftest import write_image
+from sweep_helpers import ROOT, run, sweep_cmd
 
 sys.path.insert(0, str(ROOT))
 

@@ -11,7 +11,6 @@ import zlib
 from pathlib import Path
 
 import pytest
-
 from conftest import corrupt_file, truncate_file, write_image
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,10 +19,10 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import corrupt_file, truncate_file, write_image
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import corrupt_file, truncate_file, write_image
 from sall.cli import guarded, main
 
 SETTINGS = dict(deadline=None, database=None, derandomize=False, print_blob=True,

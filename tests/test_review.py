@@ -7,7 +7,6 @@ temperature sweep, run once for the module as a user would.
 from __future__ import annotations
 
 import pytest
-
 from sweep_helpers import runs
 from test_analysis import EXP, _hand_store
 

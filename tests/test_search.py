@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from sweep_helpers import ROOT, run, runs, sweep_cmd
 from test_train import _fit
 

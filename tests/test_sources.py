@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import corrupt_file, truncate_file, write_image
 from PIL import Image, ImageFile
 
 from sall.data.images import check_images, load_image, read_image
@@ -14,8 +15,6 @@ from sall.data.manifest import COLUMNS
 from sall.data.sources import format_summary, load_manifest
 from sall.errors import DataError
 from sall.tasks import TASKS
-
-from conftest import corrupt_file, truncate_file, write_image
 
 REAL_ODIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "odir5k"
 

@@ -6,7 +6,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from sweep_helpers import by_stage, run, runs, sweep_cmd
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,6 @@ import torch
 
 from sall.data.augment import augment_batch, to_float
 
-
 _END = object()
 PREFETCH = True  # benchmarks switch it off to measure what the background thread buys
 

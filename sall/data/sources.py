@@ -36,7 +36,7 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
@@ -399,7 +399,7 @@ def _odir_deal_normals(pool: list[str], by_patient: dict[str, list[tuple[str, st
     for k in order:
         pid = pool_sorted[k]
         j = int(np.argmax((target - have) / target))
-        for path, _, g in by_patient[pid]:
+        for path, _, _grade in by_patient[pid]:
             rows.append((path, tasks[j], 0, pid, "odir"))
         have[j] += len(by_patient[pid])
     return rows

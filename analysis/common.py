@@ -4,6 +4,7 @@ settings over folds, the command-line frame (one-line errors, progress on stderr
 Runs are read with MLflow's client only (search_runs, download_artifacts), so the tools work
 against any tracking store the sweeps wrote to: a local SQLite file or a remote server.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,10 +46,12 @@ def paper_tables() -> dict[str, Any]:
 # command line
 def add_common_args(p: argparse.ArgumentParser, experiment: bool = True) -> None:
     if experiment:
-        p.add_argument("--experiment", required=True,
-                       help="MLflow experiment of the sweep, e.g. sall-temperature")
-    p.add_argument("--mlflow-uri", default=DEFAULT_URI,
-                   help="MLflow tracking URI (default: sqlite:///mlflow.db in the working directory)")
+        p.add_argument("--experiment", required=True, help="MLflow experiment of the sweep, e.g. sall-temperature")
+    p.add_argument(
+        "--mlflow-uri",
+        default=DEFAULT_URI,
+        help="MLflow tracking URI (default: sqlite:///mlflow.db in the working directory)",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -67,10 +70,12 @@ def open_store(uri: str) -> str:
     """The resolved tracking URI; a SQLite file that does not exist is an error, not a new store."""
     uri = tr.resolve_uri(uri)
     if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
+        path = Path(uri[len("sqlite:///") :])
         if not path.is_file():
-            raise SallError(f"MLflow store {uri} does not exist; expected the sqlite file the sweep "
-                            "wrote (run from the sweep's folder or pass --mlflow-uri)")
+            raise SallError(
+                f"MLflow store {uri} does not exist; expected the sqlite file the sweep "
+                "wrote (run from the sweep's folder or pass --mlflow-uri)"
+            )
     return uri
 
 
@@ -78,8 +83,9 @@ def experiment_id(uri: str, name: str) -> str:
     exp = tr.retry(client(uri).get_experiment_by_name, name)
     if exp is None:
         names = [e.name for e in tr.retry(client(uri).search_experiments)]
-        raise SallError(f"no MLflow experiment '{name}' in {uri}; experiments there: "
-                        f"{', '.join(sorted(names)) or '(none)'}")
+        raise SallError(
+            f"no MLflow experiment '{name}' in {uri}; experiments there: {', '.join(sorted(names)) or '(none)'}"
+        )
     return exp.experiment_id
 
 
@@ -208,11 +214,19 @@ def student_runs(uri: str, exp_id: str, parent: str | None = None) -> list[Trial
     out = []
     for r in tr.find_runs(uri, exp_id, flt, max_results=50000):
         t = r.data.tags
-        out.append(TrialRun(
-            run_id=r.info.run_id, status=r.info.status, label=t.get(sc.TAG_LABEL, "?"),
-            fold=int(t.get(sc.TAG_FOLD, r.data.params.get("fold", -1))),
-            trial_key=t.get(sc.TAG_TRIAL_KEY, "?"), parent=t.get(sc.TAG_PARENT, ""),
-            start_time=r.info.start_time or 0, params=dict(r.data.params), metrics=dict(r.data.metrics)))
+        out.append(
+            TrialRun(
+                run_id=r.info.run_id,
+                status=r.info.status,
+                label=t.get(sc.TAG_LABEL, "?"),
+                fold=int(t.get(sc.TAG_FOLD, r.data.params.get("fold", -1))),
+                trial_key=t.get(sc.TAG_TRIAL_KEY, "?"),
+                parent=t.get(sc.TAG_PARENT, ""),
+                start_time=r.info.start_time or 0,
+                params=dict(r.data.params),
+                metrics=dict(r.data.metrics),
+            )
+        )
     return out
 
 
@@ -247,8 +261,13 @@ def score(s: Setting) -> float:
 
 
 def latest_parent(uri: str, exp_id: str) -> str | None:
-    runs = tr.retry(client(uri).search_runs, [exp_id], filter_string=f"tags.`{sc.TAG_STAGE}` = '{sc.STAGE_SWEEP}'",
-                    order_by=["attributes.start_time DESC"], max_results=1)
+    runs = tr.retry(
+        client(uri).search_runs,
+        [exp_id],
+        filter_string=f"tags.`{sc.TAG_STAGE}` = '{sc.STAGE_SWEEP}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     return runs[0].info.run_id if runs else None
 
 
@@ -263,17 +282,23 @@ def sweep_name(uri: str, exp_id: str, runs: list[TrialRun]) -> str | None:
     return names.pop() if names else None
 
 
-def load_sweep(uri: str, experiment: str, parent: str | None = None,
-               folds: tuple[int, ...] | None = None) -> tuple[str, list[Setting], str | None]:
+def load_sweep(
+    uri: str, experiment: str, parent: str | None = None, folds: tuple[int, ...] | None = None
+) -> tuple[str, list[Setting], str | None]:
     """(experiment id, settings, sweep name) of an experiment; raises SallError when empty."""
     uri = open_store(uri)
     exp_id = experiment_id(uri, experiment)
     runs = student_runs(uri, exp_id, parent)
     if not runs:
-        raise SallError(f"experiment '{experiment}' has no trial runs (tag {sc.TAG_STAGE}={sc.STAGE_STUDENT})"
-                        + (f" under parent run {parent}" if parent else "") + "; expected a finished sweep")
-    log(f"[analysis] {experiment}: {len(runs)} trial runs "
-        f"({sum(r.ok for r in runs)} finished, {sum(not r.ok for r in runs)} failed or unfinished)")
+        raise SallError(
+            f"experiment '{experiment}' has no trial runs (tag {sc.TAG_STAGE}={sc.STAGE_STUDENT})"
+            + (f" under parent run {parent}" if parent else "")
+            + "; expected a finished sweep"
+        )
+    log(
+        f"[analysis] {experiment}: {len(runs)} trial runs "
+        f"({sum(r.ok for r in runs)} finished, {sum(not r.ok for r in runs)} failed or unfinished)"
+    )
     return exp_id, settings(runs, folds), sweep_name(uri, exp_id, runs)
 
 
@@ -322,8 +347,7 @@ def student_file(uri: str, run_id: str, dst: Path) -> Path:
     arts = tr.retry(client(uri).list_artifacts, run_id, sc.MODEL_DIR)
     pts = [a.path for a in arts if a.path.endswith(".pt")]
     if not pts:
-        raise SallError(f"run {run_id} has no model artifact (model/*.pt); expected a finished trial "
-                        "run of a sweep")
+        raise SallError(f"run {run_id} has no model artifact (model/*.pt); expected a finished trial run of a sweep")
     got = download(uri, run_id, pts[0], dst)
     if got is None:
         raise SallError(f"run {run_id}: its model artifact {pts[0]} could not be downloaded")

@@ -15,6 +15,7 @@ manifest (image,task,grade[,patient]) or an image folder root/<task>/<grade>/*. 
 image of the task is used (external validation: no fold split); --split test uses the test split
 of the student's fold on that dataset instead.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,16 +36,25 @@ from sweeps import schema as sc  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python analysis/evaluate.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python analysis/evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--run-id", required=True, help="MLflow run id of a finished trial (a student run)")
-    p.add_argument("--dataset", required=True,
-                   help="synthetic, odir (needs --data-root), a CSV manifest or an image folder")
+    p.add_argument(
+        "--dataset", required=True, help="synthetic, odir (needs --data-root), a CSV manifest or an image folder"
+    )
     p.add_argument("--data-root", default=None, help="dataset folder (odir: with full_df.csv and preprocessed_images/)")
-    p.add_argument("--task", default=None, help="comma-separated tasks to evaluate (default: every task of "
-                   "the student that the dataset has)")
-    p.add_argument("--split", default="all", choices=["all", "test"],
-                   help="all images (default), or the test split of the student's fold")
+    p.add_argument(
+        "--task",
+        default=None,
+        help="comma-separated tasks to evaluate (default: every task of the student that the dataset has)",
+    )
+    p.add_argument(
+        "--split",
+        default="all",
+        choices=["all", "test"],
+        help="all images (default), or the test split of the student's fold",
+    )
     p.add_argument("--synthetic-n", type=int, default=None, help="synthetic images per task (default: the student's)")
     p.add_argument("--cache-dir", default=".sall-cache", help="where decoded images are cached")
     p.add_argument("--device", default=None, help="auto, cpu, cuda ... (default: the student's)")
@@ -90,16 +100,18 @@ def run(args: argparse.Namespace) -> int:
             if t not in TASKS:
                 raise SallError(f"--task: unknown task '{t}'; expected some of {', '.join(TASKS)}")
             if t not in have:
-                raise SallError(f"--task {t}: the student of run {args.run_id} has no {t} head; "
-                                f"it has {', '.join(have)}")
+                raise SallError(
+                    f"--task {t}: the student of run {args.run_id} has no {t} head; it has {', '.join(have)}"
+                )
     else:
         tasks = have
     if args.dataset == "odir" and not args.data_root:
         raise SallError("--dataset odir needs --data-root: the folder holding full_df.csv and preprocessed_images/")
     cm.log(f"[evaluate] loading {args.dataset} (tasks {', '.join(tasks)})")
     try:
-        manifest, summary = load_manifest(args.dataset, args.data_root, tasks=tasks,
-                                          synthetic_n=args.synthetic_n or cfg.synthetic_n)
+        manifest, summary = load_manifest(
+            args.dataset, args.data_root, tasks=tasks, synthetic_n=args.synthetic_n or cfg.synthetic_n
+        )
     except DataError as e:
         if "no images of task" not in str(e):
             raise
@@ -107,8 +119,9 @@ def run(args: argparse.Namespace) -> int:
     present = set(manifest["task"])
     missing = [t for t in tasks if t not in present]
     if missing and args.task:
-        raise SallError(f"dataset {args.dataset} has no images of task {', '.join(missing)}; "
-                        f"it has {', '.join(sorted(present))}")
+        raise SallError(
+            f"dataset {args.dataset} has no images of task {', '.join(missing)}; it has {', '.join(sorted(present))}"
+        )
     tasks = [t for t in tasks if t in present]
     fp = fingerprint(manifest)
     splits = {"all": np.arange(len(manifest))} if args.split == "all" else fold_splits(manifest, cfg.fold)
@@ -124,9 +137,14 @@ def run(args: argparse.Namespace) -> int:
         cm.log(f"[evaluate] {t} head on {n} {t} images at T={cfg.temperature:g}")
         metrics[t] = evaluate(models[t].to(rt.device), t, data, args.split, cfg.temperature, rt, preds[t])
     out = {
-        "evaluated_run": args.run_id, "label": orig.data.tags.get(sc.TAG_LABEL),
-        "fold": cfg.fold, "temperature": cfg.temperature, "dataset": args.dataset, "data_root": args.data_root,
-        "split": args.split, "tasks": tasks,
+        "evaluated_run": args.run_id,
+        "label": orig.data.tags.get(sc.TAG_LABEL),
+        "fold": cfg.fold,
+        "temperature": cfg.temperature,
+        "dataset": args.dataset,
+        "data_root": args.data_root,
+        "split": args.split,
+        "tasks": tasks,
         "n_images": {t: metrics[t]["n"] for t in tasks},
         "metrics": {t: scalar_metrics(metrics[t]) for t in tasks},
     }
@@ -146,16 +164,30 @@ def log_run(uri, orig, args, cfg, metrics, preds, manifest, summary) -> str:
     tr, c = cm.tr, cm.client(uri)
     t = orig.data.tags
     name = dataset_name(args.dataset)
-    run = tr.retry(c.create_run, orig.info.experiment_id,
-                   run_name=f"external {t.get(sc.TAG_LABEL, '?')} fold{cfg.fold} on {name}",
-                   tags={sc.TAG_STAGE: sc.STAGE_EXTERNAL, sc.TAG_EVALUATED_RUN: orig.info.run_id,
-                         sc.TAG_PARENT: orig.info.run_id, sc.TAG_LABEL: t.get(sc.TAG_LABEL, ""),
-                         sc.TAG_FOLD: str(cfg.fold), sc.TAG_SWEEP: t.get(sc.TAG_SWEEP, ""),
-                         sc.TAG_EXTERNAL_DATASET: name})
+    run = tr.retry(
+        c.create_run,
+        orig.info.experiment_id,
+        run_name=f"external {t.get(sc.TAG_LABEL, '?')} fold{cfg.fold} on {name}",
+        tags={
+            sc.TAG_STAGE: sc.STAGE_EXTERNAL,
+            sc.TAG_EVALUATED_RUN: orig.info.run_id,
+            sc.TAG_PARENT: orig.info.run_id,
+            sc.TAG_LABEL: t.get(sc.TAG_LABEL, ""),
+            sc.TAG_FOLD: str(cfg.fold),
+            sc.TAG_SWEEP: t.get(sc.TAG_SWEEP, ""),
+            sc.TAG_EXTERNAL_DATASET: name,
+        },
+    )
     rid = run.info.run_id
-    params = {"dataset": args.dataset, "data_root": args.data_root, "split": args.split,
-              "tasks": ",".join(metrics), "temperature": cfg.temperature, "evaluated_run": orig.info.run_id,
-              "image_size": cfg.image_size}
+    params = {
+        "dataset": args.dataset,
+        "data_root": args.data_root,
+        "split": args.split,
+        "tasks": ",".join(metrics),
+        "temperature": cfg.temperature,
+        "evaluated_run": orig.info.run_id,
+        "image_size": cfg.image_size,
+    }
     tr.log_params(uri, rid, params)
     flat = {}
     for task, m in metrics.items():
@@ -164,16 +196,16 @@ def log_run(uri, orig, args, cfg, metrics, preds, manifest, summary) -> str:
     tr.log_metrics(uri, rid, flat)
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
-        (root / sc.METRICS_JSON).write_text(json.dumps(to_jsonable({"external": metrics, "summary": summary}),
-                                                       indent=2))
+        (root / sc.METRICS_JSON).write_text(
+            json.dumps(to_jsonable({"external": metrics, "summary": summary}), indent=2)
+        )
         for task, m in metrics.items():
             tr.write_task_artifacts(root, task, m, f"{task} on {name}", f"{task} on {name}")
             p = preds[task]
             tr.write_predictions(root, task, p, images=manifest["image"].to_numpy()[p["rows"]])
         tr.retry(c.log_artifacts, rid, str(root))
     tr.end_run(uri, rid, "FINISHED")
-    cm.log(f"[evaluate] logged run {rid} ({sc.TAG_STAGE}={sc.STAGE_EXTERNAL}) in experiment "
-           f"{orig.info.experiment_id}")
+    cm.log(f"[evaluate] logged run {rid} ({sc.TAG_STAGE}={sc.STAGE_EXTERNAL}) in experiment {orig.info.experiment_id}")
     return rid
 
 

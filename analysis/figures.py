@@ -20,6 +20,7 @@ baseline is the single-task setting (T = 1, no soft labels, no multi-task). Grad
 the student's `model/` artifact and needs the trial's images (the cache dir, and the dataset at
 the path the trial used); it is skipped with a warning where they cannot be had.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,8 +89,10 @@ def pick(sets: list[cm.Setting], temperature: float | None) -> tuple[cm.Setting 
     if temperature is not None:
         sall = [s for s in sall if abs(s.config.temperature - temperature) < 1e-9]
         if not sall:
-            raise SallError(f"--temperature {temperature:g}: no finished SALL setting at that T; have "
-                            + ", ".join(sorted({f'{s.config.temperature:g}' for s in done if s.config.sa_labels})))
+            raise SallError(
+                f"--temperature {temperature:g}: no finished SALL setting at that T; have "
+                + ", ".join(sorted({f"{s.config.temperature:g}" for s in done if s.config.sa_labels}))
+            )
     if base is not None:  # compare like with like: the baseline's cap and tasks where possible
         same = [s for s in sall if s.config.class_cap == base.config.class_cap]
         sall = same or sall
@@ -144,8 +147,11 @@ def fig_ratio(sets: list[cm.Setting], out: Path) -> Path | None:
     fig = _figure(figsize=(11, 4.2))
     axes = fig.subplots(1, 2, sharey=True)
     for ax, reduced in zip(axes, tasks[:2]):
-        pts = [(s.config.sample_count(reduced), s) for s in sets
-               if dict(s.config.sample_counts).keys() == {reduced} and s.finished and s.config.sample_count(reduced) <= 1]
+        pts = [
+            (s.config.sample_count(reduced), s)
+            for s in sets
+            if dict(s.config.sample_counts).keys() == {reduced} and s.finished and s.config.sample_count(reduced) <= 1
+        ]
         if full is not None:
             pts.append((1.0, full))
         pts.sort(key=lambda p: p[0])
@@ -155,8 +161,16 @@ def fig_ratio(sets: list[cm.Setting], out: Path) -> Path | None:
         for t in tasks:
             st = [_stat(s, sc.metric(sc.TEST, t, "acc")) for _, s in pts]
             ls = "-" if t != reduced else ":"
-            ax.errorbar(x, [100 * a for a, _, _ in st], yerr=[100 * b for _, b, _ in st], marker="o", capsize=3,
-                        ls=ls, color=COLORS.get(t), label=f"{t.upper()} acc" + (" (reduced task)" if t == reduced else ""))
+            ax.errorbar(
+                x,
+                [100 * a for a, _, _ in st],
+                yerr=[100 * b for _, b, _ in st],
+                marker="o",
+                capsize=3,
+                ls=ls,
+                color=COLORS.get(t),
+                label=f"{t.upper()} acc" + (" (reduced task)" if t == reduced else ""),
+            )
         ax.set_xscale("log")
         ax.set_xticks(x)
         ax.set_xticklabels([f"{v:.3g}" for v in x], rotation=30)
@@ -184,11 +198,19 @@ def fig_settings(sets: list[cm.Setting], out: Path) -> Path | None:
     for i, t in enumerate(tasks):
         st = [_stat(s, sc.metric(sc.TEST, t, "acc")) for s in sets]
         x = np.arange(len(sets)) + (i - (len(tasks) - 1) / 2) * w
-        ax.bar(x, [100 * a if n else 0 for a, _, n in st], w, yerr=[100 * b for _, b, _ in st], capsize=3,
-               color=COLORS.get(t), label=t.upper())
+        ax.bar(
+            x,
+            [100 * a if n else 0 for a, _, n in st],
+            w,
+            yerr=[100 * b for _, b, _ in st],
+            capsize=3,
+            color=COLORS.get(t),
+            label=t.upper(),
+        )
     ax.set_xticks(np.arange(len(sets)))
-    ax.set_xticklabels([f"{s.label}\n({len(s.finished)} folds)" for s in sets], fontsize=8,
-                       rotation=20 if len(sets) > 5 else 0)
+    ax.set_xticklabels(
+        [f"{s.label}\n({len(s.finished)} folds)" for s in sets], fontsize=8, rotation=20 if len(sets) > 5 else 0
+    )
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("accuracy per setting (mean ± std over folds)")
     ax.grid(axis="y", alpha=0.3)
@@ -215,12 +237,19 @@ def search_candidates(uri: str, experiment: str) -> list[Candidate]:
     exp = cm.tr.retry(cm.client(uri).get_experiment_by_name, experiment)
     if exp is None:
         return []
-    runs = cm.tr.find_runs(uri, exp.experiment_id, f"tags.`{sc.TAG_STAGE}` = '{sc.STAGE_CANDIDATE}'",
-                           max_results=50000)
-    return [Candidate(TrialConfig.from_params(r.data.params).temperature, r.data.metrics[sc.SEARCH_SCORE],
-                      int(r.data.tags.get(sc.TAG_FINAL_EPOCH, "0")), r.data.tags.get(sc.TAG_STOPPED) == "1",
-                      int(r.data.tags.get(sc.TAG_FOLD, "0")), r.data.tags.get(sc.TAG_SEARCH_METRIC, "mean"))
-            for r in runs if sc.SEARCH_SCORE in r.data.metrics and "temperature" in r.data.params]
+    runs = cm.tr.find_runs(uri, exp.experiment_id, f"tags.`{sc.TAG_STAGE}` = '{sc.STAGE_CANDIDATE}'", max_results=50000)
+    return [
+        Candidate(
+            TrialConfig.from_params(r.data.params).temperature,
+            r.data.metrics[sc.SEARCH_SCORE],
+            int(r.data.tags.get(sc.TAG_FINAL_EPOCH, "0")),
+            r.data.tags.get(sc.TAG_STOPPED) == "1",
+            int(r.data.tags.get(sc.TAG_FOLD, "0")),
+            r.data.tags.get(sc.TAG_SEARCH_METRIC, "mean"),
+        )
+        for r in runs
+        if sc.SEARCH_SCORE in r.data.metrics and "temperature" in r.data.params
+    ]
 
 
 def grid_settings(uri: str, experiment: str) -> list[cm.Setting]:
@@ -258,13 +287,32 @@ def fig_search(cands: list[Candidate], grid: list[cm.Setting], confirmed: list[f
         ax.plot(gx, [100 * v for v in gy], "-o", color="gray", lw=1.2, ms=4, label=f"grid, fold {fold} (all epochs)")
     done = [c for c in cands if not c.stopped]
     stopped = [c for c in cands if c.stopped]
-    ax.scatter([c.temperature for c in done], [100 * c.score for c in done], s=40, color="#1f77b4", zorder=3,
-               label=f"candidate, all {max((c.epoch for c in done), default=0)} epochs")
-    ax.scatter([c.temperature for c in stopped], [100 * c.score for c in stopped], s=40, marker="x",
-               color="#d62728", zorder=3, label="candidate stopped early (at epoch n)")
+    ax.scatter(
+        [c.temperature for c in done],
+        [100 * c.score for c in done],
+        s=40,
+        color="#1f77b4",
+        zorder=3,
+        label=f"candidate, all {max((c.epoch for c in done), default=0)} epochs",
+    )
+    ax.scatter(
+        [c.temperature for c in stopped],
+        [100 * c.score for c in stopped],
+        s=40,
+        marker="x",
+        color="#d62728",
+        zorder=3,
+        label="candidate stopped early (at epoch n)",
+    )
     for c in stopped:
-        ax.annotate(f"{c.epoch}", (c.temperature, 100 * c.score), textcoords="offset points", xytext=(4, 4),
-                    fontsize=7, color="#d62728")
+        ax.annotate(
+            f"{c.epoch}",
+            (c.temperature, 100 * c.score),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=7,
+            color="#d62728",
+        )
     for i, t in enumerate(sorted(confirmed)):
         ax.axvline(t, color="#2ca02c", ls=":", lw=1.2, label="confirmed on every fold" if i == 0 else None)
     ax.set_xscale("log")
@@ -278,14 +326,16 @@ def fig_search(cands: list[Candidate], grid: list[cm.Setting], confirmed: list[f
     return _save(fig, out / "fig_search_trace.png")
 
 
-def search_trace(uri: str, args: argparse.Namespace, sets: list[cm.Setting], sweep: str | None,
-                 out: Path) -> Path | None:
+def search_trace(
+    uri: str, args: argparse.Namespace, sets: list[cm.Setting], sweep: str | None, out: Path
+) -> Path | None:
     """The trace for a search experiment (over the --grid-experiment's curve) or for a grid
     experiment (with the --search-experiment's candidates), when the store holds a search."""
     if sweep == "search":
         confirmed = sorted({s.config.temperature for s in sets if _is_sall(s)})
-        return fig_search(search_candidates(uri, args.experiment), grid_settings(uri, args.grid_experiment),
-                          confirmed, out)
+        return fig_search(
+            search_candidates(uri, args.experiment), grid_settings(uri, args.grid_experiment), confirmed, out
+        )
     if sweep == "temperature":
         return fig_search(search_candidates(uri, args.search_experiment), sets, [], out)
     return None
@@ -323,8 +373,15 @@ def fig_confusion(uri: str, pair: list[tuple[str, cm.Setting]], tasks: list[str]
             ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
             for a in range(k):
                 for b in range(k):
-                    ax.text(b, a, f"{cmx[a, b]}\n{100 * norm[a, b]:.0f}%", ha="center", va="center", fontsize=8,
-                            color="white" if norm[a, b] > 0.55 else "black")
+                    ax.text(
+                        b,
+                        a,
+                        f"{cmx[a, b]}\n{100 * norm[a, b]:.0f}%",
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if norm[a, b] > 0.55 else "black",
+                    )
             ax.set_xticks(range(k))
             ax.set_yticks(range(k))
             ax.set_xticklabels([str(g) for g in range(k)])
@@ -332,8 +389,10 @@ def fig_confusion(uri: str, pair: list[tuple[str, cm.Setting]], tasks: list[str]
             ax.set_xlabel("predicted grade")
             ax.set_ylabel("true grade")
             acc = np.trace(cmx) / max(cmx.sum(), 1)
-            ax.set_title(f"{t.upper()} · {name}: {s.label}\n(sum of {n} folds, {cmx.sum()} images, acc {100 * acc:.1f}%)",
-                         fontsize=9)
+            ax.set_title(
+                f"{t.upper()} · {name}: {s.label}\n(sum of {n} folds, {cmx.sum()} images, acc {100 * acc:.1f}%)",
+                fontsize=9,
+            )
     fig.suptitle("Confusion matrices (rows: true grade; colour: row fraction)")
     fig.tight_layout()
     return _save(fig, out / "fig6_confusion.png")
@@ -373,10 +432,29 @@ def fig_reliability(uri: str, pair: list[tuple[str, cm.Setting]], tasks: list[st
             ece = expected_calibration_error(bins)  # nan without samples
             lo = [b["lo"] for b in full]
             wd = [b["hi"] - b["lo"] for b in full]
-            ax.bar(lo, [b["acc"] for b in full], wd, align="edge", color="#1f77b4", edgecolor="black", lw=0.6,
-                   label="outputs (accuracy)")
-            ax.bar(lo, [abs(b["conf"] - b["acc"]) for b in full], wd, bottom=[min(b["acc"], b["conf"]) for b in full],
-                   align="edge", color="red", alpha=0.3, edgecolor="red", hatch="//", lw=0.6, label="gap")
+            ax.bar(
+                lo,
+                [b["acc"] for b in full],
+                wd,
+                align="edge",
+                color="#1f77b4",
+                edgecolor="black",
+                lw=0.6,
+                label="outputs (accuracy)",
+            )
+            ax.bar(
+                lo,
+                [abs(b["conf"] - b["acc"]) for b in full],
+                wd,
+                bottom=[min(b["acc"], b["conf"]) for b in full],
+                align="edge",
+                color="red",
+                alpha=0.3,
+                edgecolor="red",
+                hatch="//",
+                lw=0.6,
+                label="gap",
+            )
             ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
             ax.set_xlim(0, 1)
             ax.set_ylim(0, 1)
@@ -385,8 +463,15 @@ def fig_reliability(uri: str, pair: list[tuple[str, cm.Setting]], tasks: list[st
             h, lab = ax.get_legend_handles_labels()
             ax.legend(h + [Patch(color="none")], lab + [f"ECE = {100 * ece:.2f}%"], loc="upper left", fontsize=7)
             ax.grid(alpha=0.3)
-            axh.bar([b["lo"] for b in bins], [b["count"] for b in bins], [b["hi"] - b["lo"] for b in bins],
-                    align="edge", color="gray", edgecolor="black", lw=0.5)
+            axh.bar(
+                [b["lo"] for b in bins],
+                [b["count"] for b in bins],
+                [b["hi"] - b["lo"] for b in bins],
+                align="edge",
+                color="gray",
+                edgecolor="black",
+                lw=0.5,
+            )
             axh.set_xlabel("confidence")
             axh.set_ylabel("count")
             axh.grid(alpha=0.3)
@@ -432,8 +517,9 @@ def make_head(model, task: str, temperature: float):
     return _Head()
 
 
-def fig_gradcam(uri: str, s: cm.Setting, out: Path, cache: Path, cache_dir: str, per_task: int,
-                layer_name: str | None) -> Path | None:
+def fig_gradcam(
+    uri: str, s: cm.Setting, out: Path, cache: Path, cache_dir: str, per_task: int, layer_name: str | None
+) -> Path | None:
     """Paper Fig. 8: test images of each task and the Grad-CAM of every head on them."""
     import torch
     from pytorch_grad_cam import GradCAM
@@ -459,8 +545,9 @@ def fig_gradcam(uri: str, s: cm.Setting, out: Path, cache: Path, cache_dir: str,
     axes = np.atleast_2d(fig.subplots(len(picks), ncol))
     used = {}
     for i, (t, row, g) in enumerate(picks):
-        x, _ = next(iter(Batches(data.images, np.array([row]), 1, shuffle=False, augment=False,
-                                 device=torch.device("cpu"))))
+        x, _ = next(
+            iter(Batches(data.images, np.array([row]), 1, shuffle=False, augment=False, device=torch.device("cpu")))
+        )
         img = np.asarray(data.images[row], dtype=np.float32) / 255.0
         axes[i, 0].imshow(img, interpolation="bilinear")
         axes[i, 0].set_title(f"{t.upper()} test image\ntrue: {g} {short(t, g)}", fontsize=8)
@@ -476,47 +563,67 @@ def fig_gradcam(uri: str, s: cm.Setting, out: Path, cache: Path, cache_dir: str,
                 heat = cam(input_tensor=x, targets=[ClassifierOutputTarget(pred)])[0]
             axes[i, j].imshow(show_cam_on_image(img, heat, use_rgb=True), interpolation="bilinear")
             own = "own task" if h == t else "other task"
-            axes[i, j].set_title(f"→ {h.upper()} head ({own})\npred {pred} {short(h, pred)} "
-                                 f"p={float(p[pred]):.2f}", fontsize=8)
+            axes[i, j].set_title(
+                f"→ {h.upper()} head ({own})\npred {pred} {short(h, pred)} p={float(p[pred]):.2f}", fontsize=8
+            )
         for ax in axes[i]:
             ax.set_xticks([])
             ax.set_yticks([])
     layers = ", ".join(sorted(set(used.values())))
-    fig.suptitle(f"Grad-CAM of {s.label} (fold {run.fold}, {cfg.image_size}px, layer {layers}):\n"
-                 "each test image through every head", fontsize=10)
+    fig.suptitle(
+        f"Grad-CAM of {s.label} (fold {run.fold}, {cfg.image_size}px, layer {layers}):\n"
+        "each test image through every head",
+        fontsize=10,
+    )
     fig.tight_layout()
     return _save(fig, out / "fig8_gradcam.png")
 
 
 # ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python analysis/figures.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python analysis/figures.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     cm.add_common_args(p)
     p.add_argument("--out", required=True, help="folder for the PNGs")
-    p.add_argument("--temperature", type=float, default=None,
-                   help="SALL setting of Figs. 6-8 at this T (default: the best mean accuracy)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="SALL setting of Figs. 6-8 at this T (default: the best mean accuracy)",
+    )
     p.add_argument("--parent", default=None, help="only the trials of this sweep (parent) run")
     p.add_argument("--cache-dir", default=".sall-cache", help="the sweep's cache dir (images for Grad-CAM)")
     p.add_argument("--gradcam-per-task", type=int, default=2, help="Grad-CAM test images per task (0: none)")
-    p.add_argument("--target-layer", default=None,
-                   help="Grad-CAM layer, e.g. backbone.layer4 (default: the deepest stage with a >= 4x4 map)")
+    p.add_argument(
+        "--target-layer",
+        default=None,
+        help="Grad-CAM layer, e.g. backbone.layer4 (default: the deepest stage with a >= 4x4 map)",
+    )
     p.add_argument("--no-log", action="store_true", help="do not log the figures to the parent run")
-    p.add_argument("--grid-experiment", default="sall-temperature",
-                   help="for a search: the grid whose validation curve its trace is drawn over, if in the store")
-    p.add_argument("--search-experiment", default="sall-search",
-                   help="for the temperature grid: the search whose trace is drawn over it, if in the store")
+    p.add_argument(
+        "--grid-experiment",
+        default="sall-temperature",
+        help="for a search: the grid whose validation curve its trace is drawn over, if in the store",
+    )
+    p.add_argument(
+        "--search-experiment",
+        default="sall-search",
+        help="for the temperature grid: the search whose trace is drawn over it, if in the store",
+    )
     return p
 
 
-def draw(uri: str, sets: list[cm.Setting], sweep: str | None, out: Path, cache: Path,
-         temperature: float | None = None) -> tuple[list[Path], cm.Setting | None, cm.Setting | None]:
+def draw(
+    uri: str, sets: list[cm.Setting], sweep: str | None, out: Path, cache: Path, temperature: float | None = None
+) -> tuple[list[Path], cm.Setting | None, cm.Setting | None]:
     """The sweep's own figure, then the confusion and reliability figures of the baseline beside the
     best (or --temperature) setting: everything but Grad-CAM, which needs the students and images.
     Returns (written PNGs, baseline, SALL setting). Shared with sweeps/review.py."""
     tasks = cm.tasks(sets)
-    sweep_fig = {"temperature": fig_temperature, "search": fig_temperature,
-                 "data_ratio": fig_ratio}.get(sweep or "", fig_settings)
+    sweep_fig = {"temperature": fig_temperature, "search": fig_temperature, "data_ratio": fig_ratio}.get(
+        sweep or "", fig_settings
+    )
     written: list[Path | None] = [sweep_fig(sets, out)]
     base, best = pick(sets, temperature)
     pair = [(n, s) for n, s in (("baseline", base), ("SALL", best)) if s is not None]
@@ -538,13 +645,23 @@ def run(args: argparse.Namespace) -> int:
         target = best or base
         if target is not None and args.gradcam_per_task > 0:
             try:
-                written.append(fig_gradcam(uri, target, out, Path(tmp), args.cache_dir, args.gradcam_per_task,
-                                           args.target_layer))
+                written.append(
+                    fig_gradcam(uri, target, out, Path(tmp), args.cache_dir, args.gradcam_per_task, args.target_layer)
+                )
             except SallError as e:
                 cm.log(f"[figures] Grad-CAM skipped: {e}")
-    (out / "figures.json").write_text(json.dumps(
-        {"experiment": args.experiment, "sweep": sweep, "baseline": base.label if base else None,
-         "sall": best.label if best else None, "figures": [p.name for p in written]}, indent=2))
+    (out / "figures.json").write_text(
+        json.dumps(
+            {
+                "experiment": args.experiment,
+                "sweep": sweep,
+                "baseline": base.label if base else None,
+                "sall": best.label if best else None,
+                "figures": [p.name for p in written],
+            },
+            indent=2,
+        )
+    )
     print("\n".join(str(p) for p in written))
     if not args.no_log and written:
         parent = args.parent or cm.latest_parent(uri, exp_id)

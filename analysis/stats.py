@@ -15,6 +15,7 @@
   folds. Within each fold both models saw the same test images, so images are paired; each
   bootstrap replicate resamples images with replacement within each fold.
 """
+
 from __future__ import annotations
 
 import math
@@ -106,7 +107,7 @@ def pooled_floor(tests: list[FoldTest]) -> PooledFloor:
     df = sum(t.n - 1 for t in usable)
     if df == 0:
         return PooledFloor(math.nan, 0, 0, math.nan, 0)
-    sd = math.sqrt(sum((t.n - 1) * t.sd ** 2 for t in usable) / df)
+    sd = math.sqrt(sum((t.n - 1) * t.sd**2 for t in usable) / df)
     n = Counter(t.n for t in usable).most_common(1)[0][0]
     return PooledFloor(sd, df, n, detectable(sd, n, df), len(usable))
 
@@ -140,7 +141,7 @@ def sign_test(d: np.ndarray) -> float:
     if n == 0:
         return 1.0
     k = min(pos, neg)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
     return min(1.0, 2 * tail)
 
 
@@ -155,12 +156,15 @@ class Bootstrap:
     def text(self, scale: float = 100.0) -> str:
         if self.n_images == 0:
             return "no per-image predictions"
-        return (f"{scale * self.diff:+.2f} [{scale * self.lo:+.2f}, {scale * self.hi:+.2f}] "
-                f"({self.n_images} images, {self.n_folds} fold{'s' if self.n_folds != 1 else ''})")
+        return (
+            f"{scale * self.diff:+.2f} [{scale * self.lo:+.2f}, {scale * self.hi:+.2f}] "
+            f"({self.n_images} images, {self.n_folds} fold{'s' if self.n_folds != 1 else ''})"
+        )
 
 
-def paired_bootstrap(folds: list[tuple[np.ndarray, np.ndarray]], n_boot: int = 10000, seed: int = 0,
-                     level: float = 0.95) -> Bootstrap:
+def paired_bootstrap(
+    folds: list[tuple[np.ndarray, np.ndarray]], n_boot: int = 10000, seed: int = 0, level: float = 0.95
+) -> Bootstrap:
     """Bootstrap CI of acc(ours) - acc(ref) pooled over folds.
 
     `folds`: per fold, (correct_ours, correct_ref), boolean arrays over the same test images in
@@ -188,5 +192,4 @@ def paired_bootstrap(folds: list[tuple[np.ndarray, np.ndarray]], n_boot: int = 1
         return Bootstrap(math.nan, math.nan, math.nan, 0, 0)
     reps = total / n_all
     a = (1 - level) / 2
-    return Bootstrap(observed / n_all, float(np.quantile(reps, a)), float(np.quantile(reps, 1 - a)),
-                     n_all, len(folds))
+    return Bootstrap(observed / n_all, float(np.quantile(reps, a)), float(np.quantile(reps, 1 - a)), n_all, len(folds))

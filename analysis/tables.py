@@ -16,6 +16,7 @@ t-test, and a bootstrap 95 % CI of the difference over test images, pooled over 
 Writes tables.md, tables.tex and one CSV per table (plus gain_<table>.csv) to --out (default
 analysis_out/<experiment>/) and logs them to the experiment's latest sweep (parent) run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,14 @@ from analysis import stats  # noqa: E402
 from sall.errors import SallError  # noqa: E402
 from sweeps import schema as sc  # noqa: E402
 
-SWEEP_TABLES = {"ablation": ["III"], "temperature": ["IV", "V"], "search": ["IV", "V"], "data_ratio": ["VI"],
-                "task_count": ["VIII"], "sample_caps": ["IX"]}
+SWEEP_TABLES = {
+    "ablation": ["III"],
+    "temperature": ["IV", "V"],
+    "search": ["IV", "V"],
+    "data_ratio": ["VI"],
+    "task_count": ["VIII"],
+    "sample_caps": ["IX"],
+}
 TABLES = ("III", "IV", "V", "VI", "VIII", "IX")
 METRIC_NAMES = {"acc": "acc", "conf": "con", "err": "err"}
 DASH = "—"
@@ -85,6 +92,7 @@ class Table:
 # ---------------------------------------------------------------------------------------------
 # cells
 
+
 def _order_and_link(rows: list):
     """Sort rows by their `_order`, point every row at the reference row (the baseline), return it."""
     rows.sort(key=lambda r: r._order)
@@ -93,6 +101,7 @@ def _order_and_link(rows: list):
         if base is not None and r is not base:
             r.ref = base
     return base
+
 
 def ours(row: Row, col: Column) -> tuple[str, float, float, int]:
     """(display, mean, sd, n) of our value over the finished replicates. The sd is the spread
@@ -113,7 +122,7 @@ def ours(row: Row, col: Column) -> tuple[str, float, float, int]:
     mean = sum(v) / len(v)
     std = stats.noise(values).fold_sd
     spec = f".{col.decimals}f"
-    if col.scale == 1.0 and 0 < abs(mean) < 10 ** -col.decimals * 10:  # tiny (soft-label var): show digits
+    if col.scale == 1.0 and 0 < abs(mean) < 10**-col.decimals * 10:  # tiny (soft-label var): show digits
         spec = ".2e"
     text = f"{col.scale * mean:{spec}}"
     if not math.isnan(std):
@@ -159,10 +168,19 @@ def _yn(b: bool) -> str:
 
 
 def _metric_columns(tasks: list[str], metrics: list[str], paper_metrics=("acc", "conf", "err")) -> list[Column]:
-    return [Column(f"{t}/{m}", f"{t.upper()} {METRIC_NAMES.get(m, m)}", sc.metric(sc.TEST, t, m), t,
-                   paper=m in paper_metrics, decimals=1 if m in ("acc", "conf", "err", "macro_f1") else 3,
-                   scale=100.0 if m in ("acc", "conf", "err", "macro_f1", "ece") else 1.0)
-            for m in metrics for t in tasks]
+    return [
+        Column(
+            f"{t}/{m}",
+            f"{t.upper()} {METRIC_NAMES.get(m, m)}",
+            sc.metric(sc.TEST, t, m),
+            t,
+            paper=m in paper_metrics,
+            decimals=1 if m in ("acc", "conf", "err", "macro_f1") else 3,
+            scale=100.0 if m in ("acc", "conf", "err", "macro_f1", "ece") else 1.0,
+        )
+        for m in metrics
+        for t in tasks
+    ]
 
 
 def _paper_values(prow: dict, tasks: list[str]) -> dict[str, float]:
@@ -182,17 +200,34 @@ def switch_table(tid: str, sets: list[cm.Setting], paper: dict, metrics: list[st
         c = s.config
         k = (c.temperature, c.sa_labels, c.multitask)
         src, i, p = lookup.get(k, (DASH, 99, {}))
-        row = Row([s.label, _fmt_t(c.temperature), _yn(c.sa_labels), _yn(c.multitask),
-                   f"{src}{'*' if k == (1.0, False, False) else ''}"], s, _paper_values(p, tasks),
-                  reference=c.is_baseline)
-        row._order = ((0, 0, 0) if row.reference else (1, i, 0)) if tid == "III" else \
-            ((0, 0, 0) if row.reference else (1, c.temperature, (not c.sa_labels, not c.multitask)))
+        row = Row(
+            [
+                s.label,
+                _fmt_t(c.temperature),
+                _yn(c.sa_labels),
+                _yn(c.multitask),
+                f"{src}{'*' if k == (1.0, False, False) else ''}",
+            ],
+            s,
+            _paper_values(p, tasks),
+            reference=c.is_baseline,
+        )
+        row._order = (
+            ((0, 0, 0) if row.reference else (1, i, 0))
+            if tid == "III"
+            else ((0, 0, 0) if row.reference else (1, c.temperature, (not c.sa_labels, not c.multitask)))
+        )
         rows.append(row)
     base = _order_and_link(rows)
-    title = (paper["III"]["title"] if tid == "III" else
-             "Table IV: SALL at each temperature T beside the single-task baseline")
-    notes = ["`paper` names the paper's table of the matching row (* = the paper's baseline); "
-             "the paper reports T = 1, 2, 3 and the baseline in Table III, T = 4 ... 50 in Table IV."]
+    title = (
+        paper["III"]["title"]
+        if tid == "III"
+        else "Table IV: SALL at each temperature T beside the single-task baseline"
+    )
+    notes = [
+        "`paper` names the paper's table of the matching row (* = the paper's baseline); "
+        "the paper reports T = 1, 2, 3 and the baseline in Table III, T = 4 ... 50 in Table IV."
+    ]
     if base is None:
         notes.append("No baseline (T=1, sa=no, mt=no) in this experiment: no gain tests.")
     return Table(tid, title, ["setting", "T", "SA-label", "Multi-task", "paper"], cols, rows, notes)
@@ -212,9 +247,17 @@ def soft_table(sets: list[cm.Setting], paper: dict) -> Table:
         p = pv.get(s.config.temperature, {})
         vals = {f"{t}/{k}": p[k] for t in tasks for k in ("max", "var") if k in p}
         rows.append(Row([s.label, _fmt_t(s.config.temperature)], s, vals))
-    return Table("V", paper["V"]["title"], ["setting", "T"], cols, rows,
-                 ["Ours: soft labels of each task's teacher on the other tasks' training images at T. "
-                  "The paper gives one max / var over both tasks, repeated beside each task."])
+    return Table(
+        "V",
+        paper["V"]["title"],
+        ["setting", "T"],
+        cols,
+        rows,
+        [
+            "Ours: soft labels of each task's teacher on the other tasks' training images at T. "
+            "The paper gives one max / var over both tasks, repeated beside each task."
+        ],
+    )
 
 
 def ratio_tables(sets: list[cm.Setting], paper: dict, metrics: list[str]) -> list[Table]:
@@ -244,12 +287,20 @@ def ratio_tables(sets: list[cm.Setting], paper: dict, metrics: list[str]) -> lis
             rows.append(r)
         rows.sort(key=lambda r: r._order)
         cols = _metric_columns([a], metrics)
-        out.append(Table(f"VI-{b}", f"Table VI: fewer {b.upper()} training images; {a.upper()} metrics",
-                         ["setting", f"{b.upper()} share", f"paper images {a.upper()} / {b.upper()}"],
-                         cols, rows,
-                         [f"Our fractions are the paper's counts over its training set ({b.upper()}: "
-                          f"{totals.get(b, '?')} images); the matching paper row is the one whose count "
-                          "the fraction reproduces."]))
+        out.append(
+            Table(
+                f"VI-{b}",
+                f"Table VI: fewer {b.upper()} training images; {a.upper()} metrics",
+                ["setting", f"{b.upper()} share", f"paper images {a.upper()} / {b.upper()}"],
+                cols,
+                rows,
+                [
+                    f"Our fractions are the paper's counts over its training set ({b.upper()}: "
+                    f"{totals.get(b, '?')} images); the matching paper row is the one whose count "
+                    "the fraction reproduces."
+                ],
+            )
+        )
     return out
 
 
@@ -262,21 +313,32 @@ def count_table(sets: list[cm.Setting], paper: dict, metrics: list[str]) -> Tabl
     for s in sets:
         c = s.config
         name = "single" if c.is_baseline else (f"{len(c.tasks)} sub-task" if c.sa_labels and c.multitask else None)
-        row = Row([s.label, f"T={_fmt_t(c.temperature)}"], s, _paper_values(pv.get(name, {}), tasks),
-                  reference=name == "single")
+        row = Row(
+            [s.label, f"T={_fmt_t(c.temperature)}"],
+            s,
+            _paper_values(pv.get(name, {}), tasks),
+            reference=name == "single",
+        )
         row._order = (0 if row.reference else 1, len(c.tasks), c.temperature)
         rows.append(row)
     _order_and_link(rows)
-    return Table("VIII", paper["VIII"]["title"], ["setting", "T"], cols, rows,
-                 ["NA: the setting has no such task. The paper's 2 sub-task row is its T = 8 row of Table IV."])
+    return Table(
+        "VIII",
+        paper["VIII"]["title"],
+        ["setting", "T"],
+        cols,
+        rows,
+        ["NA: the setting has no such task. The paper's 2 sub-task row is its T = 8 row of Table IV."],
+    )
 
 
 def caps_table(sets: list[cm.Setting], paper: dict, metrics: list[str]) -> Table:
     """Table IX: per-class caps, single-task models vs ours; caps map in order to 1500, 3000."""
     caps = sorted({s.config.class_cap for s in sets if s.config.class_cap is not None})
     paper_caps = sorted({p["cap"] for p in paper["IX"]["rows"]})
-    cap_map = {c: (paper_caps[i] if i < len(paper_caps) and len(caps) == len(paper_caps) else None)
-               for i, c in enumerate(caps)}
+    cap_map = {
+        c: (paper_caps[i] if i < len(paper_caps) and len(caps) == len(paper_caps) else None) for i, c in enumerate(caps)
+    }
     pv = {(p["cap"], p["kind"]): p for p in paper["IX"]["rows"]}
     tasks = cm.tasks(sets)
     cols = _metric_columns(tasks, metrics, paper_metrics=("acc",))
@@ -285,8 +347,12 @@ def caps_table(sets: list[cm.Setting], paper: dict, metrics: list[str]) -> Table
         c = s.config
         kind = "single" if c.is_baseline else "ours"
         pc = cap_map.get(c.class_cap)
-        row = Row([s.label, str(c.class_cap), f"{pc} + {'Single Model' if kind == 'single' else 'ours'}"
-                   if pc else DASH], s, _paper_values(pv.get((pc, kind), {}), tasks), reference=kind == "single")
+        row = Row(
+            [s.label, str(c.class_cap), f"{pc} + {'Single Model' if kind == 'single' else 'ours'}" if pc else DASH],
+            s,
+            _paper_values(pv.get((pc, kind), {}), tasks),
+            reference=kind == "single",
+        )
         row._order = (c.class_cap or 0, kind != "single", c.temperature)
         rows.append(row)
         if kind == "single":
@@ -295,9 +361,12 @@ def caps_table(sets: list[cm.Setting], paper: dict, metrics: list[str]) -> Table
     for r in rows:
         if not r.reference:
             r.ref = singles.get(r.setting.config.class_cap)
-    notes = ["Our caps map in order to the paper's 1500 and 3000 images per class: "
-             + ", ".join(f"cap={c} ↔ {p}" for c, p in cap_map.items() if p) if any(cap_map.values())
-             else "Our caps do not map one to one to the paper's 1500 / 3000: no paper values."]
+    notes = [
+        "Our caps map in order to the paper's 1500 and 3000 images per class: "
+        + ", ".join(f"cap={c} ↔ {p}" for c, p in cap_map.items() if p)
+        if any(cap_map.values())
+        else "Our caps do not map one to one to the paper's 1500 / 3000: no paper values."
+    ]
     return Table("IX", paper["IX"]["title"], ["setting", "cap", "paper row"], cols, rows, notes)
 
 
@@ -330,13 +399,28 @@ def gains(t: Table, uri: str, cache: Path, n_boot: int) -> None:
                 continue
             metric = sc.metric(sc.TEST, task, "acc")
             ft = stats.paired_folds(r.setting.values(metric), r.ref.setting.values(metric))
-            by_fold, note = (_image_pairs(r, task, sorted(ft.diffs), uri, cache) if n_boot > 0
-                             else ({}, "bootstrap skipped (--bootstrap 0)"))
+            by_fold, note = (
+                _image_pairs(r, task, sorted(ft.diffs), uri, cache)
+                if n_boot > 0
+                else ({}, "bootstrap skipped (--bootstrap 0)")
+            )
             pairs = [(np.stack([a for a, _ in v]), np.stack([b for _, b in v])) for v in by_fold.values()]
-            bs = stats.paired_bootstrap(pairs, n_boot=n_boot) if pairs else stats.Bootstrap(
-                math.nan, math.nan, math.nan, 0, 0)
-            t.gains.append(dict(setting=("★ " if r is best else "") + r.label, reference=r.ref.label,
-                                task=task, folds=ft, boot=bs, note=note, row=r))
+            bs = (
+                stats.paired_bootstrap(pairs, n_boot=n_boot)
+                if pairs
+                else stats.Bootstrap(math.nan, math.nan, math.nan, 0, 0)
+            )
+            t.gains.append(
+                dict(
+                    setting=("★ " if r is best else "") + r.label,
+                    reference=r.ref.label,
+                    task=task,
+                    folds=ft,
+                    boot=bs,
+                    note=note,
+                    row=r,
+                )
+            )
     _pool_floors(t)
 
 
@@ -382,9 +466,16 @@ def _best(t: Table) -> Row | None:
     return max(cands, key=lambda r: cm.score(r.setting), default=None)
 
 
-GAIN_HEADERS = ["setting", "vs", "task", "Δ acc, pp, paired over fold × seed [per pair] (test)",
-                "smallest detectable Δ, pp (95 %): this setting / pooled", "verdict",
-                "bootstrap 95 % CI of Δ acc over test images, pp", "note"]
+GAIN_HEADERS = [
+    "setting",
+    "vs",
+    "task",
+    "Δ acc, pp, paired over fold × seed [per pair] (test)",
+    "smallest detectable Δ, pp (95 %): this setting / pooled",
+    "verdict",
+    "bootstrap 95 % CI of Δ acc over test images, pp",
+    "note",
+]
 
 
 def verdict(ft: stats.FoldTest, floor: float) -> str:
@@ -407,8 +498,18 @@ def gain_rows(t: Table) -> list[list[str]]:
     for g in t.gains:
         ft, pooled = g["folds"], g.get("pooled")
         floors = f"{_pp(ft.floor)} / {_pp(pooled.floor if pooled else math.nan)}"
-        out.append([g["setting"], g["reference"], g["task"], ft.text(), floors, verdict(ft, floor_of(g)),
-                    g["boot"].text(), g["note"]])
+        out.append(
+            [
+                g["setting"],
+                g["reference"],
+                g["task"],
+                ft.text(),
+                floors,
+                verdict(ft, floor_of(g)),
+                g["boot"].text(),
+                g["note"],
+            ]
+        )
     return out
 
 
@@ -419,15 +520,21 @@ def headline(t: Table) -> str:
     if ref is None or not t.gains:
         return ""
     tasks = [c.task for c in t.columns if c.metric.endswith("/acc")]
-    sds = ", ".join(f"{k.upper()} {_pp(stats.noise(ref.setting.values(sc.metric(sc.TEST, k, 'acc'))).fold_sd)}" for k in tasks)
-    floors = ", ".join(f"{k.upper()} {_pp(t.floors[(ref.label, k)].floor)}" for k in tasks
-                       if (ref.label, k) in t.floors)
+    sds = ", ".join(
+        f"{k.upper()} {_pp(stats.noise(ref.setting.values(sc.metric(sc.TEST, k, 'acc'))).fold_sd)}" for k in tasks
+    )
+    floors = ", ".join(
+        f"{k.upper()} {_pp(t.floors[(ref.label, k)].floor)}" for k in tasks if (ref.label, k) in t.floors
+    )
     best = [g for g in t.gains if g["setting"].startswith("★ ")]
-    answer = "; ".join(f"{g['task'].upper()} {100 * g['folds'].mean:+.1f} pp ({verdict(g['folds'], floor_of(g))})"
-                       for g in best)
+    answer = "; ".join(
+        f"{g['task'].upper()} {100 * g['folds'].mean:+.1f} pp ({verdict(g['folds'], floor_of(g))})" for g in best
+    )
     name = best[0]["setting"][2:] if best else "?"
-    return (f"**Noise.** {ref.label} sd over folds, pp: {sds}. Smallest difference this run can detect "
-            f"(95 %, pooled), pp: {floors}. **Best setting: {name}** vs {ref.label}: {answer or 'n/a'}.")
+    return (
+        f"**Noise.** {ref.label} sd over folds, pp: {sds}. Smallest difference this run can detect "
+        f"(95 %, pooled), pp: {floors}. **Best setting: {name}** vs {ref.label}: {answer or 'n/a'}."
+    )
 
 
 def _pp(v: float) -> str:
@@ -436,19 +543,24 @@ def _pp(v: float) -> str:
 
 def gain_note(t: Table) -> str:
     n = max((g["folds"].n for g in t.gains), default=0)
-    pooled = "; ".join(f"{task.upper()} vs {ref}: sd {_pp(f.sd)} pp, {f.df} df, floor {_pp(f.floor)} pp "
-                       f"at n={f.n}" for (ref, task), f in sorted(t.floors.items()) if f.settings)
-    return (f"Each setting is paired with its reference on the same fold and seed (n = {n} pairs at most; "
-            "t-test with n-1 degrees of freedom, or a sign test without scipy). The smallest detectable "
-            "Δ is t(0.975, n-1) · sd / √n of the paired differences: the half-width of the difference's "
-            "95 % CI, so a |Δ| below it is within the run's noise. With few pairs that sd is itself "
-            "poorly known, so the pooled floor takes the differences' variance from every setting "
-            "against the same reference (same noise sources), with Σ(n_i - 1) degrees of freedom; the "
-            f"verdict uses it. Pooled: {pooled or 'n/a'}. Pairs on one fold share its data split, so "
-            "they are not fully independent: read the floor as a lower bound when folds disagree more "
-            "than seeds (see the noise table). The bootstrap resamples test images within each fold "
-            "(an image counts once, its difference averaged over the seeds) and pools the folds; it "
-            "captures test-set sampling, not training randomness. ★ = best mean accuracy.")
+    pooled = "; ".join(
+        f"{task.upper()} vs {ref}: sd {_pp(f.sd)} pp, {f.df} df, floor {_pp(f.floor)} pp at n={f.n}"
+        for (ref, task), f in sorted(t.floors.items())
+        if f.settings
+    )
+    return (
+        f"Each setting is paired with its reference on the same fold and seed (n = {n} pairs at most; "
+        "t-test with n-1 degrees of freedom, or a sign test without scipy). The smallest detectable "
+        "Δ is t(0.975, n-1) · sd / √n of the paired differences: the half-width of the difference's "
+        "95 % CI, so a |Δ| below it is within the run's noise. With few pairs that sd is itself "
+        "poorly known, so the pooled floor takes the differences' variance from every setting "
+        "against the same reference (same noise sources), with Σ(n_i - 1) degrees of freedom; the "
+        f"verdict uses it. Pooled: {pooled or 'n/a'}. Pairs on one fold share its data split, so "
+        "they are not fully independent: read the floor as a lower bound when folds disagree more "
+        "than seeds (see the noise table). The bootstrap resamples test images within each fold "
+        "(an image counts once, its difference averaged over the seeds) and pools the folds; it "
+        "captures test-set sampling, not training randomness. ★ = best mean accuracy."
+    )
 
 
 def noise_rows(t: Table) -> tuple[list[str], list[list[str]]]:
@@ -467,9 +579,11 @@ def noise_rows(t: Table) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
-NOISE_NOTE = ("Over folds: the sd of the per-fold means (over seeds), which holds the data split and the "
-              "test images; it is the ± of the table above. Over seeds: the sd across seeds within a "
-              "fold, pooled over folds (n/a with one seed): the training randomness alone.")
+NOISE_NOTE = (
+    "Over folds: the sd of the per-fold means (over seeds), which holds the data split and the "
+    "test images; it is the ± of the table above. Over seeds: the sd across seeds within a "
+    "fold, pooled over folds (n/a with one seed): the training randomness alone."
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,13 +619,21 @@ def _md(head: list[str], rows: list[list[str]]) -> str:
 def latex(tables: list[Table]) -> str:
     out = ["% generated by analysis/tables.py; needs \\usepackage{booktabs}"]
     for t in tables:
-        for title, head, rows in ((t.title, headers(t), display_rows(t)),
-                                  (f"Is the gain real? ({t.id})", GAIN_HEADERS, gain_rows(t))):
+        for title, head, rows in (
+            (t.title, headers(t), display_rows(t)),
+            (f"Is the gain real? ({t.id})", GAIN_HEADERS, gain_rows(t)),
+        ):
             if not rows:
                 continue
-            out += ["\\begin{table}[ht]", "\\centering\\small", f"\\caption{{{_tex(title)}}}",
-                    "\\begin{tabular}{" + "l" * len(head) + "}", "\\toprule",
-                    " & ".join(_tex(h) for h in head) + " \\\\", "\\midrule"]
+            out += [
+                "\\begin{table}[ht]",
+                "\\centering\\small",
+                f"\\caption{{{_tex(title)}}}",
+                "\\begin{tabular}{" + "l" * len(head) + "}",
+                "\\toprule",
+                " & ".join(_tex(h) for h in head) + " \\\\",
+                "\\midrule",
+            ]
             out += [" & ".join(_tex(c) for c in r) + " \\\\" for r in rows]
             out += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
     return "\n".join(out)
@@ -519,9 +641,18 @@ def latex(tables: list[Table]) -> str:
 
 def _tex(s: str) -> str:
     s = str(s)
-    for a, b in (("\\", "\\textbackslash "), ("&", "\\&"), ("%", "\\%"), ("_", "\\_"), ("#", "\\#"),
-                 ("±", "$\\pm$"), ("Δ", "$\\Delta$"), ("★", "$\\star$"), ("↔", "$\\leftrightarrow$"),
-                 ("—", "--")):
+    for a, b in (
+        ("\\", "\\textbackslash "),
+        ("&", "\\&"),
+        ("%", "\\%"),
+        ("_", "\\_"),
+        ("#", "\\#"),
+        ("±", "$\\pm$"),
+        ("Δ", "$\\Delta$"),
+        ("★", "$\\star$"),
+        ("↔", "$\\leftrightarrow$"),
+        ("—", "--"),
+    ):
         s = s.replace(a, b)
     return s
 
@@ -539,24 +670,63 @@ def write_csv(t: Table, path: Path) -> None:
                 _, mean, std, n = ours(r, c)
                 line += [_num(c.scale * mean), _num(c.scale * std), n, _num(r.paper.get(c.id))]
             s = r.setting
-            line += [_reps(s.finished), _reps(s.failed), _reps(s.missing), s.fold_note(),
-                     " ".join(s.runs[f].run_id for f in sorted(s.runs))]
+            line += [
+                _reps(s.finished),
+                _reps(s.failed),
+                _reps(s.missing),
+                s.fold_note(),
+                " ".join(s.runs[f].run_id for f in sorted(s.runs)),
+            ]
             w.writerow(line)
 
 
 def write_gain_csv(t: Table, path: Path) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["setting", "reference", "task", "pair_diffs_pp", "mean_diff_pp", "p", "test", "n_pairs",
-                    "diff_sd_pp", "floor_pp", "pooled_floor_pp", "verdict", "boot_diff_pp", "boot_lo_pp",
-                    "boot_hi_pp", "n_images", "note"])
+        w.writerow(
+            [
+                "setting",
+                "reference",
+                "task",
+                "pair_diffs_pp",
+                "mean_diff_pp",
+                "p",
+                "test",
+                "n_pairs",
+                "diff_sd_pp",
+                "floor_pp",
+                "pooled_floor_pp",
+                "verdict",
+                "boot_diff_pp",
+                "boot_lo_pp",
+                "boot_hi_pp",
+                "n_images",
+                "note",
+            ]
+        )
         for g in t.gains:
             ft, bs, pooled = g["folds"], g["boot"], g.get("pooled")
-            w.writerow([g["setting"], g["reference"], g["task"],
-                        " ".join(f"{100 * d:.3f}" for d in ft.diffs.values()), _num(100 * ft.mean),
-                        _num(ft.p), ft.test, ft.n, _num(100 * ft.sd), _num(100 * ft.floor),
-                        _num(100 * pooled.floor if pooled else math.nan), verdict(ft, floor_of(g)),
-                        _num(100 * bs.diff), _num(100 * bs.lo), _num(100 * bs.hi), bs.n_images, g["note"]])
+            w.writerow(
+                [
+                    g["setting"],
+                    g["reference"],
+                    g["task"],
+                    " ".join(f"{100 * d:.3f}" for d in ft.diffs.values()),
+                    _num(100 * ft.mean),
+                    _num(ft.p),
+                    ft.test,
+                    ft.n,
+                    _num(100 * ft.sd),
+                    _num(100 * ft.floor),
+                    _num(100 * pooled.floor if pooled else math.nan),
+                    verdict(ft, floor_of(g)),
+                    _num(100 * bs.diff),
+                    _num(100 * bs.lo),
+                    _num(100 * bs.hi),
+                    bs.n_images,
+                    g["note"],
+                ]
+            )
 
 
 def _reps(reps) -> str:
@@ -573,20 +743,37 @@ def _num(v) -> str:
 
 # ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python analysis/tables.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python analysis/tables.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     cm.add_common_args(p)
-    p.add_argument("--table", default=None, help="which paper table(s), comma-separated, among "
-                   f"{', '.join(TABLES)} (default: from the experiment's sall.sweep tag: "
-                   + ", ".join(f"{k} -> {'+'.join(v)}" for k, v in SWEEP_TABLES.items()) + ")")
+    p.add_argument(
+        "--table",
+        default=None,
+        help="which paper table(s), comma-separated, among "
+        f"{', '.join(TABLES)} (default: from the experiment's sall.sweep tag: "
+        + ", ".join(f"{k} -> {'+'.join(v)}" for k, v in SWEEP_TABLES.items())
+        + ")",
+    )
     p.add_argument("--out", default=None, help="output folder (default analysis_out/<experiment>/)")
-    p.add_argument("--metrics", default="acc,conf,err",
-                   help="metrics per task (paper: acc,conf,err; also ece, nll, brier, kappa, macro_f1)")
+    p.add_argument(
+        "--metrics",
+        default="acc,conf,err",
+        help="metrics per task (paper: acc,conf,err; also ece, nll, brier, kappa, macro_f1)",
+    )
     p.add_argument("--folds", default=None, help="the folds a complete setting has (default 0,1,2)")
-    p.add_argument("--parent", default=None, help="only the trials of this sweep (parent) run; default: "
-                   "every trial of the experiment, the latest finished run per setting and fold")
-    p.add_argument("--bootstrap", type=int, default=10000,
-                   help="bootstrap replicates over test images (0: skip the bootstrap, keep the paired tests)")
+    p.add_argument(
+        "--parent",
+        default=None,
+        help="only the trials of this sweep (parent) run; default: "
+        "every trial of the experiment, the latest finished run per setting and fold",
+    )
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=10000,
+        help="bootstrap replicates over test images (0: skip the bootstrap, keep the paired tests)",
+    )
     p.add_argument("--no-log", action="store_true", help="do not log the outputs to the parent run")
     return p
 
@@ -597,8 +784,10 @@ def table_ids(sweep: str | None, experiment: str, chosen: str | None = None) -> 
         return [x.strip().upper() for x in chosen.split(",") if x.strip()]
     if sweep in SWEEP_TABLES:
         return SWEEP_TABLES[sweep]
-    raise SallError(f"experiment '{experiment}' is of sweep '{sweep}', which has no paper table; "
-                    f"pass --table among {', '.join(TABLES)}")
+    raise SallError(
+        f"experiment '{experiment}' is of sweep '{sweep}', which has no paper table; "
+        f"pass --table among {', '.join(TABLES)}"
+    )
 
 
 def analyse(uri: str, sets: list[cm.Setting], ids: list[str], metrics: list[str], n_boot: int) -> list[Table]:
@@ -634,8 +823,7 @@ def run(args: argparse.Namespace) -> int:
     tables = analyse(uri, sets, ids, metrics, args.bootstrap)
     out = Path(args.out or Path("analysis_out") / args.experiment)
     print(write_outputs(tables, args.experiment, out))
-    cm.log(f"[analysis] wrote {out}/tables.md, tables.tex and "
-           f"{', '.join('table_' + t.id + '.csv' for t in tables)}")
+    cm.log(f"[analysis] wrote {out}/tables.md, tables.tex and {', '.join('table_' + t.id + '.csv' for t in tables)}")
     cm.log(f"[analysis] the runs: {cm.tr.review_hint(uri, exp_id)}")
     if not args.no_log:
         parent = args.parent or cm.latest_parent(uri, exp_id)

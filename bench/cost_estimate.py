@@ -7,6 +7,7 @@ its resolution (`--measure`, on this machine's device), or given (`--train-image
 measured on a cluster GPU with bench/throughput.py --backbone inception_v3 --image-size 299).
 Evaluation and teacher inference are counted at a third of a training image.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,13 @@ GRADES = {"dr": 5, "amd": 4, "arter": 2}
 def grids(base) -> dict[str, list]:
     """The five studies' grids, built by the sweep scripts themselves (paper defaults)."""
     out = {}
-    for name, extra in (("ablation", []), ("temperature", []), ("data_ratio", []),
-                        ("task_count", []), ("sample_caps", ["--caps", "1500,3000"])):
+    for name, extra in (
+        ("ablation", []),
+        ("temperature", []),
+        ("data_ratio", []),
+        ("task_count", []),
+        ("sample_caps", ["--caps", "1500,3000"]),
+    ):
         mod = importlib.import_module(f"sweeps.{name}")
         p = argparse.ArgumentParser()
         mod.add_args(p)
@@ -71,8 +77,12 @@ def measure(backbone: str, size: int, batch: int) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--train-images-per-s", type=float, default=None,
-                    help="training throughput of one GPU (images/s); default: measure here")
+    ap.add_argument(
+        "--train-images-per-s",
+        type=float,
+        default=None,
+        help="training throughput of one GPU (images/s); default: measure here",
+    )
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -84,8 +94,11 @@ def main() -> int:
     ips = args.train_images_per_s or measure(base.backbone, base.image_size, args.batch)
     import torch
 
-    measured_on = "given" if args.train_images_per_s else (
-        "measured here on " + ("CUDA" if torch.cuda.is_available() else "the CPU"))
+    measured_on = (
+        "given"
+        if args.train_images_per_s
+        else ("measured here on " + ("CUDA" if torch.cuda.is_available() else "the CPU"))
+    )
     unit = "GPU-h" if args.train_images_per_s or torch.cuda.is_available() else "CPU-h"
     E = base.teacher_epochs
     teacher_cost: dict[tuple, float] = {}  # unique teacher -> images processed
@@ -116,24 +129,41 @@ def main() -> int:
                     student *= len(cfg.tasks)
                 s_with += student
                 s_without += student + t_imgs
-        per_study[study] = dict(trials=3 * len(grid), student_gpu_h=s_with / ips / 3600,
-                                without_reuse_gpu_h=s_without / ips / 3600)
+        per_study[study] = dict(
+            trials=3 * len(grid), student_gpu_h=s_with / ips / 3600, without_reuse_gpu_h=s_without / ips / 3600
+        )
         totals["without_reuse"] += s_without
         totals["with_reuse"] += s_with
     totals["with_reuse"] += sum(teacher_cost.values())
-    out = dict(backbone=base.backbone, image_size=base.image_size, epochs=E, train_images_per_s=round(ips, 1),
-               throughput_source=measured_on, unit=unit, unique_teachers=len(teacher_cost),
-               gpu_hours_with_reuse=round(totals["with_reuse"] / ips / 3600, 1),
-               gpu_hours_without_reuse=round(totals["without_reuse"] / ips / 3600, 1),
-               per_study={k: {kk: round(vv, 1) if isinstance(vv, float) else vv for kk, vv in v.items()}
-                          for k, v in per_study.items()})
-    print(f"{base.backbone} at {base.image_size}px, {E} epochs, {ips:.1f} training images/s ({measured_on})",
-          file=sys.stderr)
+    out = dict(
+        backbone=base.backbone,
+        image_size=base.image_size,
+        epochs=E,
+        train_images_per_s=round(ips, 1),
+        throughput_source=measured_on,
+        unit=unit,
+        unique_teachers=len(teacher_cost),
+        gpu_hours_with_reuse=round(totals["with_reuse"] / ips / 3600, 1),
+        gpu_hours_without_reuse=round(totals["without_reuse"] / ips / 3600, 1),
+        per_study={
+            k: {kk: round(vv, 1) if isinstance(vv, float) else vv for kk, vv in v.items()} for k, v in per_study.items()
+        },
+    )
+    print(
+        f"{base.backbone} at {base.image_size}px, {E} epochs, {ips:.1f} training images/s ({measured_on})",
+        file=sys.stderr,
+    )
     for k, v in out["per_study"].items():
-        print(f"  {k:<12} {v['trials']:>3} trials: students {v['student_gpu_h']:8.1f} {unit}, without reuse "
-              f"{v['without_reuse_gpu_h']:8.1f} {unit}", file=sys.stderr)
-    print(f"  {len(teacher_cost)} unique teachers; total {out['gpu_hours_with_reuse']} {unit} with reuse, "
-          f"{out['gpu_hours_without_reuse']} without", file=sys.stderr)
+        print(
+            f"  {k:<12} {v['trials']:>3} trials: students {v['student_gpu_h']:8.1f} {unit}, without reuse "
+            f"{v['without_reuse_gpu_h']:8.1f} {unit}",
+            file=sys.stderr,
+        )
+    print(
+        f"  {len(teacher_cost)} unique teachers; total {out['gpu_hours_with_reuse']} {unit} with reuse, "
+        f"{out['gpu_hours_without_reuse']} without",
+        file=sys.stderr,
+    )
     if args.json:
         print(json.dumps(out))
     return 0

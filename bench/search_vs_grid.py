@@ -14,6 +14,7 @@ The issue's goal: the grid's answer for at most 40 % of its student-epochs.
 
     python bench/search_vs_grid.py [--workdir DIR] [--json] [--smoke] [-- FLAGS for both sweeps]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,9 +41,19 @@ GRID, SEARCH = "bench-grid", "bench-search"
 
 def sweep(script: str, experiment: str, workdir: Path, flags: list[str]) -> float:
     """Run one sweep script to the end; its wall time in seconds (exits on failure)."""
-    cmd = [sys.executable, str(ROOT / "sweeps" / f"{script}.py"), "--experiment", experiment,
-           "--mlflow-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--storage-path", str(workdir / "ray"),
-           "--cache-dir", str(workdir / f"cache-{script}"), *flags]
+    cmd = [
+        sys.executable,
+        str(ROOT / "sweeps" / f"{script}.py"),
+        "--experiment",
+        experiment,
+        "--mlflow-uri",
+        f"sqlite:///{workdir / 'mlflow.db'}",
+        "--storage-path",
+        str(workdir / "ray"),
+        "--cache-dir",
+        str(workdir / f"cache-{script}"),
+        *flags,
+    ]
     print(f"[bench] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     t0 = time.time()
     out = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -55,8 +66,9 @@ def student_epochs(uri: str, experiment: str) -> int:
     """Epochs of student training the experiment's runs spent: candidates to their final epoch,
     trials to the end (a baseline that reuses its teachers trains none)."""
     total = 0
-    for r in tr.find_runs(uri, tr.ensure_experiment(uri, experiment), f"tags.`{sc.TAG_STAGE}` != 'sweep'",
-                          max_results=50000):
+    for r in tr.find_runs(
+        uri, tr.ensure_experiment(uri, experiment), f"tags.`{sc.TAG_STAGE}` != 'sweep'", max_results=50000
+    ):
         stage, p = r.data.tags.get(sc.TAG_STAGE), r.data.params
         if stage == sc.STAGE_CANDIDATE:
             total += int(r.data.tags.get(sc.TAG_FINAL_EPOCH, "0"))
@@ -76,14 +88,21 @@ def table(uri: str, experiment: str) -> tb.Table:
 
 def test_acc(t: tb.Table, temperature: float) -> tuple[str, dict[str, float]]:
     """(label, task -> mean test accuracy over folds) of the SALL row at `temperature`."""
-    row = next(r for r in t.rows if r.setting and r.setting.first.config.sa_labels and r.setting.first.config.multitask
-               and abs(r.setting.first.config.temperature - temperature) < 1e-9)
+    row = next(
+        r
+        for r in t.rows
+        if r.setting
+        and r.setting.first.config.sa_labels
+        and r.setting.first.config.multitask
+        and abs(r.setting.first.config.temperature - temperature) < 1e-9
+    )
     return row.label, {task: row.setting.mean(f"test/{task}/acc") for task in row.setting.first.config.tasks}
 
 
 def sall_temperatures(t: tb.Table) -> list[float]:
-    return sorted({r.setting.first.config.temperature for r in t.rows
-                   if r.setting and r.setting.first.config.sa_labels})
+    return sorted(
+        {r.setting.first.config.temperature for r in t.rows if r.setting and r.setting.first.config.sa_labels}
+    )
 
 
 def compare(uri: str, metric: str) -> dict[str, Any]:
@@ -103,10 +122,16 @@ def compare(uri: str, metric: str) -> dict[str, Any]:
     tasks = {}
     for task, g in grid_acc.items():
         f = floor[task].floor if floor[task] is not None else math.nan
-        tasks[task] = dict(search=search_acc[task], grid=g, grid_val=val_acc[task], floor=f,
-                           diff=search_acc[task] - g, verdict=_verdict(search_acc[task] - g, f),
-                           diff_val=search_acc[task] - val_acc[task],
-                           verdict_val=_verdict(search_acc[task] - val_acc[task], f))
+        tasks[task] = dict(
+            search=search_acc[task],
+            grid=g,
+            grid_val=val_acc[task],
+            floor=f,
+            diff=search_acc[task] - g,
+            verdict=_verdict(search_acc[task] - g, f),
+            diff_val=search_acc[task] - val_acc[task],
+            verdict_val=_verdict(search_acc[task] - val_acc[task], f),
+        )
     return dict(search_answer=search_label, grid_best=grid_label, grid_best_val=val_label, tasks=tasks)
 
 
@@ -115,16 +140,24 @@ def _verdict(diff: float, floor: float) -> str:
 
 
 def report(out: dict[str, Any]) -> None:
-    print(f"student-epochs  search {out['search_epochs']:>6}   grid {out['grid_epochs']:>6}   "
-          f"ratio {out['epoch_ratio']:.2f} (goal <= 0.40)")
-    print(f"wall time       search {out['search_s']:>6.0f}s  grid {out['grid_s']:>6.0f}s  ratio {out['wall_ratio']:.2f}")
-    print(f"answer          search {out['search_answer']} (validation)   grid best {out['grid_best']} (test), "
-          f"{out['grid_best_val']} (validation)")
+    print(
+        f"student-epochs  search {out['search_epochs']:>6}   grid {out['grid_epochs']:>6}   "
+        f"ratio {out['epoch_ratio']:.2f} (goal <= 0.40)"
+    )
+    print(
+        f"wall time       search {out['search_s']:>6.0f}s  grid {out['grid_s']:>6.0f}s  ratio {out['wall_ratio']:.2f}"
+    )
+    print(
+        f"answer          search {out['search_answer']} (validation)   grid best {out['grid_best']} (test), "
+        f"{out['grid_best_val']} (validation)"
+    )
     for task, v in out["tasks"].items():
-        print(f"  {task.upper():<5} test acc over folds: search {100 * v['search']:.1f}   grid best on test "
-              f"{100 * v['grid']:.1f} (Δ {100 * v['diff']:+.1f} pp: {v['verdict']})   grid best on validation "
-              f"{100 * v['grid_val']:.1f} (Δ {100 * v['diff_val']:+.1f} pp: {v['verdict_val']}); "
-              f"floor {100 * v['floor']:.1f} pp")
+        print(
+            f"  {task.upper():<5} test acc over folds: search {100 * v['search']:.1f}   grid best on test "
+            f"{100 * v['grid']:.1f} (Δ {100 * v['diff']:+.1f} pp: {v['verdict']})   grid best on validation "
+            f"{100 * v['grid_val']:.1f} (Δ {100 * v['diff_val']:+.1f} pp: {v['verdict_val']}); "
+            f"floor {100 * v['floor']:.1f} pp"
+        )
 
 
 def sweep_seconds(uri: str, experiment: str) -> float:
@@ -143,8 +176,15 @@ def report_only(args: argparse.Namespace) -> int:
 def finish(uri: str, grid_s: float, search_s: float, args: argparse.Namespace) -> int:
     """Print (and with --json dump) the comparison of a store that holds both sweeps."""
     ge, sp = student_epochs(uri, GRID), student_epochs(uri, SEARCH)
-    out = dict(search_epochs=sp, grid_epochs=ge, epoch_ratio=sp / ge, search_s=search_s, grid_s=grid_s,
-               wall_ratio=search_s / grid_s, **compare(uri, args.metric))
+    out = dict(
+        search_epochs=sp,
+        grid_epochs=ge,
+        epoch_ratio=sp / ge,
+        search_s=search_s,
+        grid_s=grid_s,
+        wall_ratio=search_s / grid_s,
+        **compare(uri, args.metric),
+    )
     report(out)
     if args.json:
         print(json.dumps(out))
@@ -157,9 +197,12 @@ def main() -> int:
     p.add_argument("--smoke", action="store_true", help="both sweeps with --smoke: checks the script, measures nothing")
     p.add_argument("--metric", default="mean", help="the search's --metric")
     p.add_argument("--json", action="store_true", help="also print one JSON object as the last line")
-    p.add_argument("--report-only", action="store_true",
-                   help="with --workdir of a finished run: recompute the comparison from its store, without "
-                        "running the sweeps again (wall times are then the parent runs' wall_seconds)")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="with --workdir of a finished run: recompute the comparison from its store, without "
+        "running the sweeps again (wall times are then the parent runs' wall_seconds)",
+    )
     p.add_argument("flags", nargs="*", help="after --: flags for both sweeps (e.g. --folds 0,1,2)")
     args = p.parse_args()
     if args.report_only:

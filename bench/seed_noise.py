@@ -11,6 +11,7 @@ is the training noise that no test-set size removes. Each seed trains one model 
 
 Prints one line per seed and a summary; with --json the last line is one JSON object.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,17 @@ def parse_override(text: str) -> tuple[str, object]:
 
 
 def accuracy(task: str, fold: int, seed: int, preset: str, overrides: dict, cache_dir: str) -> float:
-    cfg = from_preset(preset, seed=seed, fold=fold, tasks=(task,), threads=1, temperature=1.0,
-                      multitask=False, sa_labels=False, **overrides)
+    cfg = from_preset(
+        preset,
+        seed=seed,
+        fold=fold,
+        tasks=(task,),
+        threads=1,
+        temperature=1.0,
+        multitask=False,
+        sa_labels=False,
+        **overrides,
+    )
     with contextlib.redirect_stderr(io.StringIO()):
         return float(run_chain(cfg, cache_dir).test[task]["acc"])
 
@@ -60,8 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fold", type=int, default=0)
     p.add_argument("--seeds", default="0-4")
     p.add_argument("--preset", default="cpu")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a TrialConfig field (repeatable), e.g. --set teacher_epochs=6")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a TrialConfig field (repeatable), e.g. --set teacher_epochs=6",
+    )
     p.add_argument("--cache-dir", default=None, help="image and teacher cache (default: a temporary one)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -74,11 +89,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.task} fold {args.fold} seed {seed}: test accuracy {accs[-1]:.4f}", flush=True)
     a = np.array(accs) * 100
     sd = float(a.std(ddof=1)) if len(a) > 1 else float("nan")
-    print(f"{args.task} fold {args.fold} {overrides or 'preset'}: mean {a.mean():.1f} %, sd over "
-          f"{len(a)} seeds {sd:.1f} pp, range {a.min():.1f}-{a.max():.1f}")
+    print(
+        f"{args.task} fold {args.fold} {overrides or 'preset'}: mean {a.mean():.1f} %, sd over "
+        f"{len(a)} seeds {sd:.1f} pp, range {a.min():.1f}-{a.max():.1f}"
+    )
     if args.json:
-        print(json.dumps(dict(task=args.task, fold=args.fold, overrides=overrides, acc_pct=a.round(2).tolist(),
-                              mean_pct=round(float(a.mean()), 2), sd_pp=round(sd, 2))))
+        print(
+            json.dumps(
+                dict(
+                    task=args.task,
+                    fold=args.fold,
+                    overrides=overrides,
+                    acc_pct=a.round(2).tolist(),
+                    mean_pct=round(float(a.mean()), 2),
+                    sd_pp=round(sd, 2),
+                )
+            )
+        )
     return 0
 
 

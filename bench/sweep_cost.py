@@ -5,6 +5,7 @@ and with --json one JSON object as the last line: teachers_trained, teachers_exp
 wall_cached_s, wall_uncached_s, the measured ratio and the ideal one,
 (K x (teachers + student)) / (teachers + K x student).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,12 +20,31 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def sweep(workdir: Path, args: argparse.Namespace, reuse: bool) -> tuple[float, list]:
-    cmd = [sys.executable, str(ROOT / "sweeps" / "temperature.py"), "--no-baseline",
-           "--temperatures", args.temperatures, "--folds", args.folds, "--tasks", args.tasks,
-           "--synthetic-n", str(args.synthetic_n), "--teacher-epochs", str(args.epochs),
-           "--student-epochs", str(args.epochs), "--max-concurrent-trials", "1",
-           "--mlflow-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--storage-path", str(workdir / "ray"),
-           "--cache-dir", str(args.cache_dir or workdir / "cache")]
+    cmd = [
+        sys.executable,
+        str(ROOT / "sweeps" / "temperature.py"),
+        "--no-baseline",
+        "--temperatures",
+        args.temperatures,
+        "--folds",
+        args.folds,
+        "--tasks",
+        args.tasks,
+        "--synthetic-n",
+        str(args.synthetic_n),
+        "--teacher-epochs",
+        str(args.epochs),
+        "--student-epochs",
+        str(args.epochs),
+        "--max-concurrent-trials",
+        "1",
+        "--mlflow-uri",
+        f"sqlite:///{workdir / 'mlflow.db'}",
+        "--storage-path",
+        str(workdir / "ray"),
+        "--cache-dir",
+        str(args.cache_dir or workdir / "cache"),
+    ]
     if not reuse:
         cmd.append("--no-teacher-reuse")
     t0 = time.time()
@@ -58,31 +78,66 @@ def main() -> int:
         (d / "a").mkdir()
         (d / "b").mkdir()
         # warm the image cache so neither run pays for decoding
-        subprocess.run([sys.executable, "-m", "sall", "run", "--no-sa-labels", "--synthetic-n", str(args.synthetic_n),
-                        "--student-epochs", "1", "--tasks", args.tasks, "--cache-dir", str(args.cache_dir)],
-                       capture_output=True, check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sall",
+                "run",
+                "--no-sa-labels",
+                "--synthetic-n",
+                str(args.synthetic_n),
+                "--student-epochs",
+                "1",
+                "--tasks",
+                args.tasks,
+                "--cache-dir",
+                str(args.cache_dir),
+            ],
+            capture_output=True,
+            check=True,
+        )
         wall_c, runs_c = sweep(d / "a", args, reuse=True)
         wall_u, runs_u = sweep(d / "b", args, reuse=False)
 
     def trained(runs: list) -> int:
-        return sum(len([t for t in r.data.tags.get("sall.teachers_trained", "none").split(",") if t != "none"])
-                   for r in runs if r.data.tags.get("sall.stage") == "student")
+        return sum(
+            len([t for t in r.data.tags.get("sall.teachers_trained", "none").split(",") if t != "none"])
+            for r in runs
+            if r.data.tags.get("sall.stage") == "student"
+        )
 
-    teachers_s = sum(r.data.metrics.get("train_seconds", 0) for r in runs_c if r.data.tags.get("sall.stage") == "teacher")
-    students = [r.data.metrics["trial_seconds"] for r in runs_c if r.data.tags.get("sall.stage") == "student"
-                and r.data.tags.get("sall.teachers_trained") == "none"]
+    teachers_s = sum(
+        r.data.metrics.get("train_seconds", 0) for r in runs_c if r.data.tags.get("sall.stage") == "teacher"
+    )
+    students = [
+        r.data.metrics["trial_seconds"]
+        for r in runs_c
+        if r.data.tags.get("sall.stage") == "student" and r.data.tags.get("sall.teachers_trained") == "none"
+    ]
     student_s = sum(students) / max(len(students), 1)
     per_fold_teachers = teachers_s / n_folds
     ideal = (k * (per_fold_teachers + student_s)) / (per_fold_teachers + k * student_s)
-    out = dict(k=k, teachers_trained=trained(runs_c), teachers_trained_without_reuse=trained(runs_u),
-               teachers_expected=n_tasks * n_folds, wall_cached_s=round(wall_c, 1), wall_uncached_s=round(wall_u, 1),
-               ratio=round(wall_u / wall_c, 3), ideal_ratio=round(ideal, 3),
-               teacher_s_per_fold=round(per_fold_teachers, 1), student_s=round(student_s, 1))
+    out = dict(
+        k=k,
+        teachers_trained=trained(runs_c),
+        teachers_trained_without_reuse=trained(runs_u),
+        teachers_expected=n_tasks * n_folds,
+        wall_cached_s=round(wall_c, 1),
+        wall_uncached_s=round(wall_u, 1),
+        ratio=round(wall_u / wall_c, 3),
+        ideal_ratio=round(ideal, 3),
+        teacher_s_per_fold=round(per_fold_teachers, 1),
+        student_s=round(student_s, 1),
+    )
     print(f"K={k} temperatures, {n_folds} fold(s), {n_tasks} tasks", file=sys.stderr)
     print(f"with reuse:    {wall_c:7.1f} s, {out['teachers_trained']} teachers trained", file=sys.stderr)
     print(f"without reuse: {wall_u:7.1f} s, {out['teachers_trained_without_reuse']} teachers trained", file=sys.stderr)
-    print(f"ratio {out['ratio']} (ideal {out['ideal_ratio']}: teachers {per_fold_teachers:.1f} s/fold, "
-          f"student {student_s:.1f} s)", file=sys.stderr)
+    print(
+        f"ratio {out['ratio']} (ideal {out['ideal_ratio']}: teachers {per_fold_teachers:.1f} s/fold, "
+        f"student {student_s:.1f} s)",
+        file=sys.stderr,
+    )
     if args.json:
         print(json.dumps(out))
     return 0

@@ -3,6 +3,7 @@
 Same backbone, batch size, resolution and threads for both. Prints a table, and with --json one
 JSON object as the last line: train_vs_bare and loader_vs_train (ratios) and the images/s.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,9 @@ def main() -> int:
     from sall.tasks import TASKS
     from sall.train import Runtime, TrainSet, fit
 
-    cfg = from_preset("cpu", backbone=args.backbone, image_size=args.image_size, batch_size=args.batch_size,
-                      threads=args.threads)
+    cfg = from_preset(
+        "cpu", backbone=args.backbone, image_size=args.image_size, batch_size=args.batch_size, threads=args.threads
+    )
     data = prepare(cfg, ArtifactStore(args.cache_dir))
     rt = Runtime.from_config(cfg)
     rows = student_train_rows(cfg, data)
@@ -73,8 +75,9 @@ def main() -> int:
         targets[t], masks[t] = soft, np.ones(len(rows), dtype=bool)
 
     # the data loader alone (index, copy, augment, normalise)
-    batches = Batches(data.images, rows, cfg.batch_size, shuffle=True, augment=cfg.augment, device=rt.device,
-                      drop_last=True)
+    batches = Batches(
+        data.images, rows, cfg.batch_size, shuffle=True, augment=cfg.augment, device=rt.device, drop_last=True
+    )
     n = 0
     t0 = time.perf_counter()
     for _ in range(3):
@@ -88,19 +91,37 @@ def main() -> int:
     steps = len(rows) // cfg.batch_size
     train_r, bare_r = [], []
     for r in range(args.rounds):
-        res = fit(model, data.images, TrainSet(rows, targets, masks), {}, epochs=1, temperature=3.0,
-                  cfg=cfg, rt=rt, name="bench student", seed=r)
+        res = fit(
+            model,
+            data.images,
+            TrainSet(rows, targets, masks),
+            {},
+            epochs=1,
+            temperature=3.0,
+            cfg=cfg,
+            rt=rt,
+            name="bench student",
+            seed=r,
+        )
         train_r.append(steps * cfg.batch_size / (res.profile["data_s"] + res.profile["step_s"]))
         bare_r.append(bare_loop(cfg.backbone, cfg.batch_size, cfg.image_size, steps, TASKS[cfg.tasks[0]].num_classes))
     train_ips, bare_ips = float(np.median(train_r)), float(np.median(bare_r))
     ratio = float(np.median(np.array(train_r) / np.array(bare_r)))
 
-    out = dict(backbone=cfg.backbone, image_size=cfg.image_size, batch_size=cfg.batch_size, threads=args.threads,
-               train_images_per_s=round(train_ips, 1), bare_images_per_s=round(bare_ips, 1),
-               loader_images_per_s=round(loader_ips, 1), train_vs_bare=round(ratio, 3),
-               loader_vs_train=round(loader_ips / train_ips, 2),
-               data_share_of_train=round(res.profile["data_s"] / (res.profile["data_s"] + res.profile["step_s"]), 3),
-               rounds=args.rounds, prefetch=not args.no_prefetch)
+    out = dict(
+        backbone=cfg.backbone,
+        image_size=cfg.image_size,
+        batch_size=cfg.batch_size,
+        threads=args.threads,
+        train_images_per_s=round(train_ips, 1),
+        bare_images_per_s=round(bare_ips, 1),
+        loader_images_per_s=round(loader_ips, 1),
+        train_vs_bare=round(ratio, 3),
+        loader_vs_train=round(loader_ips / train_ips, 2),
+        data_share_of_train=round(res.profile["data_s"] / (res.profile["data_s"] + res.profile["step_s"]), 3),
+        rounds=args.rounds,
+        prefetch=not args.no_prefetch,
+    )
     print(f"{'student step (ours, incl. data)':<34} {train_ips:9.1f} images/s", file=sys.stderr)
     print(f"{'bare timm + torch loop':<34} {bare_ips:9.1f} images/s", file=sys.stderr)
     print(f"{'data loader alone':<34} {loader_ips:9.1f} images/s", file=sys.stderr)

@@ -19,6 +19,7 @@ Exit code 0 when every check passes; 1 when one fails (each failure is one line 
 the screenshots are still written, to show what the page held); 2 when it cannot run (no
 Chromium, no such store, the sweep failed). It runs on demand, not in CI: it needs a browser.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,17 +66,32 @@ class Browser:
             os.dup2(b, 4)
 
         self.proc = subprocess.Popen(
-            [exe, "--headless", "--remote-debugging-pipe", "--no-sandbox", "--disable-gpu",
-             "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={profile}",
-             f"--window-size={WIDTH},{HEIGHT}", "about:blank"],
-            pass_fds=(3, 4), preexec_fn=child_fds, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                exe,
+                "--headless",
+                "--remote-debugging-pipe",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--hide-scrollbars",
+                f"--user-data-dir={profile}",
+                f"--window-size={WIDTH},{HEIGHT}",
+                "about:blank",
+            ],
+            pass_fds=(3, 4),
+            preexec_fn=child_fds,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         os.close(to_chrome)
         os.close(from_chrome)
         self._id, self._buf, self.session = 0, b"", None
         target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
         self.session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-        self.call("Emulation.setDeviceMetricsOverride",
-                  {"width": WIDTH, "height": HEIGHT, "deviceScaleFactor": 1, "mobile": False})
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": WIDTH, "height": HEIGHT, "deviceScaleFactor": 1, "mobile": False},
+        )
 
     def call(self, method: str, params: dict[str, Any] | None = None, timeout: float = 30) -> dict:
         """Send one command (to the page once attached) and return its result, skipping events."""
@@ -103,8 +119,11 @@ class Browser:
         return json.loads(raw)
 
     def js(self, expression: str) -> Any:
-        return self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True})\
-            .get("result", {}).get("value")
+        return (
+            self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True})
+            .get("result", {})
+            .get("value")
+        )
 
     def open(self, url: str) -> None:
         self.call("Page.navigate", {"url": url})
@@ -126,8 +145,7 @@ class Browser:
         from PIL import Image
 
         data = self.call("Page.captureScreenshot", {"format": "png"})["data"]
-        Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB").quantize(colors=64)\
-            .save(path, optimize=True)
+        Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB").quantize(colors=64).save(path, optimize=True)
 
     def close(self) -> None:
         try:
@@ -149,9 +167,17 @@ def contains_all(words: list[str]) -> str:
 # the store and the server
 def smoke_sweep(workdir: Path) -> Path:
     """Run the smoke temperature sweep into `workdir` as a user would; its folder."""
-    cmd = [sys.executable, str(ROOT / "sweeps" / "temperature.py"), "--smoke",
-           "--mlflow-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--storage-path", str(workdir / "ray"),
-           "--cache-dir", str(workdir / "cache")]
+    cmd = [
+        sys.executable,
+        str(ROOT / "sweeps" / "temperature.py"),
+        "--smoke",
+        "--mlflow-uri",
+        f"sqlite:///{workdir / 'mlflow.db'}",
+        "--storage-path",
+        str(workdir / "ray"),
+        "--cache-dir",
+        str(workdir / "cache"),
+    ]
     print(f"[ui] running {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     out = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
     if out.returncode != 0:
@@ -167,9 +193,24 @@ def free_port() -> int:
 
 def start_server(db: Path, port: int, log: Path) -> subprocess.Popen:
     """`mlflow server` on loopback over the store, once it answers /health."""
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{db}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
@@ -193,12 +234,17 @@ def sweep_runs(uri: str) -> tuple[str, Any, list]:
     if exp is None:
         raise CheckError(f"no experiment '{EXPERIMENT}' in {uri}; expected a finished `sweeps/temperature.py --smoke`")
     runs = tr.find_runs(uri, exp.experiment_id, "")
-    sweeps = sorted((r for r in runs if r.data.tags.get(sc.TAG_STAGE) == sc.STAGE_SWEEP), key=lambda r: -r.info.start_time)
+    sweeps = sorted(
+        (r for r in runs if r.data.tags.get(sc.TAG_STAGE) == sc.STAGE_SWEEP), key=lambda r: -r.info.start_time
+    )
     if not sweeps:
         raise CheckError(f"experiment '{EXPERIMENT}' in {uri} has no sweep run")
     parent = sweeps[0]
-    trials = [r for r in runs if r.data.tags.get(sc.TAG_PARENT) == parent.info.run_id
-              and r.data.tags.get(sc.TAG_STAGE) == sc.STAGE_STUDENT]
+    trials = [
+        r
+        for r in runs
+        if r.data.tags.get(sc.TAG_PARENT) == parent.info.run_id and r.data.tags.get(sc.TAG_STAGE) == sc.STAGE_STUDENT
+    ]
     return exp.experiment_id, parent, sorted(trials, key=lambda r: r.info.run_name)
 
 
@@ -211,7 +257,7 @@ def check_pages(browser: Browser, base: str, exp_id: str, parent: Any, trials: l
     browser.open(f"{base}/#/experiments/{exp_id}?workflowType=machine_learning")
     if not browser.wait_for(contains_all([parent.info.run_name])):
         failures.append(f"run list: the sweep run '{parent.info.run_name}' is not listed")
-    browser.js("document.querySelector('button[aria-label=\"Close\"][data-component-id*=\"assistant\"]')?.click()")
+    browser.js('document.querySelector(\'button[aria-label="Close"][data-component-id*="assistant"]\')?.click()')
     browser.js("document.querySelector('button[data-component-id*=\"runnamecellrenderer\"]')?.click()")  # expand
     if not browser.wait_for(contains_all(names), timeout=20):
         missing = [n for n in names if n not in browser.text()]
@@ -223,8 +269,9 @@ def check_pages(browser: Browser, base: str, exp_id: str, parent: Any, trials: l
     browser.open(f"{base}/#/experiments/{exp_id}/runs/{parent.info.run_id}")
     answer = ["Best setting", "baseline", "Table IV"]
     if not browser.wait_for(contains_all(answer)):
-        failures.append(f"sweep run page: the description does not show {answer} "
-                        f"(page starts: {browser.text()[:160]!r})")
+        failures.append(
+            f"sweep run page: the description does not show {answer} (page starts: {browser.text()[:160]!r})"
+        )
     browser.js("[...document.querySelectorAll('button')].find(b => b.innerText.trim() === 'Show more')?.click()")
     time.sleep(1)
     browser.screenshot(out / "ui_sweep_run.png")
@@ -243,8 +290,9 @@ def find_browser() -> str:
         path = shutil.which(name)
         if path:
             return path
-    raise CheckError(f"no Chromium found (looked for {', '.join(BROWSERS)}); expected Debian's package: "
-                     "apt-get install chromium")
+    raise CheckError(
+        f"no Chromium found (looked for {', '.join(BROWSERS)}); expected Debian's package: apt-get install chromium"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -271,16 +319,19 @@ def run(args: argparse.Namespace) -> int:
     for f in failures:
         print(f"FAIL {f}", file=sys.stderr)
     shots = ", ".join(str(out / n) for n in ("ui_runs.png", "ui_sweep_run.png", "ui_trial.png"))
-    print(f"[ui] {'ok' if not failures else f'{len(failures)} check(s) failed'}; screenshots: {shots}",
-          file=sys.stderr)
+    print(f"[ui] {'ok' if not failures else f'{len(failures)} check(s) failed'}; screenshots: {shots}", file=sys.stderr)
     return 1 if failures else 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python bench/ui_check.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--store", default=None, help="a finished smoke sweep's folder (holding mlflow.db); "
-                   "default: run one in a temporary folder")
+    p = argparse.ArgumentParser(
+        prog="python bench/ui_check.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--store",
+        default=None,
+        help="a finished smoke sweep's folder (holding mlflow.db); default: run one in a temporary folder",
+    )
     p.add_argument("--out", default=str(ROOT / "docs"), help="folder for the screenshots")
     args = p.parse_args(argv)
     try:

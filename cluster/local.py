@@ -362,15 +362,10 @@ def _wait_nodes(state: dict, procs: dict, nodes: list[dict], deadline: float) ->
             p = procs.get(n["name"])
             if p is not None and p.poll() is not None:
                 raise ClusterError(
-                    f"`ray start` for {n['name']} exited with code {p.returncode}; "
-                    f"log {n['log']}:\n{_tail(n['log'])}"
+                    f"`ray start` for {n['name']} exited with code {p.returncode}; log {n['log']}:\n{_tail(n['log'])}"
                 )
         try:
-            seen = {
-                x["node_manager_port"]: x
-                for x in _gcs_nodes(state, timeout=3)
-                if x["alive"]
-            }
+            seen = {x["node_manager_port"]: x for x in _gcs_nodes(state, timeout=3) if x["alive"]}
             for port, n in want.items():
                 if port in seen:
                     n["node_id"] = seen[port]["node_id"]
@@ -464,8 +459,9 @@ def _temp_root(temp_dir: str | None, d: Path) -> str:
     return temp_root
 
 
-def _new_state(d: Path, host: str, temp_root: str, taken: set[int], dashboard: bool, auth: bool,
-               object_store_mb: int) -> dict:
+def _new_state(
+    d: Path, host: str, temp_root: str, taken: set[int], dashboard: bool, auth: bool, object_store_mb: int
+) -> dict:
     """The cluster's state before any node starts: addresses, ports and the nodes' environment."""
     gcs_port, dash_port = _free_ports(host, 2, taken)
     return {
@@ -543,13 +539,11 @@ def _wait_mlflow(ml: dict, proc: subprocess.Popen, deadline: float) -> None:
     while not _http_ok(ml["uri"] + "/health"):
         if proc.poll() is not None:
             raise ClusterError(
-                f"mlflow server exited with code {proc.returncode}; "
-                f"log {ml['log']}:\n{_tail(ml['log'])}"
+                f"mlflow server exited with code {proc.returncode}; log {ml['log']}:\n{_tail(ml['log'])}"
             )
         if time.monotonic() > deadline:
             raise ClusterError(
-                f"timed out waiting for MLflow at {ml['uri']}/health; "
-                f"log {ml['log']}:\n{_tail(ml['log'])}"
+                f"timed out waiting for MLflow at {ml['uri']}/health; log {ml['log']}:\n{_tail(ml['log'])}"
             )
         time.sleep(0.5)
 
@@ -587,8 +581,7 @@ def describe(state: dict) -> str:
     n = len(state["workers"])
     cpus = sum(x["num_cpus"] for x in [state["head"], *state["workers"]])
     out = [
-        f"Local Ray cluster up: head + {n} worker node(s), {cpus} CPU(s) in all, state in "
-        f"{state_path(state['dir'])}",
+        f"Local Ray cluster up: head + {n} worker node(s), {cpus} CPU(s) in all, state in {state_path(state['dir'])}",
         "",
         "Use it from this shell with:",
         *("  " + line for line in env_lines(state)),
@@ -754,9 +747,7 @@ def _print_status(st: dict) -> None:
     print(f"Ray address {st['address']}  (dir {st['dir']})")
     for r in st["components"]:
         extra = r.get("uri") or r.get("node_id") or ""
-        health = (
-            f"healthy={r['healthy']}" if "healthy" in r else f"gcs_alive={r['gcs_alive']}"
-        )
+        health = f"healthy={r['healthy']}" if "healthy" in r else f"gcs_alive={r['gcs_alive']}"
         print(
             f"  {r['component']:<16} pid {r['pid']:<7} "
             f"{'running' if r['running'] else 'stopped':<8} procs={r['processes']:<3} "

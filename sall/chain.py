@@ -4,6 +4,7 @@ Stages follow design.md. Teachers and their logits are cached artifacts named by
 on; the student and its evaluation run per trial. Nothing here knows about Ray or MLflow: callers
 observe the chain through `Hooks`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -133,12 +134,23 @@ def one_hot(labels: np.ndarray, k: int) -> np.ndarray:
 
 def new_model(cfg: TrialConfig, heads: list[str], seed: int) -> MultiHeadNet:
     torch.manual_seed(seed)
-    return MultiHeadNet(cfg.backbone, {t: TASKS[t].num_classes for t in heads},
-                        pretrained=cfg.pretrained, pretrained_path=cfg.pretrained_path)
+    return MultiHeadNet(
+        cfg.backbone,
+        {t: TASKS[t].num_classes for t in heads},
+        pretrained=cfg.pretrained,
+        pretrained_path=cfg.pretrained_path,
+    )
 
 
-def evaluate(model: torch.nn.Module, task: str, data: Data, split: str, temperature: float,
-             rt: Runtime, predictions: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+def evaluate(
+    model: torch.nn.Module,
+    task: str,
+    data: Data,
+    split: str,
+    temperature: float,
+    rt: Runtime,
+    predictions: dict[str, np.ndarray] | None = None,
+) -> dict[str, Any]:
     """A head on its own task's split: softmax(z / T), the output it was trained to produce.
     With `predictions` (a dict), also fills it with the per-image rows, labels and probs."""
     rows = data.rows(split, task)
@@ -185,16 +197,30 @@ def get_teacher(cfg: TrialConfig, task: str, data: Data, store: ArtifactStore, r
         rows = data.rows("train", task)
         labels = data.labels(rows)
         model = new_model(cfg, [task], cfg.seed)
-        train = TrainSet(rows, {task: one_hot(labels, TASKS[task].num_classes)},
-                         {task: np.ones(len(rows), dtype=bool)})
+        train = TrainSet(rows, {task: one_hot(labels, TASKS[task].num_classes)}, {task: np.ones(len(rows), dtype=bool)})
         val_rows = data.rows("val", task)
-        res = fit(model, data.images, train, {task: (val_rows, data.labels(val_rows))},
-                  epochs=cfg.teacher_epochs, temperature=1.0, cfg=cfg, rt=rt, name=f"teacher {task}",
-                  seed=cfg.seed)
-        info = dict(task=task, key=key, best_epoch=res.best_epoch, history=res.history,
-                    n_train=int(len(rows)), seconds=time.time() - t0,
-                    test=evaluate(model, task, data, "test", 1.0, rt),
-                    fields={k: str(v) for k, v in cfg.teacher_fields(task).items()})
+        res = fit(
+            model,
+            data.images,
+            train,
+            {task: (val_rows, data.labels(val_rows))},
+            epochs=cfg.teacher_epochs,
+            temperature=1.0,
+            cfg=cfg,
+            rt=rt,
+            name=f"teacher {task}",
+            seed=cfg.seed,
+        )
+        info = dict(
+            task=task,
+            key=key,
+            best_epoch=res.best_epoch,
+            history=res.history,
+            n_train=int(len(rows)),
+            seconds=time.time() - t0,
+            test=evaluate(model, task, data, "test", 1.0, rt),
+            fields={k: str(v) for k, v in cfg.teacher_fields(task).items()},
+        )
         _save({"state": res.state, "info_json": _json(info)}, tmp)
 
     fetched = store.get_or_build("teachers", key, ".pt", build)
@@ -213,8 +239,9 @@ def logits_key(teacher_key: str, on_task: str) -> str:
     return f"{teacher_key}-on-{on_task}"
 
 
-def get_logits(cfg: TrialConfig, teacher: Teacher, data: Data, store: ArtifactStore, rt: Runtime,
-               on_task: str) -> tuple[np.ndarray, np.ndarray]:
+def get_logits(
+    cfg: TrialConfig, teacher: Teacher, data: Data, store: ArtifactStore, rt: Runtime, on_task: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Stage 2: the teacher's logits on the fold's training images of `on_task`, the only images a
     soft label is ever given to (a student trains on a subset of them). Cached with the teacher:
     its key fixes the fold, the caps and the data, so the rows are the same for every trial."""
@@ -227,13 +254,14 @@ def get_logits(cfg: TrialConfig, teacher: Teacher, data: Data, store: ArtifactSt
 
     blob = load_artifact(store.get_or_build("logits", logits_key(teacher.key, on_task), ".pt", build).path)
     if not np.array_equal(blob["rows"].numpy(), rows):  # cannot happen unless the split code changed
-        raise RuntimeError(f"cached logits {logits_key(teacher.key, on_task)} are for other rows than "
-                           f"fold {cfg.fold}'s {on_task} training split; bump SPLIT_VERSION")
+        raise RuntimeError(
+            f"cached logits {logits_key(teacher.key, on_task)} are for other rows than "
+            f"fold {cfg.fold}'s {on_task} training split; bump SPLIT_VERSION"
+        )
     return rows, blob["logits"].numpy()
 
 
-def soft_label_array(cfg: TrialConfig, teacher: Teacher, data: Data, store: ArtifactStore,
-                     rt: Runtime) -> np.ndarray:
+def soft_label_array(cfg: TrialConfig, teacher: Teacher, data: Data, store: ArtifactStore, rt: Runtime) -> np.ndarray:
     """softmax(teacher logits / T) on every training image of the trial's other tasks, indexed by
     manifest row; NaN on the rows no soft label is given to (the teacher's own task, val, test)."""
     out = np.full((len(data.manifest), TASKS[teacher.task].num_classes), np.nan, dtype=np.float32)
@@ -280,12 +308,17 @@ class ChainResult:
     def summary(self) -> dict[str, Any]:
         from sall.metrics import scalar_metrics, to_jsonable
 
-        return to_jsonable(dict(
-            config_key=self.config.key(), trial_key=self.config.trial_key(),
-            test={t: scalar_metrics(m) for t, m in self.test.items()},
-            soft=self.soft, teachers={t: {k: v for k, v in d.items() if k != "info"} for t, d in self.teachers.items()},
-            seconds=round(self.seconds, 2), profile=self.profile,
-        ))
+        return to_jsonable(
+            dict(
+                config_key=self.config.key(),
+                trial_key=self.config.trial_key(),
+                test={t: scalar_metrics(m) for t, m in self.test.items()},
+                soft=self.soft,
+                teachers={t: {k: v for k, v in d.items() if k != "info"} for t, d in self.teachers.items()},
+                seconds=round(self.seconds, 2),
+                profile=self.profile,
+            )
+        )
 
 
 def needs_teachers(cfg: TrialConfig) -> list[str]:
@@ -367,20 +400,43 @@ def run_chain(cfg: TrialConfig, cache_dir: str | Path, hooks: Hooks | None = Non
 
     # named like the teachers by the data and split too: a renderer or split change is a new student
     student_key = stable_hash([cfg.key(), data.fingerprint, code_versions(cfg)])
-    student_path = store.get_or_build("students", student_key, ".pt", lambda tmp: _save(
-        {"state": states, "groups_json": _json(groups), "config_json": cfg.to_json()}, tmp)).path
+    student_path = store.get_or_build(
+        "students",
+        student_key,
+        ".pt",
+        lambda tmp: _save({"state": states, "groups_json": _json(groups), "config_json": cfg.to_json()}, tmp),
+    ).path
     return ChainResult(
-        config=cfg, test=test, val=val, soft=stats,
-        teachers={t: dict(key=tc.key, built=tc.fetched.built, seconds=tc.fetched.seconds,
-                          path=str(tc.fetched.path), info=tc.info) for t, tc in teachers.items()},
+        config=cfg,
+        test=test,
+        val=val,
+        soft=stats,
+        teachers={
+            t: dict(
+                key=tc.key, built=tc.fetched.built, seconds=tc.fetched.seconds, path=str(tc.fetched.path), info=tc.info
+            )
+            for t, tc in teachers.items()
+        },
         history=[{"epoch": e, **m} for e, m in sorted(history.items())],
-        profile=profile, student_path=str(student_path), seconds=time.time() - t_start,
-        reused_teacher_as_baseline=reused, predictions=predictions,
+        profile=profile,
+        student_path=str(student_path),
+        seconds=time.time() - t_start,
+        reused_teacher_as_baseline=reused,
+        predictions=predictions,
     )
 
 
-def train_student(cfg: TrialConfig, data: Data, rows: np.ndarray, row_tasks: np.ndarray, heads: list[str],
-                  soft: dict[str, np.ndarray], rt: Runtime, hooks: Hooks, seed: int) -> tuple[MultiHeadNet, FitResult]:
+def train_student(
+    cfg: TrialConfig,
+    data: Data,
+    rows: np.ndarray,
+    row_tasks: np.ndarray,
+    heads: list[str],
+    soft: dict[str, np.ndarray],
+    rt: Runtime,
+    hooks: Hooks,
+    seed: int,
+) -> tuple[MultiHeadNet, FitResult]:
     """One student model with `heads`. Each row trains the head of its own task with its true
     grade, and (with sa_labels) every other head with that head's teacher's soft label."""
     if cfg.sa_labels:
@@ -404,13 +460,25 @@ def train_student(cfg: TrialConfig, data: Data, rows: np.ndarray, row_tasks: np.
             mask[:] = True
         targets[h], masks[h] = tgt, mask
     name = "student" if len(heads) > 1 else f"student {heads[0]}"
-    log(f"[{name}] training on {len(mine)} images, heads {','.join(heads)}, T={cfg.temperature:g}, "
-        f"sa_labels={cfg.sa_labels}")
+    log(
+        f"[{name}] training on {len(mine)} images, heads {','.join(heads)}, T={cfg.temperature:g}, "
+        f"sa_labels={cfg.sa_labels}"
+    )
     model = new_model(cfg, heads, seed)
     val = {h: (data.rows("val", h), data.labels(data.rows("val", h))) for h in heads}
-    res = fit(model, data.images, TrainSet(mine, targets, masks), val, epochs=cfg.student_epochs,
-              temperature=cfg.temperature, cfg=cfg, rt=rt, name=name, seed=seed,
-              on_epoch=hooks.student_epoch)
+    res = fit(
+        model,
+        data.images,
+        TrainSet(mine, targets, masks),
+        val,
+        epochs=cfg.student_epochs,
+        temperature=cfg.temperature,
+        cfg=cfg,
+        rt=rt,
+        name=name,
+        seed=seed,
+        on_epoch=hooks.student_epoch,
+    )
     return model, res
 
 
@@ -439,7 +507,7 @@ def load_student(path: str | Path) -> tuple[TrialConfig, dict[str, MultiHeadNet]
     for g, heads in enumerate(groups):
         m = new_model(cfg, heads, 0)
         prefix = f"{g}."
-        m.load_state_dict({k[len(prefix):]: v for k, v in blob["state"].items() if k.startswith(prefix)})
+        m.load_state_dict({k[len(prefix) :]: v for k, v in blob["state"].items() if k.startswith(prefix)})
         for h in heads:
             models[h] = m
     return cfg, models

@@ -2,6 +2,7 @@
 
 The data/model flags are defined here once and reused by every sweep script.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,63 +55,110 @@ def one_line_errors(p: argparse.ArgumentParser) -> None:
     p.error = lambda message: one_line_error(p, message)  # type: ignore[method-assign]
     parse = p.parse_known_args
     p.parse_known_args = lambda args=None, namespace=None: _no_empty_values(  # type: ignore[method-assign]
-        p, parse(args, namespace))
+        p, parse(args, namespace)
+    )
 
 
 def add_data_model_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by `python -m sall run` and the sweeps (design.md). Also makes `p`'s errors one line."""
     one_line_errors(p)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="synthetic",
-                   help="synthetic (built-in, the default), odir (needs --data-root), a CSV manifest "
-                        "(columns image,task,grade[,patient]; paths relative to the file) or an image "
-                        "folder root/<task>/<grade>/*")
-    g.add_argument("--data-root", default=None, help="folder of the dataset (required for odir: "
-                   "the folder with full_df.csv and preprocessed_images/)")
+    g.add_argument(
+        "--dataset",
+        default="synthetic",
+        help="synthetic (built-in, the default), odir (needs --data-root), a CSV manifest "
+        "(columns image,task,grade[,patient]; paths relative to the file) or an image "
+        "folder root/<task>/<grade>/*",
+    )
+    g.add_argument(
+        "--data-root",
+        default=None,
+        help="folder of the dataset (required for odir: the folder with full_df.csv and preprocessed_images/)",
+    )
     g.add_argument("--tasks", default="dr,amd", help="comma-separated tasks among dr,amd,arter (default dr,amd)")
-    g.add_argument("--class-cap", type=int, default=None,
-                   help="at most this many training images per task and grade (teachers and students)")
-    g.add_argument("--train-per-task", type=int, default=None,
-                   help="at most this many training images per task, stratified (default from the preset)")
-    g.add_argument("--val-per-task", type=int, default=None,
-                   help="at most this many validation images per task (default from the preset)")
-    g.add_argument("--synthetic-n", type=int, default=None,
-                   help="synthetic images per task (default from the preset)")
+    g.add_argument(
+        "--class-cap",
+        type=int,
+        default=None,
+        help="at most this many training images per task and grade (teachers and students)",
+    )
+    g.add_argument(
+        "--train-per-task",
+        type=int,
+        default=None,
+        help="at most this many training images per task, stratified (default from the preset)",
+    )
+    g.add_argument(
+        "--val-per-task",
+        type=int,
+        default=None,
+        help="at most this many validation images per task (default from the preset)",
+    )
+    g.add_argument("--synthetic-n", type=int, default=None, help="synthetic images per task (default from the preset)")
     m = p.add_argument_group("model and training")
-    m.add_argument("--preset", default="cpu", choices=None,
-                   help=f"settings bundle: {', '.join(PRESETS)} (cpu: small timm model at 64 px, fits a "
-                        "laptop; cpu-real: ImageNet-initialised tf_efficientnet_lite0 at 128 px from an "
-                        "installed package, no network, for real photographs such as ODIR on a CPU; "
-                        "paper: inception_v3 at 299 px, ImageNet weights, Adam lr 1e-5)")
+    m.add_argument(
+        "--preset",
+        default="cpu",
+        choices=None,
+        help=f"settings bundle: {', '.join(PRESETS)} (cpu: small timm model at 64 px, fits a "
+        "laptop; cpu-real: ImageNet-initialised tf_efficientnet_lite0 at 128 px from an "
+        "installed package, no network, for real photographs such as ODIR on a CPU; "
+        "paper: inception_v3 at 299 px, ImageNet weights, Adam lr 1e-5)",
+    )
     m.add_argument("--backbone", default=None, help="any timm model name (default from the preset)")
     m.add_argument("--image-size", type=int, default=None, help="input size in pixels (default from the preset)")
-    m.add_argument("--pretrained", dest="pretrained", action="store_true", default=None,
-                   help="start from ImageNet weights (timm's hub, or --pretrained-path)")
+    m.add_argument(
+        "--pretrained",
+        dest="pretrained",
+        action="store_true",
+        default=None,
+        help="start from ImageNet weights (timm's hub, or --pretrained-path)",
+    )
     m.add_argument("--no-pretrained", dest="pretrained", action="store_false")
     m.add_argument("--pretrained-path", default=None, help="local ImageNet weights file for the backbone")
     m.add_argument("--lr", type=float, default=None, help="learning rate (Adam)")
     m.add_argument("--batch-size", type=int, default=None)
-    m.add_argument("--schedule", default=None, choices=["constant", "cosine"],
-                   help="learning rate: constant, or cosine decay to 0 (default from the preset)")
-    m.add_argument("--checkpoint", default=None, choices=["best", "last"],
-                   help="keep the best validation epoch, or the last (the paper's choice; default from the preset)")
+    m.add_argument(
+        "--schedule",
+        default=None,
+        choices=["constant", "cosine"],
+        help="learning rate: constant, or cosine decay to 0 (default from the preset)",
+    )
+    m.add_argument(
+        "--checkpoint",
+        default=None,
+        choices=["best", "last"],
+        help="keep the best validation epoch, or the last (the paper's choice; default from the preset)",
+    )
     m.add_argument("--teacher-epochs", type=int, default=None)
     m.add_argument("--student-epochs", type=int, default=None)
-    m.add_argument("--augment", dest="augment", action="store_true", default=None,
-                   help="the paper's augmentations (scale, rot90, flips, skew); default from the preset "
-                        "(cpu: off, it slows learning in a few epochs; paper: on)")
-    m.add_argument("--no-augment", dest="augment", action="store_false", default=None,
-                   help="switch the augmentations off")
+    m.add_argument(
+        "--augment",
+        dest="augment",
+        action="store_true",
+        default=None,
+        help="the paper's augmentations (scale, rot90, flips, skew); default from the preset "
+        "(cpu: off, it slows learning in a few epochs; paper: on)",
+    )
+    m.add_argument(
+        "--no-augment", dest="augment", action="store_false", default=None, help="switch the augmentations off"
+    )
     m.add_argument("--seed", type=int, default=None)
     r = p.add_argument_group("runtime")
-    r.add_argument("--cache-dir", default=DEFAULT_CACHE,
-                   help="teachers, logits and the image cache; shared storage on a cluster (default .sall-cache)")
+    r.add_argument(
+        "--cache-dir",
+        default=DEFAULT_CACHE,
+        help="teachers, logits and the image cache; shared storage on a cluster (default .sall-cache)",
+    )
     r.add_argument("--device", default=None, help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
     r.add_argument("--threads", type=int, default=None, help="torch threads (default: torch decides)")
-    r.add_argument("--amp", default=None, choices=["auto", "bf16", "off"],
-                   help="bf16 autocast: auto = on with CUDA")
-    r.add_argument("--channels-last", default=None, choices=["auto", "on", "off"],
-                   help="channels_last memory format (auto = on: faster on CUDA and on the CPU)")
+    r.add_argument("--amp", default=None, choices=["auto", "bf16", "off"], help="bf16 autocast: auto = on with CUDA")
+    r.add_argument(
+        "--channels-last",
+        default=None,
+        choices=["auto", "on", "off"],
+        help="channels_last memory format (auto = on: faster on CUDA and on the CPU)",
+    )
     r.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     r.add_argument("--smoke", action="store_true", help="tiny data and epochs: a whole run in seconds")
     r.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -119,13 +167,30 @@ def add_data_model_args(p: argparse.ArgumentParser) -> None:
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The data/model flags as TrialConfig overrides (None = take the preset's value)."""
     return dict(
-        dataset=args.dataset, data_root=args.data_root, tasks=args.tasks, class_cap=args.class_cap,
-        synthetic_n=args.synthetic_n, train_per_task=args.train_per_task, val_per_task=args.val_per_task,
-        schedule=args.schedule, checkpoint=args.checkpoint, backbone=args.backbone, image_size=args.image_size,
-        pretrained=args.pretrained, pretrained_path=args.pretrained_path, lr=args.lr,
-        batch_size=args.batch_size, teacher_epochs=args.teacher_epochs,
-        student_epochs=args.student_epochs, augment=args.augment, seed=args.seed, device=args.device,
-        threads=args.threads, amp=args.amp, channels_last=args.channels_last, compile=args.compile,
+        dataset=args.dataset,
+        data_root=args.data_root,
+        tasks=args.tasks,
+        class_cap=args.class_cap,
+        synthetic_n=args.synthetic_n,
+        train_per_task=args.train_per_task,
+        val_per_task=args.val_per_task,
+        schedule=args.schedule,
+        checkpoint=args.checkpoint,
+        backbone=args.backbone,
+        image_size=args.image_size,
+        pretrained=args.pretrained,
+        pretrained_path=args.pretrained_path,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        teacher_epochs=args.teacher_epochs,
+        student_epochs=args.student_epochs,
+        augment=args.augment,
+        seed=args.seed,
+        device=args.device,
+        threads=args.threads,
+        amp=args.amp,
+        channels_last=args.channels_last,
+        compile=args.compile,
     )
 
 
@@ -133,31 +198,50 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="python -m sall",
         description="Synergic Adversarial Label Learning: train the teachers (cached), make the soft "
-                    "labels at temperature T, train the student and print its per-task test metrics "
-                    "as JSON on stdout. Progress goes to stderr.",
+        "labels at temperature T, train the student and print its per-task test metrics "
+        "as JSON on stdout. Progress goes to stderr.",
     )
     sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run one teacher -> soft-label -> student chain",
-                         description="Run one chain on one fold and print the per-task test metrics as JSON.")
+    run = sub.add_parser(
+        "run",
+        help="run one teacher -> soft-label -> student chain",
+        description="Run one chain on one fold and print the per-task test metrics as JSON.",
+    )
     add_data_model_args(run)
     s = run.add_argument_group("the SALL switches")
-    s.add_argument("--temperature", "-T", type=float, default=3.0,
-                   help="T for the soft labels and the student's outputs (paper eq. 10; default 3)")
+    s.add_argument(
+        "--temperature",
+        "-T",
+        type=float,
+        default=3.0,
+        help="T for the soft labels and the student's outputs (paper eq. 10; default 3)",
+    )
     s.add_argument("--fold", type=int, default=0, help="which of the 3 folds (0, 1 or 2)")
-    s.add_argument("--sa-labels", dest="sa_labels", action="store_true", default=True,
-                   help="train each head also on the other tasks' images with soft labels (default)")
+    s.add_argument(
+        "--sa-labels",
+        dest="sa_labels",
+        action="store_true",
+        default=True,
+        help="train each head also on the other tasks' images with soft labels (default)",
+    )
     s.add_argument("--no-sa-labels", dest="sa_labels", action="store_false")
-    s.add_argument("--multitask", dest="multitask", action="store_true", default=True,
-                   help="one shared backbone with a head per task (default)")
-    s.add_argument("--no-multitask", dest="multitask", action="store_false",
-                   help="one single-head model per task")
-    s.add_argument("--baseline", action="store_true",
-                   help="the paper's baseline: --no-multitask --no-sa-labels -T 1")
+    s.add_argument(
+        "--multitask",
+        dest="multitask",
+        action="store_true",
+        default=True,
+        help="one shared backbone with a head per task (default)",
+    )
+    s.add_argument("--no-multitask", dest="multitask", action="store_false", help="one single-head model per task")
+    s.add_argument("--baseline", action="store_true", help="the paper's baseline: --no-multitask --no-sa-labels -T 1")
     s.add_argument("--profile", action="store_true", help="report where the time goes (stderr and JSON)")
     s.add_argument("--full", action="store_true", help="print every metric (confusion, reliability bins)")
-    s.add_argument("--dry-run", action="store_true",
-                   help="check the flags and the data, print the resolved config and which teachers would "
-                        "be trained or reused; train nothing, write nothing")
+    s.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the flags and the data, print the resolved config and which teachers would "
+        "be trained or reused; train nothing, write nothing",
+    )
     return p
 
 
@@ -168,9 +252,16 @@ def run_command(args: argparse.Namespace) -> int:
     over = config_overrides(args)
     if args.baseline:
         args.multitask, args.sa_labels, args.temperature = False, False, 1.0
-    cfg: TrialConfig = from_preset(args.preset, smoke=args.smoke, temperature=args.temperature,
-                                   fold=args.fold, multitask=args.multitask, sa_labels=args.sa_labels,
-                                   profile=args.profile, **over)
+    cfg: TrialConfig = from_preset(
+        args.preset,
+        smoke=args.smoke,
+        temperature=args.temperature,
+        fold=args.fold,
+        multitask=args.multitask,
+        sa_labels=args.sa_labels,
+        profile=args.profile,
+        **over,
+    )
     if args.dry_run:
         return dry_run(cfg, args.cache_dir)
     res = run_chain(cfg, args.cache_dir)
@@ -195,8 +286,12 @@ def dry_run(cfg: TrialConfig, cache_dir: str) -> int:
         key = teacher_key(cfg, task, data.fingerprint)
         cached = store.exists("teachers", key, ".pt")
         teachers[task] = {"key": key, "cached": cached}
-    print(json.dumps({"config_key": cfg.key(), "config": json.loads(cfg.to_json()), "teachers": teachers,
-                      "data": data.summary}, indent=2))
+    print(
+        json.dumps(
+            {"config_key": cfg.key(), "config": json.loads(cfg.to_json()), "teachers": teachers, "data": data.summary},
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -1,4 +1,5 @@
 """One typed, frozen config describes a trial; it is hashed to name artifacts and logged as params."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,19 +27,42 @@ PRESETS: dict[str, dict[str, Any]] = {
     # one fold: 72 +- 5 % at 6 epochs, 83 +- 3 % at 8); the synthetic set trains on 640 images per
     # task but tests on 1,800 per task and fold, so the test split adds little noise (+-1.2 pp).
     "cpu": dict(
-        backbone="test_resnet", image_size=64, pretrained=False, lr=2e-3, batch_size=16,
-        schedule="cosine", checkpoint="last", augment=False,
-        teacher_epochs=8, student_epochs=8, synthetic_n=7200, train_per_task=640, val_per_task=150,
+        backbone="test_resnet",
+        image_size=64,
+        pretrained=False,
+        lr=2e-3,
+        batch_size=16,
+        schedule="cosine",
+        checkpoint="last",
+        augment=False,
+        teacher_epochs=8,
+        student_epochs=8,
+        synthetic_n=7200,
+        train_per_task=640,
+        val_per_task=150,
     ),
     "paper": dict(
-        backbone="inception_v3", image_size=299, pretrained=True, lr=1e-5, batch_size=32,
-        teacher_epochs=30, student_epochs=30, synthetic_n=2000,
+        backbone="inception_v3",
+        image_size=299,
+        pretrained=True,
+        lr=1e-5,
+        batch_size=32,
+        teacher_epochs=30,
+        student_epochs=30,
+        synthetic_n=2000,
     ),
     # real photographs on a CPU: ImageNet-initialised EfficientNet-Lite0 from an installed package
     # (sall/pretrained.py, no network); values measured on ODIR's validation split (README)
     "cpu-real": dict(
-        backbone="tf_efficientnet_lite0", image_size=128, pretrained=True, lr=1e-3, batch_size=32,
-        teacher_epochs=5, student_epochs=5, synthetic_n=800, schedule="cosine",
+        backbone="tf_efficientnet_lite0",
+        image_size=128,
+        pretrained=True,
+        lr=1e-3,
+        batch_size=32,
+        teacher_epochs=5,
+        student_epochs=5,
+        synthetic_n=800,
+        schedule="cosine",
     ),
 }
 # The seeds a sweep repeats every setting and fold with, per preset (sweeps' --seeds overrides).
@@ -47,8 +71,16 @@ SWEEP_SEEDS: dict[str, tuple[int, ...]] = {"cpu": (0,), "paper": (0,)}
 SMOKE: dict[str, Any] = dict(image_size=32, teacher_epochs=2, student_epochs=2, synthetic_n=90)
 
 # Fields that are not part of the experiment: they change how fast, not what is computed.
-RUNTIME_FIELDS = ("device", "threads", "amp", "channels_last", "compile", "profile", "debug_fail",
-                  "validate_every_epoch")
+RUNTIME_FIELDS = (
+    "device",
+    "threads",
+    "amp",
+    "channels_last",
+    "compile",
+    "profile",
+    "debug_fail",
+    "validate_every_epoch",
+)
 
 
 @dataclass(frozen=True)
@@ -129,14 +161,28 @@ class TrialConfig:
     def teacher_fields(self, task: str) -> dict[str, Any]:
         """What a teacher depends on (design.md): not T, not the student's data ratio or switches."""
         return dict(
-            task=task, dataset=self.dataset, data_root=self.data_root, synthetic_n=self.synthetic_n,
-            fold=self.fold, class_cap=self.class_cap, train_per_task=self.train_per_task,
+            task=task,
+            dataset=self.dataset,
+            data_root=self.data_root,
+            synthetic_n=self.synthetic_n,
+            fold=self.fold,
+            class_cap=self.class_cap,
+            train_per_task=self.train_per_task,
             val_per_task=self.val_per_task,
-            schedule=self.schedule, checkpoint=self.checkpoint, backbone=self.backbone,
-            image_size=self.image_size, pretrained=self.pretrained,
-            pretrained_path=self.pretrained_path, optimizer=self.optimizer, lr=self.lr,
-            betas=list(self.betas), eps=self.eps, weight_decay=self.weight_decay,
-            batch_size=self.batch_size, epochs=self.teacher_epochs, augment=self.augment,
+            schedule=self.schedule,
+            checkpoint=self.checkpoint,
+            backbone=self.backbone,
+            image_size=self.image_size,
+            pretrained=self.pretrained,
+            pretrained_path=self.pretrained_path,
+            optimizer=self.optimizer,
+            lr=self.lr,
+            betas=list(self.betas),
+            eps=self.eps,
+            weight_decay=self.weight_decay,
+            batch_size=self.batch_size,
+            epochs=self.teacher_epochs,
+            augment=self.augment,
             seed=self.seed,
         )
 
@@ -186,12 +232,14 @@ class TrialConfig:
             raise ConfigError(f"tasks: {','.join(self.tasks)} lists a task twice")
         if not 0 <= self.fold < N_FOLDS:
             raise ConfigError(f"fold {self.fold} out of range; expected 0..{N_FOLDS - 1}")
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-                and self.temperature > 0):
+        if not (
+            isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0
+        ):
             raise ConfigError(f"temperature {self.temperature} is invalid; expected a number > 0")
         if self.dataset == "odir" and not self.data_root:
-            raise ConfigError("--dataset odir needs --data-root: the folder holding full_df.csv "
-                              "and preprocessed_images/")
+            raise ConfigError(
+                "--dataset odir needs --data-root: the folder holding full_df.csv and preprocessed_images/"
+            )
         for name in ("image_size", "batch_size", "synthetic_n"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} {getattr(self, name)} is invalid; expected an integer >= 1")
@@ -212,11 +260,11 @@ class TrialConfig:
             raise ConfigError(f"unknown optimizer '{self.optimizer}'; expected adam or sgd")
         for task, value in self.sample_counts:
             if task not in self.tasks:
-                raise ConfigError(f"sample count for '{task}', which is not among tasks "
-                                  f"{','.join(self.tasks)}")
+                raise ConfigError(f"sample count for '{task}', which is not among tasks {','.join(self.tasks)}")
             if not math.isfinite(value) or value <= 0:
-                raise ConfigError(f"sample count {value} for task {task} is invalid; expected a "
-                                  "count >= 1 or a fraction in (0, 1]")
+                raise ConfigError(
+                    f"sample count {value} for task {task} is invalid; expected a count >= 1 or a fraction in (0, 1]"
+                )
         if not (self.device in ("auto", "cpu", "mps") or re.fullmatch(r"cuda(:\d+)?", self.device)):
             raise ConfigError(f"device '{self.device}' is invalid; expected auto, cpu, cuda, cuda:N or mps")
         if self.amp not in ("auto", "bf16", "off"):
@@ -252,7 +300,9 @@ def from_preset(preset: str = "cpu", smoke: bool = False, **overrides: Any) -> T
     if isinstance(values.get("tasks"), str):
         values["tasks"] = tuple(t.strip() for t in values["tasks"].split(",") if t.strip())
     values["tasks"] = tuple(values.get("tasks", TrialConfig.tasks))
-    values["sample_counts"] = tuple(sorted((str(k), float(v)) for k, v in dict(values.get("sample_counts", ())).items()))
+    values["sample_counts"] = tuple(
+        sorted((str(k), float(v)) for k, v in dict(values.get("sample_counts", ())).items())
+    )
     if "temperature" in values:
         values["temperature"] = float(values["temperature"])
     return TrialConfig(**values)

@@ -1,4 +1,5 @@
 """User-facing errors: one clear line, printed without a traceback by the command-line tools."""
+
 from __future__ import annotations
 
 

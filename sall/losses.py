@@ -4,6 +4,7 @@ A hard label is a one-hot target; a synergic adversarial label is the soft targe
 softmax(teacher(x) / T). Rows without a target for a head (mask False) put no gradient into it.
 The total is the sum over heads (paper eq. 6).
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,8 +24,12 @@ def head_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, te
     return (per_row * m).sum() / m.sum().clamp_min(1.0)
 
 
-def sall_loss(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
-              masks: dict[str, torch.Tensor], temperature: float) -> tuple[torch.Tensor, dict[str, float]]:
+def sall_loss(
+    logits: dict[str, torch.Tensor],
+    targets: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor],
+    temperature: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Sum of the heads' losses, and each head's value for logging."""
     parts = {t: head_loss(logits[t], targets[t], masks[t], temperature) for t in logits}
     total = sum(parts.values())

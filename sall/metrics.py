@@ -14,6 +14,7 @@ Conventions
 * Reliability / ECE bins are ``n_bins`` equal-width bins over [0, 1], right-closed:
   bin b covers ``(b/n_bins, (b+1)/n_bins]``; a confidence of exactly 0 goes into bin 0.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,9 +47,7 @@ def _check_inputs(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np
     if probs.ndim != 2:
         raise ValueError(f"probs must be 2-D (N, K), got shape {probs.shape}")
     if labels.ndim != 1 or labels.shape[0] != probs.shape[0]:
-        raise ValueError(
-            f"labels must be 1-D with N={probs.shape[0]} entries, got shape {labels.shape}"
-        )
+        raise ValueError(f"labels must be 1-D with N={probs.shape[0]} entries, got shape {labels.shape}")
     n, k = probs.shape
     if n == 0:
         raise ValueError("cannot compute metrics on 0 samples")
@@ -63,9 +62,7 @@ def _check_inputs(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np
             raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
     labels = labels.astype(np.int64)
     if labels.min() < 0 or labels.max() >= k:
-        raise ValueError(
-            f"labels must lie in 0..{k - 1} (K={k}), got range {labels.min()}..{labels.max()}"
-        )
+        raise ValueError(f"labels must lie in 0..{k - 1} (K={k}), got range {labels.min()}..{labels.max()}")
     return probs, labels
 
 
@@ -112,11 +109,13 @@ def expected_calibration_error(bins: Sequence[dict]) -> float:
     n = sum(int(b["count"]) for b in bins)
     if n == 0:
         return math.nan
-    return float(sum(
-        abs(b["acc"] - b["conf"]) * b["count"] / n
-        for b in bins
-        if b["count"] and b["acc"] is not None and b["conf"] is not None
-    ))
+    return float(
+        sum(
+            abs(b["acc"] - b["conf"]) * b["count"] / n
+            for b in bins
+            if b["count"] and b["acc"] is not None and b["conf"] is not None
+        )
+    )
 
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> dict:
@@ -200,9 +199,7 @@ def _agreement(labels: np.ndarray, preds: np.ndarray, k: int) -> tuple[float, fl
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        macro_f1 = float(
-            f1_score(labels, preds, labels=class_ids, average="macro", zero_division=0)
-        )
+        macro_f1 = float(f1_score(labels, preds, labels=class_ids, average="macro", zero_division=0))
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sklearn warns on a single label even with labels=
@@ -255,9 +252,7 @@ def to_jsonable(obj: Any) -> Any:
     scalars too.
     """
     if isinstance(obj, dict):
-        return {
-            (k.item() if isinstance(k, np.generic) else k): to_jsonable(v) for k, v in obj.items()
-        }
+        return {(k.item() if isinstance(k, np.generic) else k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [to_jsonable(v) for v in obj]
     if isinstance(obj, np.ndarray):

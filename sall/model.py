@@ -1,4 +1,5 @@
 """A timm backbone with one linear head per task: hard parameter sharing (paper Fig. 4)."""
+
 from __future__ import annotations
 
 import os
@@ -18,7 +19,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def input_normalization(backbone: str, pretrained: bool, pretrained_path: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def input_normalization(
+    backbone: str, pretrained: bool, pretrained_path: str | None
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) of the inputs: the ones the pretrained weights were trained with (timm's
     pretrained config: 0.5/0.5 for EfficientNet-Lite and Inception-v3, not ImageNet's), or
     ImageNet's for a random initialisation."""
@@ -52,8 +55,10 @@ def check_pretrained(backbone: str, pretrained: bool, pretrained_path: str | Non
     """
     if pretrained_path:
         if not Path(pretrained_path).is_file():
-            raise ConfigError(f"--pretrained-path '{pretrained_path}' does not exist; expected a "
-                              f"weights file for {backbone} (.pth, .bin or .safetensors)")
+            raise ConfigError(
+                f"--pretrained-path '{pretrained_path}' does not exist; expected a "
+                f"weights file for {backbone} (.pth, .bin or .safetensors)"
+            )
         if pretrained_lib.file_is_efficientnet_pytorch(pretrained_path):
             pretrained_lib.check_efficientnet_pytorch_file(pretrained_path, backbone)
         return
@@ -64,14 +69,16 @@ def check_pretrained(backbone: str, pretrained: bool, pretrained_path: str | Non
         raise ConfigError(
             f"ImageNet weights for '{backbone}' were asked for (--pretrained or the paper preset) but "
             "this machine cannot reach timm's model hub; download them where it can and pass "
-            "--pretrained-path FILE, or use --no-pretrained")
+            "--pretrained-path FILE, or use --no-pretrained"
+        )
 
 
 class MultiHeadNet(nn.Module):
     """Shared backbone -> pooled features -> one linear head per task."""
 
-    def __init__(self, backbone: str, heads: dict[str, int], *, pretrained: bool = False,
-                 pretrained_path: str | None = None) -> None:
+    def __init__(
+        self, backbone: str, heads: dict[str, int], *, pretrained: bool = False, pretrained_path: str | None = None
+    ) -> None:
         super().__init__()
         import timm
 

@@ -4,6 +4,7 @@ matplotlib is imported lazily and figures are drawn on the Agg canvas directly (
 global backend switch), so this module is safe in Ray workers, threads and headless machines. Every plot function saves a PNG
 (120 dpi), closes its figure and returns the path it wrote.
 """
+
 from __future__ import annotations
 
 import csv
@@ -55,9 +56,7 @@ def plot_confusion(
     cm = np.asarray(confusion, dtype=float)
     k = cm.shape[0]
     if cm.shape != (k, k) or len(class_names) != k:
-        raise ValueError(
-            f"confusion must be K x K with K=len(class_names)={len(class_names)}, got {cm.shape}"
-        )
+        raise ValueError(f"confusion must be K x K with K=len(class_names)={len(class_names)}, got {cm.shape}")
     row_sums = cm.sum(axis=1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
         norm = np.where(row_sums > 0, cm / np.where(row_sums > 0, row_sums, 1), 0.0)
@@ -73,8 +72,11 @@ def plot_confusion(
         cbar.set_label("row fraction" if normalize else "count")
         ax.set_xticks(range(k))
         ax.set_yticks(range(k))
-        ax.set_xticklabels(class_names, rotation=45 if max(map(len, class_names), default=0) > 4 else 0,
-                           ha="right" if max(map(len, class_names), default=0) > 4 else "center")
+        ax.set_xticklabels(
+            class_names,
+            rotation=45 if max(map(len, class_names), default=0) > 4 else 0,
+            ha="right" if max(map(len, class_names), default=0) > 4 else "center",
+        )
         ax.set_yticklabels(class_names)
         ax.set_xlabel("predicted grade")
         ax.set_ylabel("true grade")

@@ -27,6 +27,7 @@ with its first unknown tensor, not loaded half-way.
 Input scale: these weights were trained on inputs in [-1, 1] (timm's `pretrained_cfg` for
 `tf_efficientnet_lite*` says mean = std = 0.5); `input_stats` returns that for a backbone.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -48,13 +49,17 @@ PACKAGED: dict[str, tuple[str, str]] = {
 }
 
 # module renames: the model's stem and head, then per timm block class
-_TOP = {"conv_stem": "_conv_stem", "bn1": "_bn0", "conv_head": "_conv_head", "bn2": "_bn1",
-        "classifier": "_fc"}
+_TOP = {"conv_stem": "_conv_stem", "bn1": "_bn0", "conv_head": "_conv_head", "bn2": "_bn1", "classifier": "_fc"}
 _BLOCK = {
-    "DepthwiseSeparableConv": {"conv_dw": "_depthwise_conv", "bn1": "_bn1", "conv_pw": "_project_conv",
-                               "bn2": "_bn2"},
-    "InvertedResidual": {"conv_pw": "_expand_conv", "bn1": "_bn0", "conv_dw": "_depthwise_conv",
-                         "bn2": "_bn1", "conv_pwl": "_project_conv", "bn3": "_bn2"},
+    "DepthwiseSeparableConv": {"conv_dw": "_depthwise_conv", "bn1": "_bn1", "conv_pw": "_project_conv", "bn2": "_bn2"},
+    "InvertedResidual": {
+        "conv_pw": "_expand_conv",
+        "bn1": "_bn0",
+        "conv_dw": "_depthwise_conv",
+        "bn2": "_bn1",
+        "conv_pwl": "_project_conv",
+        "bn3": "_bn2",
+    },
 }
 
 
@@ -103,14 +108,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any reader failure means an unusable file
         first = str(e).splitlines()[0] if str(e) else ""
-        raise ConfigError(f"weights file '{path}' cannot be read ({type(e).__name__}: {first}); "
-                          "expected a PyTorch state dict") from e
+        raise ConfigError(
+            f"weights file '{path}' cannot be read ({type(e).__name__}: {first}); expected a PyTorch state dict"
+        ) from e
     for wrapper in ("state_dict", "model"):  # checkpoints that wrap the state dict
         if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
             state = state[wrapper]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConfigError(f"weights file '{path}' holds no state dict of tensors; expected a PyTorch "
-                          "state dict")
+        raise ConfigError(f"weights file '{path}' holds no state dict of tensors; expected a PyTorch state dict")
     return dict(state)
 
 
@@ -138,16 +143,20 @@ def key_mapping(model: nn.Module, backbone: str) -> dict[str, str]:
     """
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.Sequential):
-        raise ConfigError(f"EfficientNet-PyTorch weights map only onto timm's EfficientNet models "
-                          f"(tf_efficientnet_lite0..2), not '{backbone}'")
+        raise ConfigError(
+            f"EfficientNet-PyTorch weights map only onto timm's EfficientNet models "
+            f"(tf_efficientnet_lite0..2), not '{backbone}'"
+        )
     prefix: dict[str, str] = dict(_TOP)
     n = 0
     for s, stage in enumerate(blocks):
         for b, block in enumerate(stage):
             names = _BLOCK.get(type(block).__name__)
             if names is None:
-                raise ConfigError(f"'{backbone}' has a {type(block).__name__} at blocks.{s}.{b}, which "
-                                  "EfficientNet-PyTorch weights do not describe")
+                raise ConfigError(
+                    f"'{backbone}' has a {type(block).__name__} at blocks.{s}.{b}, which "
+                    "EfficientNet-PyTorch weights do not describe"
+                )
             for dst, src in names.items():
                 prefix[f"blocks.{s}.{b}.{dst}"] = f"_blocks.{n}.{src}"
             n += 1
@@ -155,14 +164,17 @@ def key_mapping(model: nn.Module, backbone: str) -> dict[str, str]:
     for key in model.state_dict():
         module, _, leaf = key.rpartition(".")
         if module not in prefix:
-            raise ConfigError(f"'{backbone}' has tensor {key}, which EfficientNet-PyTorch weights do not "
-                              "describe (squeeze-excitation?)")
+            raise ConfigError(
+                f"'{backbone}' has tensor {key}, which EfficientNet-PyTorch weights do not "
+                "describe (squeeze-excitation?)"
+            )
         out[key] = f"{prefix[module]}.{leaf}"
     return out
 
 
-def map_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module, backbone: str, source: str,
-                   *, include_classifier: bool = False) -> dict[str, torch.Tensor]:
+def map_state_dict(
+    state: Mapping[str, torch.Tensor], model: nn.Module, backbone: str, source: str, *, include_classifier: bool = False
+) -> dict[str, torch.Tensor]:
     """`state` (EfficientNet-PyTorch names) renamed to `model`'s keys, every name and shape checked.
 
     `_fc` is dropped unless `include_classifier` (we put our own heads). Raises a one-line
@@ -177,17 +189,19 @@ def map_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module, backbone
             continue
         dst = to_timm.get(key)
         if dst is None:
-            raise ConfigError(f"weights file {source}: tensor {key} has no counterpart in {backbone}; "
-                              "expected EfficientNet-PyTorch names of the same architecture")
+            raise ConfigError(
+                f"weights file {source}: tensor {key} has no counterpart in {backbone}; "
+                "expected EfficientNet-PyTorch names of the same architecture"
+            )
         want = tuple(target[dst].shape)
         if tuple(value.shape) != want:
-            raise ConfigError(f"weights file {source}: tensor {key} has shape {tuple(value.shape)}, "
-                              f"expected {want} for {dst}")
+            raise ConfigError(
+                f"weights file {source}: tensor {key} has shape {tuple(value.shape)}, expected {want} for {dst}"
+            )
         out[dst] = value
     for dst, src in mapping.items():
         if dst not in out and (include_classifier or not src.startswith("_fc.")):
-            raise ConfigError(f"weights file {source}: tensor {src} is missing; expected it for {dst} "
-                              f"of {backbone}")
+            raise ConfigError(f"weights file {source}: tensor {src} is missing; expected it for {dst} of {backbone}")
     return out
 
 
@@ -203,15 +217,17 @@ def check_efficientnet_pytorch_file(path: str | Path, backbone: str) -> None:
     map_state_dict(read_state_dict(path), model, backbone, str(path))
 
 
-def load_efficientnet_pytorch(model: nn.Module, path: str | Path, backbone: str, *,
-                              include_classifier: bool = False) -> nn.Module:
+def load_efficientnet_pytorch(
+    model: nn.Module, path: str | Path, backbone: str, *, include_classifier: bool = False
+) -> nn.Module:
     """Load an EfficientNet-PyTorch weights file into the timm `model` (strict: every tensor set)."""
-    state = map_state_dict(read_state_dict(path), model, backbone, str(path),
-                           include_classifier=include_classifier)
+    state = map_state_dict(read_state_dict(path), model, backbone, str(path), include_classifier=include_classifier)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # the mapping covered every tensor; only an absent classifier may be left out
     left = [k for k in missing if include_classifier or not k.startswith("classifier.")]
     if left or unexpected:
-        raise ConfigError(f"weights file {path}: {backbone} left {len(left)} tensor(s) unset "
-                          f"({', '.join(left[:3])}) and {len(unexpected)} unexpected")
+        raise ConfigError(
+            f"weights file {path}: {backbone} left {len(left)} tensor(s) unset "
+            f"({', '.join(left[:3])}) and {len(unexpected)} unexpected"
+        )
     return model

@@ -6,6 +6,7 @@ that need the same artifact at once build it once. Writes go to a temporary file
 into place, with a SHA-256 sidecar written first: a half-written artifact is never read, and a
 corrupt one is detected, reported and rebuilt.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -68,8 +69,9 @@ class ArtifactStore:
         try:
             self.root = Path(root).expanduser().resolve()
         except RuntimeError as e:  # "~nosuchuser/cache": Could not determine home directory
-            raise SallError(f"cache dir '{root}' cannot be resolved ({e}); expected a writable folder "
-                            "(--cache-dir)") from None
+            raise SallError(
+                f"cache dir '{root}' cannot be resolved ({e}); expected a writable folder (--cache-dir)"
+            ) from None
         created = [p for p in (self.root, *self.root.parents) if not p.exists()]
         try:
             for attempt in range(3):  # another process's check may remove the folder under this one's
@@ -83,8 +85,10 @@ class ArtifactStore:
                     if attempt == 2:
                         raise
         except OSError as e:
-            raise SallError(f"cache dir '{self.root}' cannot be written ({e.strerror or e}); "
-                            "expected a writable folder (--cache-dir), shared by all nodes on a cluster") from None
+            raise SallError(
+                f"cache dir '{self.root}' cannot be written ({e.strerror or e}); "
+                "expected a writable folder (--cache-dir), shared by all nodes on a cluster"
+            ) from None
         finally:  # the folders are made again by the first write
             for p in created:
                 with contextlib.suppress(OSError):
@@ -116,8 +120,7 @@ class ArtifactStore:
         if expected and sha256_file(path) == expected:
             _VERIFIED.add(identity)
             return True
-        print(f"warning: cache entry {path} is corrupt (checksum mismatch); rebuilding it",
-              file=sys.stderr)
+        print(f"warning: cache entry {path} is corrupt (checksum mismatch); rebuilding it", file=sys.stderr)
         path.unlink(missing_ok=True)
         side.unlink(missing_ok=True)
         return False
@@ -160,6 +163,8 @@ class ArtifactStore:
         except OSError as e:
             if e.errno not in _FULL:
                 raise
-            raise SallError(f"cache dir '{self.root}' is full ({os.strerror(e.errno)}) while writing "
-                            f"{kind}/{key}{suffix}; nothing of it was kept; expected free space in "
-                            "--cache-dir (or another --cache-dir)") from None
+            raise SallError(
+                f"cache dir '{self.root}' is full ({os.strerror(e.errno)}) while writing "
+                f"{kind}/{key}{suffix}; nothing of it was kept; expected free space in "
+                "--cache-dir (or another --cache-dir)"
+            ) from None

@@ -1,4 +1,5 @@
 """The three grading tasks of the paper: their number of grades and the grade names."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -7,6 +7,7 @@ the best epoch on validation accuracy, or the last one (the paper's choice, Sec.
 learning rate is constant or follows a cosine decay over all steps (`schedule`): a decayed rate
 ends training at a settled point, so the last epoch is as good as the best and much less noisy.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -76,10 +77,17 @@ class FitResult:
     profile: dict[str, float] = field(default_factory=dict)
 
 
-def _train_epoch(step_model: torch.nn.Module, batches: Batches, opt: torch.optim.Optimizer,
-                 sched: torch.optim.lr_scheduler.LRScheduler, targets: dict[str, torch.Tensor],
-                 masks: dict[str, torch.Tensor], temperature: float, rt: Runtime,
-                 prof: dict[str, float]) -> tuple[dict[str, float], int]:
+def _train_epoch(
+    step_model: torch.nn.Module,
+    batches: Batches,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    targets: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor],
+    temperature: float,
+    rt: Runtime,
+    prof: dict[str, float],
+) -> tuple[dict[str, float], int]:
     """One pass over the shuffled training batches: the summed loss of each head and the number
     of batches; the time spent waiting for data and stepping is added to `prof`."""
     heads = list(targets)
@@ -97,8 +105,9 @@ def _train_epoch(step_model: torch.nn.Module, batches: Batches, opt: torch.optim
         pos_t = torch.from_numpy(pos).to(rt.device)
         with rt.autocast():
             logits = step_model(x)
-        loss, parts = sall_loss(logits, {t: targets[t][pos_t] for t in heads},
-                                {t: masks[t][pos_t] for t in heads}, temperature)
+        loss, parts = sall_loss(
+            logits, {t: targets[t][pos_t] for t in heads}, {t: masks[t][pos_t] for t in heads}, temperature
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -113,8 +122,9 @@ def _train_epoch(step_model: torch.nn.Module, batches: Batches, opt: torch.optim
     return sums, nb
 
 
-def _val_accuracy(model: torch.nn.Module, images: np.ndarray, val: dict[str, tuple[np.ndarray, np.ndarray]],
-                  rt: Runtime) -> dict[str, float]:
+def _val_accuracy(
+    model: torch.nn.Module, images: np.ndarray, val: dict[str, tuple[np.ndarray, np.ndarray]], rt: Runtime
+) -> dict[str, float]:
     """Accuracy of each head on its own task's validation rows (0 where it has none)."""
     accs = {}
     for t, (rows, labels) in val.items():
@@ -123,7 +133,9 @@ def _val_accuracy(model: torch.nn.Module, images: np.ndarray, val: dict[str, tup
     return accs
 
 
-def make_scheduler(opt: torch.optim.Optimizer, cfg: TrialConfig, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+def make_scheduler(
+    opt: torch.optim.Optimizer, cfg: TrialConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-step learning-rate schedule: constant, or cosine decay from lr to 0 over the run."""
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total_steps, 1))
@@ -133,19 +145,22 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrialConfig, total_steps: in
 def make_optimizer(model: torch.nn.Module, cfg: TrialConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                            weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(
+        model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
+    )
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, images: np.ndarray, rows: np.ndarray, rt: Runtime,
-            batch_size: int = 256) -> dict[str, np.ndarray]:
+def predict(
+    model: torch.nn.Module, images: np.ndarray, rows: np.ndarray, rt: Runtime, batch_size: int = 256
+) -> dict[str, np.ndarray]:
     """Logits of every head on `rows` (no augmentation), in the order of `rows`."""
     model.eval()
     out: dict[str, list[np.ndarray]] = {}
     order: list[np.ndarray] = []
-    for x, pos in Batches(images, rows, batch_size, shuffle=False, augment=False, device=rt.device,
-                          channels_last=rt.channels_last):
+    for x, pos in Batches(
+        images, rows, batch_size, shuffle=False, augment=False, device=rt.device, channels_last=rt.channels_last
+    ):
         with rt.autocast():
             logits = model(x)
         order.append(pos)
@@ -155,10 +170,20 @@ def predict(model: torch.nn.Module, images: np.ndarray, rows: np.ndarray, rt: Ru
     return {t: np.concatenate(v)[inv] for t, v in out.items()}
 
 
-def fit(model: torch.nn.Module, images: np.ndarray, train: TrainSet,
-        val: dict[str, tuple[np.ndarray, np.ndarray]], *, epochs: int, temperature: float,
-        cfg: TrialConfig, rt: Runtime, name: str, seed: int,
-        on_epoch: EpochCallback | None = None) -> FitResult:
+def fit(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    train: TrainSet,
+    val: dict[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    epochs: int,
+    temperature: float,
+    cfg: TrialConfig,
+    rt: Runtime,
+    name: str,
+    seed: int,
+    on_epoch: EpochCallback | None = None,
+) -> FitResult:
     """Train for `epochs`; keep the best epoch by mean validation accuracy over the heads, or
     the last one (`cfg.checkpoint`).
 
@@ -174,8 +199,17 @@ def fit(model: torch.nn.Module, images: np.ndarray, train: TrainSet,
     heads = list(train.targets)
     targets = {t: torch.from_numpy(train.targets[t]).to(rt.device) for t in heads}
     masks = {t: torch.from_numpy(train.masks[t]).to(rt.device) for t in heads}
-    batches = Batches(images, train.rows, cfg.batch_size, shuffle=True, augment=cfg.augment,
-                      device=rt.device, seed=seed, channels_last=rt.channels_last, drop_last=True)
+    batches = Batches(
+        images,
+        train.rows,
+        cfg.batch_size,
+        shuffle=True,
+        augment=cfg.augment,
+        device=rt.device,
+        seed=seed,
+        channels_last=rt.channels_last,
+        drop_last=True,
+    )
     sched = make_scheduler(opt, cfg, epochs * len(batches))
     prof = {"data_s": 0.0, "step_s": 0.0, "eval_s": 0.0}
     best_score, best_epoch, best_state = -np.inf, 0, state_dict_cpu(model)
@@ -197,10 +231,8 @@ def fit(model: torch.nn.Module, images: np.ndarray, train: TrainSet,
             best_score, best_epoch, best_state = score, epoch, state_dict_cpu(model)
         metrics["epoch_s"] = time.time() - t_epoch
         history.append({"epoch": epoch, **metrics})
-        shown = " ".join(f"{k.split('/')[1]} {k.split('/')[0]} {v:.3f}" for k, v in metrics.items()
-                         if "/" in k)
-        print(f"[{name}] epoch {epoch}/{epochs} {shown} ({metrics['epoch_s']:.1f}s)", file=sys.stderr,
-              flush=True)
+        shown = " ".join(f"{k.split('/')[1]} {k.split('/')[0]} {v:.3f}" for k, v in metrics.items() if "/" in k)
+        print(f"[{name}] epoch {epoch}/{epochs} {shown} ({metrics['epoch_s']:.1f}s)", file=sys.stderr, flush=True)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
     model.load_state_dict(best_state)

@@ -1,4 +1,5 @@
 """Ablation sweep (paper Table III): soft labels on/off x multi-task on/off at T = 1, 2, 3."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,13 +9,25 @@ from sall.config import TrialConfig
 from sweeps.runner import Grid, parse_floats, run_sweep
 
 # the paper's rows: (T, sa_labels, multitask); T=1/no/no is the baseline
-PAPER_ROWS = [(1, False, False), (1, True, False), (1, False, True), (1, True, True), (2, True, True),
-              (3, True, True), (3, False, False), (3, True, False), (3, False, True)]
+PAPER_ROWS = [
+    (1, False, False),
+    (1, True, False),
+    (1, False, True),
+    (1, True, True),
+    (2, True, True),
+    (3, True, True),
+    (3, False, False),
+    (3, True, False),
+    (3, False, True),
+]
 
 
 def add_args(g: argparse.ArgumentParser) -> None:
-    g.add_argument("--temperatures", default=None,
-                   help="instead of the paper's rows: every switch combination at these temperatures")
+    g.add_argument(
+        "--temperatures",
+        default=None,
+        help="instead of the paper's rows: every switch combination at these temperatures",
+    )
 
 
 def label(t: float, sa: bool, mt: bool) -> str:
@@ -25,8 +38,12 @@ def label(t: float, sa: bool, mt: bool) -> str:
 
 def grid(args: argparse.Namespace, base: TrialConfig) -> Grid:
     if args.temperatures:
-        rows = [(t, sa, mt) for t in parse_floats(args.temperatures, "--temperatures")
-                for sa in (False, True) for mt in (False, True)]
+        rows = [
+            (t, sa, mt)
+            for t in parse_floats(args.temperatures, "--temperatures")
+            for sa in (False, True)
+            for mt in (False, True)
+        ]
     else:
         rows = PAPER_ROWS
     return [(label(t, sa, mt), base.replace(temperature=float(t), sa_labels=sa, multitask=mt)) for t, sa, mt in rows]

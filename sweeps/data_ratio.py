@@ -3,6 +3,7 @@
 The paper's counts become fractions of its training set (e.g. 400 of 28,228 AMD images = 1.4 %),
 so the study scales to any dataset; pass --fractions to choose others.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,9 +18,12 @@ PAPER_DR = (500, 3000, 15533, 19620, 28154)
 
 
 def add_args(g: argparse.ArgumentParser) -> None:
-    g.add_argument("--fractions", default=None,
-                   help="fractions (or counts > 1) of the reduced task's training images, used in both "
-                        "directions (default: the paper's counts as fractions)")
+    g.add_argument(
+        "--fractions",
+        default=None,
+        help="fractions (or counts > 1) of the reduced task's training images, used in both "
+        "directions (default: the paper's counts as fractions)",
+    )
     g.add_argument("--ratio-temperature", type=float, default=3.0, help="T of the study (paper: 3)")
 
 

@@ -15,6 +15,7 @@ Only MLflow's client is used, as by the analysis scripts, so it works wherever t
 a local SQLite file or a cluster's tracking server. It must never fail the sweep: whatever goes
 wrong is one warning line on stderr, and the trials and the exit code stay as they were.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -62,13 +63,19 @@ def review_sweep(uri: str, experiment_id: str, parent_id: str, n_boot: int = BOO
         with contextlib.redirect_stderr(chatter):
             summary = _review(uri, experiment, parent_id, folds, n_boot)
         tr.log_metrics(uri, parent_id, {"review_seconds": time.time() - t0})
-        print(f"[sweep] the answer is on the sweep run's page ({time.time() - t0:.1f}s): {summary}",
-              file=sys.stderr, flush=True)
+        print(
+            f"[sweep] the answer is on the sweep run's page ({time.time() - t0:.1f}s): {summary}",
+            file=sys.stderr,
+            flush=True,
+        )
     except Exception as e:  # never fail the sweep over its summary
         text = " ".join(f"{type(e).__name__}: {e}".split())[:400]
-        print(f"warning: the analysis was not put on sweep run {parent_id} ({text}); the trials are kept; "
-              f"`python analysis/tables.py --experiment {experiment} --parent {parent_id}` retries it",
-              file=sys.stderr, flush=True)
+        print(
+            f"warning: the analysis was not put on sweep run {parent_id} ({text}); the trials are kept; "
+            f"`python analysis/tables.py --experiment {experiment} --parent {parent_id}` retries it",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _sweep_of(uri: str, experiment_id: str, parent_id: str) -> tuple[str, str | None, str | None]:
@@ -84,8 +91,14 @@ def _sweep_of(uri: str, experiment_id: str, parent_id: str) -> tuple[str, str | 
 def _has_trials(uri: str, experiment_id: str, parent_id: str) -> bool:
     from sweeps import tracking as tr
 
-    return bool(tr.find_runs(uri, experiment_id, f"tags.`{sc.TAG_STAGE}` = '{sc.STAGE_STUDENT}' and "
-                                                 f"tags.`{sc.TAG_PARENT}` = '{parent_id}'", max_results=1))
+    return bool(
+        tr.find_runs(
+            uri,
+            experiment_id,
+            f"tags.`{sc.TAG_STAGE}` = '{sc.STAGE_STUDENT}' and tags.`{sc.TAG_PARENT}` = '{parent_id}'",
+            max_results=1,
+        )
+    )
 
 
 def _review(uri: str, experiment: str, parent_id: str, folds: str | None, n_boot: int) -> str:
@@ -107,8 +120,11 @@ def _review(uri: str, experiment: str, parent_id: str, folds: str | None, n_boot
     client = tr.client(uri)
     tr.retry(client.set_tag, parent_id, sc.TAG_NOTE, note(tables, experiment, parent_id))
     best = best_settings(tables)
-    tr.log_metrics(uri, parent_id, {sc.metric(sc.BEST, task, k): v for task, m in best.items() for k, v in m.items()
-                                    if k in BEST_METRICS})
+    tr.log_metrics(
+        uri,
+        parent_id,
+        {sc.metric(sc.BEST, task, k): v for task, m in best.items() for k, v in m.items() if k in BEST_METRICS},
+    )
     for task, m in best.items():
         tr.retry(client.set_tag, parent_id, sc.per_task(sc.TAG_BEST, task), m["setting"])
     heads = [tb.headline(t) for t in tables if tb.headline(t)]
@@ -122,8 +138,10 @@ def note(tables: list, experiment: str, parent_id: str, limit: int = NOTE_LIMIT)
 
     heads = [h for h in (tb.headline(t) for t in tables) if h]
     blocks = [b for t in tables for b in tb.sections(t) if b not in heads]
-    where = (f"_All of it, with LaTeX, CSVs and figures: Artifacts → `analysis/`; or `python analysis/tables.py "
-             f"--experiment {experiment} --parent {parent_id}`._")
+    where = (
+        f"_All of it, with LaTeX, CSVs and figures: Artifacts → `analysis/`; or `python analysis/tables.py "
+        f"--experiment {experiment} --parent {parent_id}`._"
+    )
     text = "\n\n".join([f"# {experiment}: the answer", *heads, where])
     left: list[str] = []
     for b in blocks:
@@ -149,9 +167,13 @@ def best_settings(tables: list) -> dict[str, dict[str, Any]]:
                 continue
             floor = tb.floor_of(g)
             best[g["task"]] = {
-                "setting": row.label, "temperature": row.setting.config.temperature,
-                "delta_pp": 100 * ft.mean, "ci_low_pp": 100 * (ft.mean - floor),
-                "ci_high_pp": 100 * (ft.mean + floor), "boot_low_pp": 100 * g["boot"].lo,
+                "setting": row.label,
+                "temperature": row.setting.config.temperature,
+                "delta_pp": 100 * ft.mean,
+                "ci_low_pp": 100 * (ft.mean - floor),
+                "ci_high_pp": 100 * (ft.mean + floor),
+                "boot_low_pp": 100 * g["boot"].lo,
                 "boot_high_pp": 100 * g["boot"].hi,
-                "acc_pct": 100 * row.setting.mean(sc.metric(sc.TEST, g["task"], "acc"))}
+                "acc_pct": 100 * row.setting.mean(sc.metric(sc.TEST, g["task"], "acc")),
+            }
     return best

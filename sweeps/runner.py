@@ -2,6 +2,7 @@
 
 A sweep script supplies its name, its grid and its own flags; everything else is here.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,9 @@ def parse_folds(text: str) -> list[int]:
         raise ConfigError(f"--folds '{text}' is invalid; expected e.g. 0,1,2") from None
     bad = [f for f in folds if not 0 <= f < N_FOLDS]
     if bad or not folds:
-        raise ConfigError(f"--folds '{text}': fold {bad[0] if bad else '?'} out of range; expected "
-                          f"folds among 0..{N_FOLDS - 1}")
+        raise ConfigError(
+            f"--folds '{text}': fold {bad[0] if bad else '?'} out of range; expected folds among 0..{N_FOLDS - 1}"
+        )
     return folds
 
 
@@ -65,38 +67,62 @@ def sweep_seeds(args: argparse.Namespace) -> list[int]:
     return [0] if args.smoke else list(SWEEP_SEEDS.get(args.preset, (0,)))
 
 
-def build_parser(sweep: str, description: str, add_args: Callable[[argparse.ArgumentParser], None] | None) -> argparse.ArgumentParser:
+def build_parser(
+    sweep: str, description: str, add_args: Callable[[argparse.ArgumentParser], None] | None
+) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=f"python sweeps/{sweep}.py", description=description,
+        prog=f"python sweeps/{sweep}.py",
+        description=description,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="Rerunning the same command resumes the sweep (finished trials are neither rerun nor "
-               "logged twice); --fresh starts over. Review results with: mlflow ui --backend-store-uri "
-               "sqlite:///mlflow.db")
+        "logged twice); --fresh starts over. Review results with: mlflow ui --backend-store-uri "
+        "sqlite:///mlflow.db",
+    )
     c = p.add_argument_group("cluster and tracking")
-    c.add_argument("--address", default=None,
-                   help="Ray address: auto (the cluster this node belongs to), HOST:PORT, ray://HOST:10001; "
-                        "none starts a local Ray")
+    c.add_argument(
+        "--address",
+        default=None,
+        help="Ray address: auto (the cluster this node belongs to), HOST:PORT, ray://HOST:10001; "
+        "none starts a local Ray",
+    )
     c.add_argument("--mlflow-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI")
     c.add_argument("--experiment", default=f"sall-{sweep}", help="MLflow experiment")
-    c.add_argument("--storage-path", default=str(Path("~/ray_results").expanduser()),
-                   help="Ray Tune results (shared storage on a multi-node cluster)")
+    c.add_argument(
+        "--storage-path",
+        default=str(Path("~/ray_results").expanduser()),
+        help="Ray Tune results (shared storage on a multi-node cluster)",
+    )
     c.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (fractions allowed)")
     c.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial (fractions allowed)")
-    c.add_argument("--max-concurrent-trials", type=int, default=None, help="at most this many trials at once "
-                   "(default: as many as the resources allow)")
+    c.add_argument(
+        "--max-concurrent-trials",
+        type=int,
+        default=None,
+        help="at most this many trials at once (default: as many as the resources allow)",
+    )
     c.add_argument("--max-failures", type=int, default=1, help="retries of a failing trial (Tune FailureConfig)")
     c.add_argument("--folds", default="0,1,2", help="which folds to run")
-    c.add_argument("--seeds", default=None, help="repeat every setting and fold with these seeds (teachers "
-                   "are keyed by seed too), e.g. 0,1,2; default: the preset's ("
-                   + ", ".join(f"{k}: {','.join(map(str, v))}" for k, v in SWEEP_SEEDS.items())
-                   + "), 0 with --smoke")
-    c.add_argument("--dry-run", action="store_true", help="print the trial grid and which teachers will be "
-                   "trained or reused; run nothing")
+    c.add_argument(
+        "--seeds",
+        default=None,
+        help="repeat every setting and fold with these seeds (teachers "
+        "are keyed by seed too), e.g. 0,1,2; default: the preset's ("
+        + ", ".join(f"{k}: {','.join(map(str, v))}" for k, v in SWEEP_SEEDS.items())
+        + "), 0 with --smoke",
+    )
+    c.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the trial grid and which teachers will be trained or reused; run nothing",
+    )
     c.add_argument("--fresh", action="store_true", help="start over instead of resuming")
     c.add_argument("--verbose", action="store_true", help="stream the trials' own progress lines")
     c.add_argument("--profile", action="store_true", help="log where each trial's time goes (profile/* metrics)")
-    c.add_argument("--no-teacher-reuse", action="store_true",
-                   help="benchmarks only: give every trial a private cache, so nothing is reused")
+    c.add_argument(
+        "--no-teacher-reuse",
+        action="store_true",
+        help="benchmarks only: give every trial a private cache, so nothing is reused",
+    )
     add_data_model_args(p)
     if add_args:
         g = p.add_argument_group(f"{sweep} grid")
@@ -148,9 +174,11 @@ def check_ray_address(address: str, timeout: float = 5.0) -> str:
             cur = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
             addr = cur.read_text().strip() if cur.exists() else ""
         if not addr:
-            raise SallError("--address auto: no running Ray cluster found on this node (no RAY_ADDRESS, "
-                            "no `ray start` session); expected `ray start --head` first, or omit --address "
-                            "for a local Ray")
+            raise SallError(
+                "--address auto: no running Ray cluster found on this node (no RAY_ADDRESS, "
+                "no `ray start` session); expected `ray start --head` first, or omit --address "
+                "for a local Ray"
+            )
         if addr == "auto":
             raise SallError("RAY_ADDRESS=auto is circular; expected HOST:PORT")
     else:
@@ -161,16 +189,17 @@ def check_ray_address(address: str, timeout: float = 5.0) -> str:
         with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
             pass
     except (OSError, ValueError, OverflowError) as e:  # OverflowError: a port beyond a C long
-        raise SallError(f"Ray cluster at '{addr}' (--address {address}) does not answer "
-                        f"({getattr(e, 'strerror', None) or e}); expected a running Ray head node") from None
+        raise SallError(
+            f"Ray cluster at '{addr}' (--address {address}) does not answer "
+            f"({getattr(e, 'strerror', None) or e}); expected a running Ray head node"
+        ) from None
     return address if address.startswith("ray://") else addr
 
 
 def init_ray(args: argparse.Namespace) -> None:
     import ray
 
-    quiet = dict(log_to_driver=args.verbose, include_dashboard=False, configure_logging=True,
-                 logging_level="WARNING")
+    quiet = dict(log_to_driver=args.verbose, include_dashboard=False, configure_logging=True, logging_level="WARNING")
     fault = os.environ.get("SALL_DEBUG_FAIL")
     if fault:  # tests only: the job's workers get the driver's fault injection, on a cluster too
         quiet["runtime_env"] = {"env_vars": {"SALL_DEBUG_FAIL": fault}}
@@ -179,7 +208,10 @@ def init_ray(args: argparse.Namespace) -> None:
     if args.address:
         addr = check_ray_address(args.address)
         try:  # "auto" stays "auto": only then does Ray pick up this node's auth token by itself
-            ray.init(address="auto" if args.address == "auto" else addr, **{k: v for k, v in quiet.items() if k != "include_dashboard"})
+            ray.init(
+                address="auto" if args.address == "auto" else addr,
+                **{k: v for k, v in quiet.items() if k != "include_dashboard"},
+            )
         except Exception as e:  # ConnectionError and friends
             raise SallError(f"could not join the Ray cluster at '{addr}': {e}") from None
     else:
@@ -212,11 +244,15 @@ def make_progress(total: int, tasks: tuple[str, ...]):
             el = time.time() - self.t0
             eta = ""
             if self.durations:  # recent trials: the first ones also trained the teachers
-                recent = self.durations[-2 * self.max_running:]
+                recent = self.durations[-2 * self.max_running :]
                 left = (pending + running * 0.5) * sum(recent) / len(recent) / self.max_running
                 eta = f" · ETA {_fmt(left)}"
-            print(f"[sweep] done {self.done}/{self.total} · failed {self.failed} · running {running} · "
-                  f"pending {pending} · elapsed {_fmt(el)}{eta}", file=sys.stderr, flush=True)
+            print(
+                f"[sweep] done {self.done}/{self.total} · failed {self.failed} · running {running} · "
+                f"pending {pending} · elapsed {_fmt(el)}{eta}",
+                file=sys.stderr,
+                flush=True,
+            )
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.done += 1
@@ -227,8 +263,10 @@ def make_progress(total: int, tasks: tuple[str, ...]):
             parts = []
             for t in trial.config["trial"]["cfg"].get("tasks", self.tasks):
                 if f"{t}_acc" in r:
-                    parts.append(f"{t} acc {r[f'{t}_acc']:.3f} kappa {r.get(f'{t}_kappa', float('nan')):.3f} "
-                                 f"ece {r.get(f'{t}_ece', float('nan')):.3f}")
+                    parts.append(
+                        f"{t} acc {r[f'{t}_acc']:.3f} kappa {r.get(f'{t}_kappa', float('nan')):.3f} "
+                        f"ece {r.get(f'{t}_ece', float('nan')):.3f}"
+                    )
             note = " (already logged)" if r.get("reused_run") else ""
             print(f"[trial] {label} {rep}: {' | '.join(parts)} ({_fmt(dt)}){note}", file=sys.stderr, flush=True)
             self._line(trials, trial)
@@ -236,8 +274,7 @@ def make_progress(total: int, tasks: tuple[str, ...]):
         def on_trial_error(self, iteration, trials, trial, **info):
             self.failed += 1
             label, rep = _label(trial)
-            print(f"[trial] {label} {rep}: FAILED "
-                  f"({trial.error_file or 'see MLflow'})", file=sys.stderr, flush=True)
+            print(f"[trial] {label} {rep}: FAILED ({trial.error_file or 'see MLflow'})", file=sys.stderr, flush=True)
             self._line(trials, trial)
 
     return _Progress(total, tasks)
@@ -283,13 +320,20 @@ def dry_run(trials: list[Trial], cache_dir: str) -> None:
                 notes.append(f"{k} [reuse]")
         print(f"{i:>3}  {t.label:<24} {t.cfg.fold:>4} {t.cfg.seed:>4}  {t.cfg.key():<12}  {' '.join(notes) or '-'}")
     n_train = sum(v == "train" for v in plan.values())
-    print(f"\n{len(trials)} trials; {len(plan)} teachers: {n_train} to train (once each), "
-          f"{len(plan) - n_train} already in {cache_dir}")
+    print(
+        f"\n{len(trials)} trials; {len(plan)} teachers: {n_train} to train (once each), "
+        f"{len(plan) - n_train} already in {cache_dir}"
+    )
 
 
-def run_sweep(sweep: str, description: str, grid_fn: GridFn,
-              add_args: Callable[[argparse.ArgumentParser], None] | None = None,
-              smoke_grid: Callable[[Grid], Grid] | None = None, argv: list[str] | None = None) -> int:
+def run_sweep(
+    sweep: str,
+    description: str,
+    grid_fn: GridFn,
+    add_args: Callable[[argparse.ArgumentParser], None] | None = None,
+    smoke_grid: Callable[[Grid], Grid] | None = None,
+    argv: list[str] | None = None,
+) -> int:
     """Parse flags, check everything, then run (or resume) the sweep. Returns the exit code."""
     parser = build_parser(sweep, description, add_args)
     args = parser.parse_args(argv)
@@ -325,8 +369,10 @@ def sweep_setup(args: argparse.Namespace) -> tuple[str, TrialConfig]:
     for flag in ("cpus_per_trial", "gpus_per_trial"):
         value = getattr(args, flag)
         if not (math.isfinite(value) and value >= 0) or (flag == "cpus_per_trial" and value <= 0):
-            raise ConfigError(f"--{flag.replace('_', '-')} {value} is invalid; expected a finite number "
-                              f"{'> 0' if flag == 'cpus_per_trial' else '>= 0'} (fractions allowed)")
+            raise ConfigError(
+                f"--{flag.replace('_', '-')} {value} is invalid; expected a finite number "
+                f"{'> 0' if flag == 'cpus_per_trial' else '>= 0'} (fractions allowed)"
+            )
     threads = max(1, int(args.cpus_per_trial)) if args.threads is None else args.threads
     over["threads"] = threads
     base = from_preset(args.preset, smoke=args.smoke, profile=args.profile, **over)
@@ -379,12 +425,18 @@ class SweepRun:
 
     def settings(self) -> dict[str, str]:
         """What every trial needs to log into this sweep (`run_trial`'s `sweep`)."""
-        return dict(sweep=self.sweep, mlflow_uri=self.uri, experiment_id=self.experiment_id,
-                    parent_run_id=self.parent, cache_dir=self.cache_dir)
+        return dict(
+            sweep=self.sweep,
+            mlflow_uri=self.uri,
+            experiment_id=self.experiment_id,
+            parent_run_id=self.parent,
+            cache_dir=self.cache_dir,
+        )
 
 
-def open_sweep(sweep: str, sweep_id: str, args: argparse.Namespace, uri: str, cache_dir: str,
-               params: dict[str, Any]) -> SweepRun:
+def open_sweep(
+    sweep: str, sweep_id: str, args: argparse.Namespace, uri: str, cache_dir: str, params: dict[str, Any]
+) -> SweepRun:
     """The experiment and the parent run of `sweep_id`: the same parent when resumed; --fresh
     removes Tune's state and gives the new invocation its own parent."""
     storage = local_path(args.storage_path, "--storage-path") if "://" not in args.storage_path else args.storage_path
@@ -395,30 +447,61 @@ def open_sweep(sweep: str, sweep_id: str, args: argparse.Namespace, uri: str, ca
             shutil.rmtree(exp_dir)
         old = tr.find_runs(uri, exp_id, tr.sweep_filter(sweep_id))
         for r in old:  # the new invocation gets its own parent run
-            tr.retry(tr.client(uri).set_tag, r.info.run_id, sc.TAG_SWEEP_ID, f"{sweep_id}-superseded-{int(time.time())}")
-    parent = tr.parent_run(uri, exp_id, sweep, sweep_id, {
-        "sweep": sweep, "folds": args.folds, "preset": args.preset, "seeds": ",".join(map(str, sweep_seeds(args))),
-        "dataset": args.dataset, "tasks": args.tasks, "smoke": args.smoke, "address": args.address or "local",
-        "cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial, **params})
+            tr.retry(
+                tr.client(uri).set_tag, r.info.run_id, sc.TAG_SWEEP_ID, f"{sweep_id}-superseded-{int(time.time())}"
+            )
+    parent = tr.parent_run(
+        uri,
+        exp_id,
+        sweep,
+        sweep_id,
+        {
+            "sweep": sweep,
+            "folds": args.folds,
+            "preset": args.preset,
+            "seeds": ",".join(map(str, sweep_seeds(args))),
+            "dataset": args.dataset,
+            "tasks": args.tasks,
+            "smoke": args.smoke,
+            "address": args.address or "local",
+            "cpus_per_trial": args.cpus_per_trial,
+            "gpus_per_trial": args.gpus_per_trial,
+            **params,
+        },
+    )
     return SweepRun(sweep, sweep_id, uri, exp_id, parent, storage, cache_dir)
 
 
-def fit_tuner(run: SweepRun, args: argparse.Namespace, trainable_fn: Callable[[dict], None],
-              space: dict[str, Any], callbacks: list, tune_config: Any) -> Any:
+def fit_tuner(
+    run: SweepRun,
+    args: argparse.Namespace,
+    trainable_fn: Callable[[dict], None],
+    space: dict[str, Any],
+    callbacks: list,
+    tune_config: Any,
+) -> Any:
     """Run the Tune experiment, or resume it from its state in --storage-path (finished trials
     are kept, failed ones retried; a search algorithm and scheduler resume with it)."""
     from ray import tune
 
     trainable = tune.with_resources(trainable_fn, {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
     if not args.fresh and tune.Tuner.can_restore(run.exp_dir):
-        print(f"[sweep] resuming {run.exp_dir}: finished trials are kept, failed ones are retried",
-              file=sys.stderr, flush=True)
-        tuner = tune.Tuner.restore(run.exp_dir, trainable, resume_unfinished=True, resume_errored=True,
-                                   param_space=space)
+        print(
+            f"[sweep] resuming {run.exp_dir}: finished trials are kept, failed ones are retried",
+            file=sys.stderr,
+            flush=True,
+        )
+        tuner = tune.Tuner.restore(
+            run.exp_dir, trainable, resume_unfinished=True, resume_errored=True, param_space=space
+        )
     else:
-        run_config = tune.RunConfig(name=run.sweep_id, storage_path=run.storage,
-                                    failure_config=tune.FailureConfig(max_failures=args.max_failures),
-                                    callbacks=callbacks, verbose=0)
+        run_config = tune.RunConfig(
+            name=run.sweep_id,
+            storage_path=run.storage,
+            failure_config=tune.FailureConfig(max_failures=args.max_failures),
+            callbacks=callbacks,
+            verbose=0,
+        )
         tuner = tune.Tuner(trainable, param_space=space, run_config=run_config, tune_config=tune_config)
     return tuner.fit()
 
@@ -438,17 +521,29 @@ def tune_trials(sweep: str, args: argparse.Namespace, trials: list[Trial], uri: 
 
     sweep_id = make_sweep_id(sweep, trials, uri, cache_dir, args.experiment)
     run = open_sweep(sweep, sweep_id, args, uri, cache_dir, {"trials": len(trials)})
-    print(f"[sweep] {sweep}: {len(trials)} trials · MLflow {uri} experiment '{args.experiment}' "
-          f"(parent run {run.parent}) · Tune {run.exp_dir}", file=sys.stderr, flush=True)
-    space = {"trial": tune.grid_search([{"label": t.label, "cfg": dataclasses.asdict(t.cfg)} for t in trials]),
-             "sweep": run.settings(), "private_cache": bool(args.no_teacher_reuse)}
+    print(
+        f"[sweep] {sweep}: {len(trials)} trials · MLflow {uri} experiment '{args.experiment}' "
+        f"(parent run {run.parent}) · Tune {run.exp_dir}",
+        file=sys.stderr,
+        flush=True,
+    )
+    space = {
+        "trial": tune.grid_search([{"label": t.label, "cfg": dataclasses.asdict(t.cfg)} for t in trials]),
+        "sweep": run.settings(),
+        "private_cache": bool(args.no_teacher_reuse),
+    }
     # reuse_actors: a trial's process keeps torch, timm and the loaded manifest and splits for the
     # next trial (new processes cost ~15 s a trial on 2 cores)
-    tune_config = tune.TuneConfig(max_concurrent_trials=args.max_concurrent_trials, reuse_actors=True,
-                                  trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
+    tune_config = tune.TuneConfig(
+        max_concurrent_trials=args.max_concurrent_trials,
+        reuse_actors=True,
+        trial_name_creator=_trial_name,
+        trial_dirname_creator=_trial_name,
+    )
     t0 = time.time()
-    results = fit_tuner(run, args, _trainable, space, [make_progress(len(trials), tuple(args.tasks.split(",")))],
-                        tune_config)
+    results = fit_tuner(
+        run, args, _trainable, space, [make_progress(len(trials), tuple(args.tasks.split(",")))], tune_config
+    )
     return close_sweep(run, results, t0)
 
 
@@ -462,8 +557,12 @@ def close_sweep(run: SweepRun, results: Any, t0: float) -> int:
     from sweeps.review import review_sweep  # the analysis on the sweep run; warns, never raises
 
     review_sweep(run.uri, run.experiment_id, run.parent)
-    print(f"[sweep] {run.sweep}: {ok}/{len(results)} trials finished in {_fmt(wall)}; "
-          f"review with: {tr.review_hint(run.uri, run.experiment_id)}", file=sys.stderr, flush=True)
+    print(
+        f"[sweep] {run.sweep}: {ok}/{len(results)} trials finished in {_fmt(wall)}; "
+        f"review with: {tr.review_hint(run.uri, run.experiment_id)}",
+        file=sys.stderr,
+        flush=True,
+    )
     if errors:
         print(f"[sweep] {len(errors)} trial(s) failed:", file=sys.stderr)
         for r in errors:
@@ -471,8 +570,7 @@ def close_sweep(run: SweepRun, results: Any, t0: float) -> int:
             from sweeps.trial import replicate_name
 
             rep = replicate_name(c["cfg"]["fold"], c["cfg"].get("seed", 0))
-            print(f"  - {c['label']} {rep}: {str(r.error).strip().splitlines()[-1][:300]}",
-                  file=sys.stderr)
+            print(f"  - {c['label']} {rep}: {str(r.error).strip().splitlines()[-1][:300]}", file=sys.stderr)
         print("[sweep] rerun the same command to retry only the failed trials", file=sys.stderr)
         return 1
     return 0

@@ -3,6 +3,7 @@
 The paper caps every class at 1,500 and 3,000 training images, about 20 % and 41 % of its largest
 class (7,359 normal images); the default caps scale those shares to this dataset's largest class.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,7 @@ def parse_caps(text: str) -> list[int]:
     try:
         caps = [int(c) for c in text.split(",") if c.strip()]
     except ValueError:
-        raise ConfigError(f"--caps '{text}' is invalid; expected comma-separated integers >= 1, "
-                          "e.g. 50,100") from None
+        raise ConfigError(f"--caps '{text}' is invalid; expected comma-separated integers >= 1, e.g. 50,100") from None
     if not caps or min(caps) < 1:
         raise ConfigError(f"--caps '{text}' is invalid; expected comma-separated integers >= 1, e.g. 50,100")
     return caps
@@ -49,9 +49,15 @@ def grid(args: argparse.Namespace, base: TrialConfig) -> Grid:
     caps = parse_caps(args.caps) if args.caps else scaled_caps(base)
     out: Grid = []
     for cap in caps:
-        out.append((f"cap={cap} single", base.replace(class_cap=cap, temperature=1.0, multitask=False, sa_labels=False)))
-        out.append((f"cap={cap} ours", base.replace(class_cap=cap, temperature=args.caps_temperature,
-                                                    multitask=True, sa_labels=True)))
+        out.append(
+            (f"cap={cap} single", base.replace(class_cap=cap, temperature=1.0, multitask=False, sa_labels=False))
+        )
+        out.append(
+            (
+                f"cap={cap} ours",
+                base.replace(class_cap=cap, temperature=args.caps_temperature, multitask=True, sa_labels=True),
+            )
+        )
     return out
 
 

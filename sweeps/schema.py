@@ -12,6 +12,7 @@ A sweep's runs, by the `sall.stage` tag:
   candidate  a student of a temperature search (sweeps/search.py)
   external   a student evaluated on another dataset (analysis/evaluate.py)
 """
+
 from __future__ import annotations
 
 # ---- MLflow's own tags ----------------------------------------------------------------------

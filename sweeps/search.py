@@ -12,6 +12,7 @@ In MLflow the search is one parent run with a child run per candidate (tag sall.
 sall.stopped=1 and sall.final_epoch for those ASHA stopped); the confirmation is a sweep run with
 ordinary student trials. Both parents have sall.sweep=search.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,16 +39,27 @@ SMOKE_PLAN = dict(num_samples=4, top=2, grace=1)  # --smoke: a whole search and 
 
 def add_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--num-samples", type=int, default=None, help="candidates to try (default 10; 4 with --smoke)")
-    g.add_argument("--top", type=int, default=None,
-                   help="confirm the best this many candidates on --folds (default 3; 2 with --smoke)")
+    g.add_argument(
+        "--top",
+        type=int,
+        default=None,
+        help="confirm the best this many candidates on --folds (default 3; 2 with --smoke)",
+    )
     g.add_argument("--search-fold", type=int, default=0, help="the fold the search runs on")
-    g.add_argument("--metric", default="mean",
-                   help="what the search maximises: mean (validation accuracy averaged over --tasks) or a "
-                        "task's validation accuracy (dr, amd, arter)")
+    g.add_argument(
+        "--metric",
+        default="mean",
+        help="what the search maximises: mean (validation accuracy averaged over --tasks) or a "
+        "task's validation accuracy (dr, amd, arter)",
+    )
     g.add_argument("--t-min", type=float, default=1.0, help="lowest temperature searched")
     g.add_argument("--t-max", type=float, default=50.0, help="highest temperature searched (log scale)")
-    g.add_argument("--grace", type=int, default=None,
-                   help="ASHA: epochs every candidate trains before it may be stopped (default 2; 1 with --smoke)")
+    g.add_argument(
+        "--grace",
+        type=int,
+        default=None,
+        help="ASHA: epochs every candidate trains before it may be stopped (default 2; 1 with --smoke)",
+    )
     g.add_argument("--reduction-factor", type=float, default=3.0, help="ASHA: keep 1 in this many at each rung")
     g.add_argument("--search-seed", type=int, default=0, help="seed of the TPE sampler")
     g.add_argument("--no-baseline", action="store_true", help="confirm without the single-task baseline")
@@ -75,9 +87,18 @@ class Plan:
 def make_plan(args: argparse.Namespace, base: TrialConfig) -> Plan:
     """The search's settings from the flags (smoke defaults where a flag was not given); a bad
     value is one ConfigError naming the flag."""
-    plan = Plan(num_samples=_flag(args, "num_samples", 10), top=_flag(args, "top", 3), fold=args.search_fold,
-                metric=args.metric.strip(), t_min=args.t_min, t_max=args.t_max, grace=_flag(args, "grace", 2),
-                reduction_factor=args.reduction_factor, seed=args.search_seed, epochs=base.student_epochs)
+    plan = Plan(
+        num_samples=_flag(args, "num_samples", 10),
+        top=_flag(args, "top", 3),
+        fold=args.search_fold,
+        metric=args.metric.strip(),
+        t_min=args.t_min,
+        t_max=args.t_max,
+        grace=_flag(args, "grace", 2),
+        reduction_factor=args.reduction_factor,
+        seed=args.search_seed,
+        epochs=base.student_epochs,
+    )
     _check_counts(plan)
     _check_ranges(plan, base)
     return plan
@@ -104,11 +125,13 @@ def _check_ranges(plan: Plan, base: TrialConfig) -> None:
     if not 0 <= plan.fold < N_FOLDS:
         raise ConfigError(f"--search-fold {plan.fold} out of range; expected 0..{N_FOLDS - 1}")
     if plan.metric != "mean" and plan.metric not in base.tasks:
-        raise ConfigError(f"--metric '{plan.metric}' is invalid; expected mean or one of the tasks "
-                          f"{','.join(base.tasks)}")
+        raise ConfigError(
+            f"--metric '{plan.metric}' is invalid; expected mean or one of the tasks {','.join(base.tasks)}"
+        )
     if not (math.isfinite(plan.t_min) and math.isfinite(plan.t_max) and 0 < plan.t_min < plan.t_max):
-        raise ConfigError(f"--t-min {plan.t_min} / --t-max {plan.t_max} are invalid; expected "
-                          "0 < t-min < t-max, finite")
+        raise ConfigError(
+            f"--t-min {plan.t_min} / --t-max {plan.t_max} are invalid; expected 0 < t-min < t-max, finite"
+        )
 
 
 def round_t(t: float) -> float:
@@ -137,13 +160,15 @@ def candidate_config(config: dict[str, Any]) -> TrialConfig:
     return config_from_dict(config["trial"]["cfg"]).replace(temperature=round_t(config["temperature"]))
 
 
-def epoch_reporter(uri: str, run_id: str, cfg: TrialConfig, metric: str,
-                   replayed: int = 0) -> Callable[[int, dict[str, float]], None]:
+def epoch_reporter(
+    uri: str, run_id: str, cfg: TrialConfig, metric: str, replayed: int = 0
+) -> Callable[[int, dict[str, float]], None]:
     """The student's per-epoch hook: log the epoch to MLflow, then report the objective to Tune.
     In that order because the epoch on which ASHA stops a candidate is the last one its thread
     gets to: Tune ends it inside `tune.report` (SystemExit), and the epoch must be logged by then.
     The first `replayed` epochs were already logged and reported (`replay`): training repeats
     them (it is deterministic), silently."""
+
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         from ray import tune
 
@@ -174,10 +199,17 @@ def candidate(config: dict[str, Any]) -> None:
     replayed = replay(uri, earlier, cfg, config["metric"])
     if replayed >= cfg.student_epochs:
         return
-    run_id = tl.open_run(sw, cfg, f"T={cfg.temperature:g}", earlier,
-                         {sc.TAG_STAGE: sc.STAGE_CANDIDATE, sc.TAG_CANDIDATE: trial_id, sc.TAG_SEARCH_METRIC: config["metric"]})
-    hooks = Hooks(teacher_ready=tl.teacher_hook(sw, cfg, run_id),
-                  student_epoch=epoch_reporter(uri, run_id, cfg, config["metric"], replayed))
+    run_id = tl.open_run(
+        sw,
+        cfg,
+        f"T={cfg.temperature:g}",
+        earlier,
+        {sc.TAG_STAGE: sc.STAGE_CANDIDATE, sc.TAG_CANDIDATE: trial_id, sc.TAG_SEARCH_METRIC: config["metric"]},
+    )
+    hooks = Hooks(
+        teacher_ready=tl.teacher_hook(sw, cfg, run_id),
+        student_epoch=epoch_reporter(uri, run_id, cfg, config["metric"], replayed),
+    )
     try:
         run_chain(cfg, sw["cache_dir"], hooks)
     except LastEpoch:
@@ -194,8 +226,10 @@ def _earlier_run(sw: dict[str, Any], cfg: TrialConfig, trial_id: str) -> Any:
     again under a new id): adopted, so a crash leaves no orphan run."""
     uri, parent = sw["mlflow_uri"], sw["parent_run_id"]
     mine = f"tags.`{sc.TAG_PARENT}` = '{parent}' and tags.`{sc.TAG_STAGE}` = '{sc.STAGE_CANDIDATE}'"
-    for which in (f"tags.`{sc.TAG_CANDIDATE}` = '{trial_id}'",
-                  f"tags.`{sc.TAG_CONFIG_KEY}` = '{cfg.key()}' and attributes.status != 'FINISHED'"):
+    for which in (
+        f"tags.`{sc.TAG_CANDIDATE}` = '{trial_id}'",
+        f"tags.`{sc.TAG_CONFIG_KEY}` = '{cfg.key()}' and attributes.status != 'FINISHED'",
+    ):
         found = tr.find_runs(uri, sw["experiment_id"], f"{which} and {mine}")
         if found:
             tr.retry(tr.client(uri).set_tag, found[0].info.run_id, sc.TAG_CANDIDATE, trial_id)
@@ -220,16 +254,26 @@ def replay(uri: str, earlier: Any, cfg: TrialConfig, metric: str) -> int:
             per_epoch.setdefault(int(m.step), {})[name] = m.value
     epochs = [e for e in sorted(per_epoch) if e <= int(earlier.data.tags[sc.TAG_FINAL_EPOCH])]
     for epoch in epochs:
-        tune.report({"epoch": epoch, METRIC: score(per_epoch[epoch], metric, cfg.tasks),
-                     "temperature": cfg.temperature, "mlflow_run_id": run_id})
+        tune.report(
+            {
+                "epoch": epoch,
+                METRIC: score(per_epoch[epoch], metric, cfg.tasks),
+                "temperature": cfg.temperature,
+                "mlflow_run_id": run_id,
+            }
+        )
     return len(epochs)
 
 
 def close_orphans(uri: str, experiment_id: str, parent: str, booked: set[str]) -> int:
     """Candidates whose trial a killed driver lost and the resumed search did not propose again:
     KILLED, tagged sall.lost=1, so no run of the search stays RUNNING. Returns how many."""
-    runs = tr.find_runs(uri, experiment_id, f"tags.`{sc.TAG_PARENT}` = '{parent}' and tags.`{sc.TAG_STAGE}` = "
-                                            f"'{sc.STAGE_CANDIDATE}' and attributes.status = 'RUNNING'")
+    runs = tr.find_runs(
+        uri,
+        experiment_id,
+        f"tags.`{sc.TAG_PARENT}` = '{parent}' and tags.`{sc.TAG_STAGE}` = "
+        f"'{sc.STAGE_CANDIDATE}' and attributes.status = 'RUNNING'",
+    )
     lost = [r.info.run_id for r in runs if r.info.run_id not in booked]
     for rid in lost:
         tr.retry(tr.client(uri).set_tag, rid, sc.TAG_LOST, "1")
@@ -242,8 +286,13 @@ def book(uri: str, result: dict[str, Any], epochs: int) -> dict[str, Any]:
     early or not, its final epoch and the last score the searcher saw. Idempotent, so the driver
     can book each candidate as it ends and again after a resume."""
     run_id, epoch = result["mlflow_run_id"], int(result["epoch"])
-    row = dict(temperature=float(result["temperature"]), score=float(result[METRIC]), epoch=epoch,
-               stopped=epoch < epochs, run_id=run_id)
+    row = dict(
+        temperature=float(result["temperature"]),
+        score=float(result[METRIC]),
+        epoch=epoch,
+        stopped=epoch < epochs,
+        run_id=run_id,
+    )
     c = tr.client(uri)
     run = tr.retry(c.get_run, run_id)
     if run.info.status == "FINISHED" and run.data.tags.get(sc.TAG_FINAL_EPOCH) == str(epoch):
@@ -280,13 +329,19 @@ def make_bookkeeper(uri: str, epochs: int, total: int) -> Any:
             row = book(uri, r, epochs)
             self.done += 1
             note = " (stopped early by ASHA)" if row["stopped"] else ""
-            print(f"[candidate] T={row['temperature']:g}: validation {row['score']:.3f} at epoch "
-                  f"{row['epoch']}/{epochs}{note} · {self.done}/{total} · elapsed {rn._fmt(time.time() - self.t0)}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[candidate] T={row['temperature']:g}: validation {row['score']:.3f} at epoch "
+                f"{row['epoch']}/{epochs}{note} · {self.done}/{total} · elapsed {rn._fmt(time.time() - self.t0)}",
+                file=sys.stderr,
+                flush=True,
+            )
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            print(f"[candidate] T={round_t(trial.config['temperature']):g}: FAILED "
-                  f"({trial.error_file or 'see MLflow'})", file=sys.stderr, flush=True)
+            print(
+                f"[candidate] T={round_t(trial.config['temperature']):g}: FAILED ({trial.error_file or 'see MLflow'})",
+                file=sys.stderr,
+                flush=True,
+            )
 
     return _Bookkeeper()
 
@@ -297,8 +352,9 @@ def _candidate_name(trial: Any) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # the two phases
-def search(args: argparse.Namespace, plan: Plan, search_base: TrialConfig, uri: str,
-           cache_dir: str) -> tuple[list[dict[str, Any]], int]:
+def search(
+    args: argparse.Namespace, plan: Plan, search_base: TrialConfig, uri: str, cache_dir: str
+) -> tuple[list[dict[str, Any]], int]:
     """Run (or resume) the search; (booked candidates, exit code)."""
     import optuna
     from optuna.samplers import TPESampler
@@ -307,26 +363,46 @@ def search(args: argparse.Namespace, plan: Plan, search_base: TrialConfig, uri: 
     from ray.tune.search.optuna import OptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # its per-trial lines drown the progress
-    sweep_id = (rn.make_sweep_id(SWEEP, [rn.Trial("T search", search_base)], uri, cache_dir, args.experiment)
-                + "-" + stable_hash(dataclasses.asdict(plan)) + "-candidates")
+    sweep_id = (
+        rn.make_sweep_id(SWEEP, [rn.Trial("T search", search_base)], uri, cache_dir, args.experiment)
+        + "-"
+        + stable_hash(dataclasses.asdict(plan))
+        + "-candidates"
+    )
     run = rn.open_sweep(SWEEP, sweep_id, args, uri, cache_dir, {"trials": plan.num_samples, **plan.params()})
     tr.retry(tr.client(uri).set_tag, run.parent, sc.TAG_RUN_NAME, "search: candidates")
-    print(f"[search] {plan.num_samples} candidates, T log-uniform in [{plan.t_min:g}, {plan.t_max:g}] on fold "
-          f"{plan.fold} · MLflow {uri} experiment '{args.experiment}' (parent run {run.parent}) · Tune "
-          f"{run.exp_dir}", file=sys.stderr, flush=True)
-    space = {"trial": {"label": "T search", "cfg": dataclasses.asdict(search_base)}, "sweep": run.settings(),
-             "metric": plan.metric, "temperature": tune.loguniform(plan.t_min, plan.t_max)}
+    print(
+        f"[search] {plan.num_samples} candidates, T log-uniform in [{plan.t_min:g}, {plan.t_max:g}] on fold "
+        f"{plan.fold} · MLflow {uri} experiment '{args.experiment}' (parent run {run.parent}) · Tune "
+        f"{run.exp_dir}",
+        file=sys.stderr,
+        flush=True,
+    )
+    space = {
+        "trial": {"label": "T search", "cfg": dataclasses.asdict(search_base)},
+        "sweep": run.settings(),
+        "metric": plan.metric,
+        "temperature": tune.loguniform(plan.t_min, plan.t_max),
+    }
     # TPE leaves its random start after a third of the budget, so the model guides the rest
     sampler = TPESampler(seed=plan.seed, n_startup_trials=max(2, plan.num_samples // 3))
     tune_config = tune.TuneConfig(
-        metric=METRIC, mode="max", num_samples=plan.num_samples, search_alg=OptunaSearch(sampler=sampler),
-        scheduler=ASHAScheduler(time_attr="epoch", max_t=plan.epochs, grace_period=plan.grace,
-                                reduction_factor=plan.reduction_factor),
-        max_concurrent_trials=args.max_concurrent_trials, reuse_actors=True,
-        trial_name_creator=_candidate_name, trial_dirname_creator=_candidate_name)
+        metric=METRIC,
+        mode="max",
+        num_samples=plan.num_samples,
+        search_alg=OptunaSearch(sampler=sampler),
+        scheduler=ASHAScheduler(
+            time_attr="epoch", max_t=plan.epochs, grace_period=plan.grace, reduction_factor=plan.reduction_factor
+        ),
+        max_concurrent_trials=args.max_concurrent_trials,
+        reuse_actors=True,
+        trial_name_creator=_candidate_name,
+        trial_dirname_creator=_candidate_name,
+    )
     t0 = time.time()
-    results = rn.fit_tuner(run, args, candidate, space, [make_bookkeeper(uri, plan.epochs, plan.num_samples)],
-                           tune_config)
+    results = rn.fit_tuner(
+        run, args, candidate, space, [make_bookkeeper(uri, plan.epochs, plan.num_samples)], tune_config
+    )
     rows = [book(uri, r.metrics, plan.epochs) for r in results if r.metrics.get("mlflow_run_id")]
     close_orphans(uri, run.experiment_id, run.parent, {r["run_id"] for r in rows})
     _log_search(uri, run.parent, rows, plan)
@@ -337,13 +413,20 @@ def _log_search(uri: str, parent: str, rows: list[dict[str, Any]], plan: Plan) -
     """The search's outcome on its parent run: the picks, the epochs spent, every candidate."""
     picked = pick(rows, plan.top)
     tr.retry(tr.client(uri).set_tag, parent, sc.TAG_PICKED, ",".join(f"{t:g}" for t in picked))
-    tr.log_metrics(uri, parent, {"student_epochs": sum(r["epoch"] for r in rows),
-                                 "candidates_stopped": sum(r["stopped"] for r in rows)})
+    tr.log_metrics(
+        uri,
+        parent,
+        {"student_epochs": sum(r["epoch"] for r in rows), "candidates_stopped": sum(r["stopped"] for r in rows)},
+    )
     tr.log_dict_artifact(uri, parent, sorted(rows, key=lambda r: r["temperature"]), sc.CANDIDATES_JSON)
     spent = sum(r["epoch"] for r in rows)
-    print(f"[search] picked T={', '.join(f'{t:g}' for t in picked)} (validation '{plan.metric}' at the furthest "
-          f"epoch); {sum(r['stopped'] for r in rows)} of {len(rows)} stopped early; student-epochs "
-          f"{spent} of {plan.num_samples * plan.epochs} without early stopping", file=sys.stderr, flush=True)
+    print(
+        f"[search] picked T={', '.join(f'{t:g}' for t in picked)} (validation '{plan.metric}' at the furthest "
+        f"epoch); {sum(r['stopped'] for r in rows)} of {len(rows)} stopped early; student-epochs "
+        f"{spent} of {plan.num_samples * plan.epochs} without early stopping",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def confirm_trials(args: argparse.Namespace, base: TrialConfig, temps: list[float]) -> list[rn.Trial]:
@@ -370,21 +453,28 @@ def answer(uri: str, experiment_id: str, temps: list[float], metric: str) -> tup
 def print_plan(plan: Plan, args: argparse.Namespace, n_confirm: int) -> None:
     """--dry-run: what the search and its confirmation will do and spend at most."""
     grid = len(temperature.PAPER_TEMPERATURES.split(",")) * n_confirm * plan.epochs
-    print(f"search: {plan.num_samples} candidates, T log-uniform in [{plan.t_min:g}, {plan.t_max:g}] on fold "
-          f"{plan.fold}, Optuna TPE (seed {plan.seed}) with ASHA on validation '{plan.metric}' per epoch "
-          f"(grace {plan.grace}, reduction {plan.reduction_factor:g}, max {plan.epochs} epochs)")
-    print(f"then the top {plan.top} on folds {args.folds} as ordinary trials"
-          + ("" if args.no_baseline else ", beside the baseline"))
-    print(f"student-epochs at most: search {plan.num_samples * plan.epochs} + confirm "
-          f"{plan.top * n_confirm * plan.epochs}; the paper's grid of 12 temperatures: {grid}\n")
+    print(
+        f"search: {plan.num_samples} candidates, T log-uniform in [{plan.t_min:g}, {plan.t_max:g}] on fold "
+        f"{plan.fold}, Optuna TPE (seed {plan.seed}) with ASHA on validation '{plan.metric}' per epoch "
+        f"(grace {plan.grace}, reduction {plan.reduction_factor:g}, max {plan.epochs} epochs)"
+    )
+    print(
+        f"then the top {plan.top} on folds {args.folds} as ordinary trials"
+        + ("" if args.no_baseline else ", beside the baseline")
+    )
+    print(
+        f"student-epochs at most: search {plan.num_samples * plan.epochs} + confirm "
+        f"{plan.top * n_confirm * plan.epochs}; the paper's grid of 12 temperatures: {grid}\n"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Check everything, then search and confirm (or, with --dry-run, print the plan)."""
     uri, base = rn.sweep_setup(args)
     plan = make_plan(args, base)
-    search_base = base.replace(fold=plan.fold, seed=rn.sweep_seeds(args)[0], multitask=True, sa_labels=True,
-                               validate_every_epoch=True)
+    search_base = base.replace(
+        fold=plan.fold, seed=rn.sweep_seeds(args)[0], multitask=True, sa_labels=True, validate_every_epoch=True
+    )
     searching = rn.Trial("T search", search_base)
     probe = confirm_trials(args, base, [plan.t_min])  # every fold and seed of the confirmation, checked now
     cache_dir = rn.check_trials([searching, *probe], args)
@@ -404,18 +494,26 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
-def summarise(uri: str, args: argparse.Namespace, plan: Plan, rows: list[dict[str, Any]], picked: list[float],
-              n_confirm: int) -> None:
+def summarise(
+    uri: str, args: argparse.Namespace, plan: Plan, rows: list[dict[str, Any]], picked: list[float], n_confirm: int
+) -> None:
     """The answer (the confirmed T best on validation over folds) and what it cost, beside the grid."""
     best = answer(uri, tr.ensure_experiment(uri, args.experiment), picked, plan.metric)
     if best is not None:
-        print(f"[search] answer: T={best[0]:g} (validation '{plan.metric}' {best[1]:.3f}, mean over the "
-              f"confirmed folds); test accuracy: python analysis/tables.py --experiment {args.experiment}",
-              file=sys.stderr, flush=True)
+        print(
+            f"[search] answer: T={best[0]:g} (validation '{plan.metric}' {best[1]:.3f}, mean over the "
+            f"confirmed folds); test accuracy: python analysis/tables.py --experiment {args.experiment}",
+            file=sys.stderr,
+            flush=True,
+        )
     spent, confirm = sum(r["epoch"] for r in rows), len(picked) * n_confirm * plan.epochs
     grid = len(temperature.PAPER_TEMPERATURES.split(",")) * n_confirm * plan.epochs
-    print(f"[search] student-epochs: search {spent} + confirm {confirm} = {spent + confirm}; the paper's "
-          f"grid on these folds: {grid} ({(spent + confirm) / grid:.0%})", file=sys.stderr, flush=True)
+    print(
+        f"[search] student-epochs: search {spent} + confirm {confirm} = {spent + confirm}; the paper's "
+        f"grid on these folds: {grid} ({(spent + confirm) / grid:.0%})",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
 """Task-count sweep (paper Table VIII): single-task models vs SALL with 2 and with 3 sub-tasks."""
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """Temperature sweep (paper Table IV and Fig. 5): SALL at each T, beside the single-task baseline."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,8 +12,11 @@ PAPER_TEMPERATURES = "1,2,3,4,5,6,7,8,9,10,20,50"
 
 
 def add_args(g: argparse.ArgumentParser) -> None:
-    g.add_argument("--temperatures", default=PAPER_TEMPERATURES,
-                   help="temperatures of the SALL trials (soft labels and student outputs)")
+    g.add_argument(
+        "--temperatures",
+        default=PAPER_TEMPERATURES,
+        help="temperatures of the SALL trials (soft labels and student outputs)",
+    )
     g.add_argument("--no-baseline", action="store_true", help="leave out the single-task baseline")
 
 

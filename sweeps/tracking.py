@@ -4,6 +4,7 @@ Every write goes through `retry`, so concurrent trials sharing a SQLite file wai
 instead of failing on "database is locked". Runs are found again by tags, so a rerun resumes into
 the same parent and never logs a finished trial twice.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,13 @@ def retry(fn: Callable[..., T], *args: Any, attempts: int = 40, **kwargs: Any) -
             return fn(*args, **kwargs)
         except Exception as e:  # MlflowException wraps SQLAlchemy's OperationalError
             text = str(e).lower()
-            transient = ("database is locked" in text or "database table is locked" in text
-                         or "connection" in text and "refused" not in text or "503" in text)
+            transient = (
+                "database is locked" in text
+                or "database table is locked" in text
+                or "connection" in text
+                and "refused" not in text
+                or "503" in text
+            )
             if not transient or i == attempts - 1:
                 raise
             time.sleep(delay + random.random() * delay)
@@ -54,12 +60,14 @@ def resolve_uri(uri: str) -> str:
     """Make a relative sqlite/file URI absolute, so trials in other working dirs find the same store."""
     try:
         if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-            return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).expanduser().resolve())
+            return "sqlite:///" + str(Path(uri[len("sqlite:///") :]).expanduser().resolve())
         if "://" not in uri:
             return Path(uri).expanduser().resolve().as_uri()
     except RuntimeError as e:  # "~nosuchuser/mlflow.db": Could not determine home directory
-        raise SallError(f"MLflow tracking URI '{uri}' cannot be resolved ({e}); expected e.g. "
-                        "sqlite:///mlflow.db or http://HOST:5000 (--mlflow-uri)") from None
+        raise SallError(
+            f"MLflow tracking URI '{uri}' cannot be resolved ({e}); expected e.g. "
+            "sqlite:///mlflow.db or http://HOST:5000 (--mlflow-uri)"
+        ) from None
     return uri
 
 
@@ -69,32 +77,39 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
         parsed = urllib.parse.urlparse(uri)
         port = parsed.port if parsed.scheme in ("http", "https") else None
     except ValueError as e:  # "Invalid IPv6 URL", "Port out of range 0-65535", a port that is not a number
-        raise SallError(f"MLflow tracking URI '{uri}' is malformed ({e}); expected e.g. http://HOST:5000 or "
-                        "sqlite:///mlflow.db (--mlflow-uri)") from None
+        raise SallError(
+            f"MLflow tracking URI '{uri}' is malformed ({e}); expected e.g. http://HOST:5000 or "
+            "sqlite:///mlflow.db (--mlflow-uri)"
+        ) from None
     if parsed.scheme in ("http", "https"):
         host, port = parsed.hostname, port or (443 if parsed.scheme == "https" else 80)
         if not host:
-            raise SallError(f"MLflow tracking URI '{uri}' names no host; expected e.g. http://HOST:5000 "
-                            "(--mlflow-uri)")
+            raise SallError(f"MLflow tracking URI '{uri}' names no host; expected e.g. http://HOST:5000 (--mlflow-uri)")
         try:
             with socket.create_connection((host, port), timeout=timeout):
                 pass
         except OSError as e:
-            raise SallError(f"MLflow tracking server {uri} cannot be reached ({e.strerror or e}); "
-                            "expected a running `mlflow server` at that address (--mlflow-uri)") from None
+            raise SallError(
+                f"MLflow tracking server {uri} cannot be reached ({e.strerror or e}); "
+                "expected a running `mlflow server` at that address (--mlflow-uri)"
+            ) from None
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
                 if r.status != 200:
                     raise OSError(f"HTTP {r.status}")
         except OSError as e:
-            raise SallError(f"MLflow tracking server {uri} did not answer /health ({e}); expected a "
-                            "running `mlflow server` (--mlflow-uri)") from None
+            raise SallError(
+                f"MLflow tracking server {uri} did not answer /health ({e}); expected a "
+                "running `mlflow server` (--mlflow-uri)"
+            ) from None
     elif parsed.scheme == "sqlite":
-        path = Path(uri[len("sqlite:///"):])
+        path = Path(uri[len("sqlite:///") :])
         folder = path.parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise SallError(f"MLflow tracking URI {uri}: folder '{folder}' does not exist or cannot be "
-                            "written; expected a writable folder for the SQLite file (--mlflow-uri)")
+            raise SallError(
+                f"MLflow tracking URI {uri}: folder '{folder}' does not exist or cannot be "
+                "written; expected a writable folder for the SQLite file (--mlflow-uri)"
+            )
     elif parsed.scheme in ("file", ""):
         folder = Path(parsed.path)
         while not folder.exists():
@@ -119,7 +134,7 @@ def ensure_experiment(uri: str, name: str) -> str:
         return exp.experiment_id
     artifact_location = None
     if uri.startswith("sqlite:///"):  # keep artifacts next to the database, not in a trial's cwd
-        artifact_location = (Path(uri[len("sqlite:///"):]).parent / "mlruns").resolve().as_uri()
+        artifact_location = (Path(uri[len("sqlite:///") :]).parent / "mlruns").resolve().as_uri()
     try:
         return retry(c.create_experiment, name, artifact_location=artifact_location)
     except Exception:
@@ -147,8 +162,12 @@ def parent_run(uri: str, experiment_id: str, sweep: str, sweep_id: str, params: 
         run_id = runs[0].info.run_id
         retry(c.update_run, run_id, status="RUNNING")
         return run_id
-    run = retry(c.create_run, experiment_id, run_name=f"{sweep} sweep",
-                tags={sc.TAG_STAGE: sc.STAGE_SWEEP, sc.TAG_SWEEP: sweep, sc.TAG_SWEEP_ID: sweep_id})
+    run = retry(
+        c.create_run,
+        experiment_id,
+        run_name=f"{sweep} sweep",
+        tags={sc.TAG_STAGE: sc.STAGE_SWEEP, sc.TAG_SWEEP: sweep, sc.TAG_SWEEP_ID: sweep_id},
+    )
     log_params(uri, run.info.run_id, params)
     return run.info.run_id
 
@@ -159,7 +178,7 @@ def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
 
     batch = [Param(k, str(v)[:6000]) for k, v in params.items()]
     for i in range(0, len(batch), 90):
-        retry(client(uri).log_batch, run_id, params=batch[i:i + 90])
+        retry(client(uri).log_batch, run_id, params=batch[i : i + 90])
 
 
 def end_run(uri: str, run_id: str, status: str) -> None:
@@ -173,8 +192,9 @@ def log_dict_artifact(uri: str, run_id: str, obj: Any, name: str, artifact_path:
         retry(client(uri).log_artifact, run_id, str(p), artifact_path)
 
 
-def write_task_artifacts(root: Path, task: str, m: dict[str, Any], confusion_title: str,
-                         reliability_title: str) -> None:
+def write_task_artifacts(
+    root: Path, task: str, m: dict[str, Any], confusion_title: str, reliability_title: str
+) -> None:
     """A task's confusion matrix and reliability diagram, each as PNG and CSV, into `root` (logged
     with the run's other artifacts). One writer for trials and external evaluations, so both kinds
     of run carry the same files under the same names. The reliability title gets the ECE added."""
@@ -184,8 +204,11 @@ def write_task_artifacts(root: Path, task: str, m: dict[str, Any], confusion_tit
     names = list(TASKS[task].grades)
     plot_confusion(m["confusion"], names, confusion_title, str(root / sc.task_file(sc.CONFUSION, task, "png")))
     confusion_csv(m["confusion"], names, str(root / sc.task_file(sc.CONFUSION, task, "csv")))
-    plot_reliability(m["reliability"], f"{reliability_title} (ECE {m['ece']:.3f})",
-                     str(root / sc.task_file(sc.RELIABILITY, task, "png")))
+    plot_reliability(
+        m["reliability"],
+        f"{reliability_title} (ECE {m['ece']:.3f})",
+        str(root / sc.task_file(sc.RELIABILITY, task, "png")),
+    )
     reliability_csv(m["reliability"], str(root / sc.task_file(sc.RELIABILITY, task, "csv")))
 
 
@@ -204,7 +227,10 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float | None], step: i
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
-             if v is not None and v == v and abs(float(v)) != float("inf")]
+    batch = [
+        Metric(k, float(v), now, step)
+        for k, v in metrics.items()
+        if v is not None and v == v and abs(float(v)) != float("inf")
+    ]
     for i in range(0, len(batch), 900):
-        retry(client(uri).log_batch, run_id, metrics=batch[i:i + 900])
+        retry(client(uri).log_batch, run_id, metrics=batch[i : i + 900])

@@ -1,4 +1,5 @@
 """The Ray Tune trainable: one trial = the whole SALL chain, logged to MLflow as a child run."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,9 @@ from sweeps import tracking as tr
 from sweeps.tracking import retry
 
 
-def teacher_run(uri: str, experiment_id: str, parent_id: str, sweep: str, store: ArtifactStore, teacher,
-                cfg: TrialConfig) -> str:
+def teacher_run(
+    uri: str, experiment_id: str, parent_id: str, sweep: str, store: ArtifactStore, teacher, cfg: TrialConfig
+) -> str:
     """The MLflow run of a teacher in this experiment: created once (under a lock in the shared
     cache, so concurrent trials on any node agree), then pointed to by every trial that uses it.
     It sits under the sweep's `teachers` run, so the sweep's run list shows its trials, and it
@@ -28,25 +30,42 @@ def teacher_run(uri: str, experiment_id: str, parent_id: str, sweep: str, store:
     would read as broken beside the trials). Its params are `cfg`'s teacher fields in the same
     string form as a trial's params."""
     with store.lock(f"mlflow-teacher-{experiment_id}-{teacher.key}"):
-        runs = tr.find_runs(uri, experiment_id,
-                            f"tags.`{sc.TAG_TEACHER_KEY}` = '{teacher.key}' and tags.`{sc.TAG_STAGE}` = '{sc.STAGE_TEACHER}'")
+        runs = tr.find_runs(
+            uri,
+            experiment_id,
+            f"tags.`{sc.TAG_TEACHER_KEY}` = '{teacher.key}' and tags.`{sc.TAG_STAGE}` = '{sc.STAGE_TEACHER}'",
+        )
         if runs:
             return runs[0].info.run_id
         c = tr.client(uri)
         info = teacher.info
         start_ms, end_ms = _teacher_span(teacher)
         group = _teachers_run(uri, experiment_id, parent_id, sweep, store, start_ms)
-        run = retry(c.create_run, experiment_id, start_time=start_ms,
-                    run_name=f"teacher {teacher.task} {replicate_name(cfg.fold, cfg.seed)}",
-                    tags={sc.TAG_STAGE: sc.STAGE_TEACHER, sc.TAG_SWEEP: sweep, sc.TAG_TEACHER_KEY: teacher.key,
-                          sc.TAG_FOLD: str(cfg.fold), sc.TAG_SEED: str(cfg.seed), sc.TAG_PARENT: group,
-                          sc.TAG_TASK: teacher.task, sc.TAG_TRAINED_NOW: str(teacher.fetched.built)})
+        run = retry(
+            c.create_run,
+            experiment_id,
+            start_time=start_ms,
+            run_name=f"teacher {teacher.task} {replicate_name(cfg.fold, cfg.seed)}",
+            tags={
+                sc.TAG_STAGE: sc.STAGE_TEACHER,
+                sc.TAG_SWEEP: sweep,
+                sc.TAG_TEACHER_KEY: teacher.key,
+                sc.TAG_FOLD: str(cfg.fold),
+                sc.TAG_SEED: str(cfg.seed),
+                sc.TAG_PARENT: group,
+                sc.TAG_TASK: teacher.task,
+                sc.TAG_TRAINED_NOW: str(teacher.fetched.built),
+            },
+        )
         rid = run.info.run_id
         tr.log_params(uri, rid, param_strings(cfg.teacher_fields(teacher.task)))
         for h in info["history"]:
             tr.log_metrics(uri, rid, {k: v for k, v in h.items() if "/" in k}, step=int(h["epoch"]))
-        tr.log_metrics(uri, rid, {sc.metric(sc.TEST, teacher.task, k): v for k, v in info["test"].items()
-                                  if isinstance(v, (int, float))})
+        tr.log_metrics(
+            uri,
+            rid,
+            {sc.metric(sc.TEST, teacher.task, k): v for k, v in info["test"].items() if isinstance(v, (int, float))},
+        )
         tr.log_metrics(uri, rid, {"best_epoch": info["best_epoch"], "train_seconds": info["seconds"]})
         retry(c.set_terminated, rid, "FINISHED", end_time=end_ms)
         with store.lock(f"mlflow-teachers-{parent_id}"):  # one writer, so no later end is lost
@@ -62,20 +81,27 @@ def _teacher_span(teacher) -> tuple[int, int]:
     return int(1000 * (end - float(teacher.info["seconds"]))), int(1000 * end)
 
 
-def _teachers_run(uri: str, experiment_id: str, parent_id: str, sweep: str, store: ArtifactStore,
-                  start_ms: int) -> str:
+def _teachers_run(uri: str, experiment_id: str, parent_id: str, sweep: str, store: ArtifactStore, start_ms: int) -> str:
     """The sweep run's one `teachers` child (made by the first teacher, whichever node trains it).
     It starts with the sweep, or with an earlier teacher: a run's start cannot be moved later, and
     a teacher that finishes second may have started first."""
     with store.lock(f"mlflow-teachers-{parent_id}"):
-        found = tr.find_runs(uri, experiment_id, f"tags.`{sc.TAG_STAGE}` = '{sc.STAGE_TEACHERS}' and "
-                                                 f"tags.`{sc.TAG_PARENT}` = '{parent_id}'")
+        found = tr.find_runs(
+            uri,
+            experiment_id,
+            f"tags.`{sc.TAG_STAGE}` = '{sc.STAGE_TEACHERS}' and tags.`{sc.TAG_PARENT}` = '{parent_id}'",
+        )
         if found:
             return found[0].info.run_id
         c = tr.client(uri)
         start_ms = min(start_ms, retry(c.get_run, parent_id).info.start_time or start_ms)
-        run = retry(c.create_run, experiment_id, start_time=start_ms, run_name=sc.STAGE_TEACHERS,
-                    tags={sc.TAG_STAGE: sc.STAGE_TEACHERS, sc.TAG_SWEEP: sweep, sc.TAG_PARENT: parent_id})
+        run = retry(
+            c.create_run,
+            experiment_id,
+            start_time=start_ms,
+            run_name=sc.STAGE_TEACHERS,
+            tags={sc.TAG_STAGE: sc.STAGE_TEACHERS, sc.TAG_SWEEP: sweep, sc.TAG_PARENT: parent_id},
+        )
         return run.info.run_id
 
 
@@ -92,8 +118,9 @@ def replicate_name(fold: int, seed: int) -> str:
 
 
 def _find_trial_run(uri: str, experiment_id: str, parent_id: str, config_key: str):
-    runs = tr.find_runs(uri, experiment_id,
-                        f"tags.`{sc.TAG_CONFIG_KEY}` = '{config_key}' and tags.`{sc.TAG_PARENT}` = '{parent_id}'")
+    runs = tr.find_runs(
+        uri, experiment_id, f"tags.`{sc.TAG_CONFIG_KEY}` = '{config_key}' and tags.`{sc.TAG_PARENT}` = '{parent_id}'"
+    )
     return runs[0] if runs else None
 
 
@@ -121,22 +148,29 @@ def _log_artifacts(uri: str, run_id: str, res, label: str) -> None:
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         (root / sc.CONFIG_JSON).write_text(res.config.to_json())
-        (root / sc.METRICS_JSON).write_text(json.dumps(to_jsonable(
-            {"test": res.test, "val": res.val, "soft": res.soft, "history": res.history,
-             "profile": res.profile}), indent=2))
+        (root / sc.METRICS_JSON).write_text(
+            json.dumps(
+                to_jsonable(
+                    {"test": res.test, "val": res.val, "soft": res.soft, "history": res.history, "profile": res.profile}
+                ),
+                indent=2,
+            )
+        )
         seed = f", seed {res.config.seed}" if res.config.seed else ""
         where = f"{label}, fold {res.config.fold}{seed}"
         for task, m in res.test.items():
-            tr.write_task_artifacts(root, task, m, f"{task.upper()} confusion: {where}",
-                                    f"{task.upper()} reliability: {where}")
+            tr.write_task_artifacts(
+                root, task, m, f"{task.upper()} confusion: {where}", f"{task.upper()} reliability: {where}"
+            )
         for task, p in res.predictions.items():  # per-image test predictions (analysis/ bootstraps)
             tr.write_predictions(root, task, p)
         retry(c.log_artifacts, run_id, str(root))
     retry(c.log_artifact, run_id, res.student_path, sc.MODEL_DIR)
 
 
-def open_run(sw: dict[str, Any], cfg: TrialConfig, label: str, existing: Any = None,
-             tags: dict[str, str] | None = None) -> str:
+def open_run(
+    sw: dict[str, Any], cfg: TrialConfig, label: str, existing: Any = None, tags: dict[str, str] | None = None
+) -> str:
     """The trial's MLflow run: `existing` reopened (a retry, or a rerun after a crash, logs into the
     same run and counts the attempt), else a new child of the sweep run with the trial's tags,
     `tags` added (the search's candidates are trials of another stage)."""
@@ -148,10 +182,19 @@ def open_run(sw: dict[str, Any], cfg: TrialConfig, label: str, existing: Any = N
         attempts = int(existing.data.tags.get(sc.TAG_ATTEMPTS, "1")) + 1
         retry(c.set_tag, run_id, sc.TAG_ATTEMPTS, str(attempts))
     else:
-        tags = {sc.TAG_STAGE: sc.STAGE_STUDENT, sc.TAG_SWEEP: sw["sweep"], sc.TAG_FOLD: str(cfg.fold),
-                sc.TAG_SEED: str(cfg.seed), sc.TAG_TRIAL_KEY: cfg.trial_key(), sc.TAG_CONFIG_KEY: cfg.key(),
-                sc.TAG_LABEL: label, sc.TAG_PARENT: parent_id, sc.TAG_NODE: _node(),
-                sc.TAG_HOST: socket.gethostname(), **(tags or {})}
+        tags = {
+            sc.TAG_STAGE: sc.STAGE_STUDENT,
+            sc.TAG_SWEEP: sw["sweep"],
+            sc.TAG_FOLD: str(cfg.fold),
+            sc.TAG_SEED: str(cfg.seed),
+            sc.TAG_TRIAL_KEY: cfg.trial_key(),
+            sc.TAG_CONFIG_KEY: cfg.key(),
+            sc.TAG_LABEL: label,
+            sc.TAG_PARENT: parent_id,
+            sc.TAG_NODE: _node(),
+            sc.TAG_HOST: socket.gethostname(),
+            **(tags or {}),
+        }
         run = retry(c.create_run, exp_id, run_name=f"{label} {replicate_name(cfg.fold, cfg.seed)}", tags=tags)
         run_id = run.info.run_id
         retry(c.set_tag, run_id, sc.TAG_ATTEMPTS, "1")
@@ -231,20 +274,33 @@ def run_trial(config: dict[str, Any]) -> None:
             prof = {**res.profile, "logging_s": logging_s[0]}
             tr.log_metrics(uri, run_id, {f"{sc.PROFILE}/{k}": v for k, v in prof.items()})
             print("[profile] " + ", ".join(f"{k} {v:.1f}s" for k, v in prof.items()), file=sys.stderr, flush=True)
-        retry(c.set_tag, run_id, sc.TAG_TEACHERS_TRAINED,
-              ",".join(t for t, d in res.teachers.items() if d["built"]) or "none")
+        retry(
+            c.set_tag,
+            run_id,
+            sc.TAG_TEACHERS_TRAINED,
+            ",".join(t for t, d in res.teachers.items() if d["built"]) or "none",
+        )
     except BaseException as e:
         fail_run(uri, run_id, e)
         raise
     tr.end_run(uri, run_id, "FINISHED")
-    tune.report({**_tune_metrics(final), "mlflow_run_id": run_id, "reused_run": 0,
-                 "teachers_trained": sum(int(d["built"]) for d in res.teachers.values())})
+    tune.report(
+        {
+            **_tune_metrics(final),
+            "mlflow_run_id": run_id,
+            "reused_run": 0,
+            "teachers_trained": sum(int(d["built"]) for d in res.teachers.values()),
+        }
+    )
 
 
 def _tune_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """Tune-friendly names (no slashes) of the test metrics, for its progress and result grid."""
-    return {k.replace(f"{sc.TEST}/", "").replace("/", "_"): v for k, v in metrics.items()
-            if k.startswith(f"{sc.TEST}/") and v is not None}
+    return {
+        k.replace(f"{sc.TEST}/", "").replace("/", "_"): v
+        for k, v in metrics.items()
+        if k.startswith(f"{sc.TEST}/") and v is not None
+    }
 
 
 def _node() -> str:

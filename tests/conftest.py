@@ -1,4 +1,5 @@
 """Shared fixtures: small image data sets written with PIL into tmp_path."""
+
 from __future__ import annotations
 
 import os
@@ -71,17 +72,33 @@ def csv_manifest(tmp_path) -> Path:
 
 
 ODIR_COLUMNS = [
-    "ID", "Patient Age", "Patient Sex", "Left-Fundus", "Right-Fundus",
-    "Left-Diagnostic Keywords", "Right-Diagnostic Keywords",
-    "N", "D", "G", "C", "A", "H", "M", "O", "filepath", "labels", "target", "filename",
+    "ID",
+    "Patient Age",
+    "Patient Sex",
+    "Left-Fundus",
+    "Right-Fundus",
+    "Left-Diagnostic Keywords",
+    "Right-Diagnostic Keywords",
+    "N",
+    "D",
+    "G",
+    "C",
+    "A",
+    "H",
+    "M",
+    "O",
+    "filepath",
+    "labels",
+    "target",
+    "filename",
 ]
 
 # (ID, left keywords, right keywords); "-" = the eye's image file is absent.
 ODIR_PATIENTS: list[tuple[int, str, str]] = [
-    (0, "cataract", "normal fundus"),                                           # left: other only
+    (0, "cataract", "normal fundus"),  # left: other only
     (1, "normal fundus", "normal fundus"),
     (2, "moderate non proliferative retinopathy", "normal fundus"),
-    (3, "normal fundus", "lens dust，normal fundus"),                           # full-width comma, artefact
+    (3, "normal fundus", "lens dust，normal fundus"),  # full-width comma, artefact
     (4, "mild nonproliferative retinopathy", "mild nonproliferative retinopathy"),
     (5, "severe nonproliferative retinopathy", "moderate non proliferative retinopathy，cataract"),
     (6, "proliferative diabetic retinopathy", "severe proliferative diabetic retinopathy"),
@@ -89,15 +106,19 @@ ODIR_PATIENTS: list[tuple[int, str, str]] = [
     (8, "dry age-related macular degeneration", "drusen"),
     (9, "wet age-related macular degeneration", "normal fundus"),
     (10, "hypertensive retinopathy", "normal fundus"),
-    (11, "hypertensive retinopathy，moderate non proliferative retinopathy", "hypertensive retinopathy"),  # left: two tasks
-    (12, "diabetic retinopathy", "normal fundus"),                              # left: ungraded DR
-    (13, "normal fundus", "-"),                                                 # right image missing
-    (14, "glaucoma", "pathological myopia"),                                    # other only (both)
-    (15, "drusen,mild nonproliferative retinopathy", "normal fundus"),          # left: two tasks (ASCII comma)
+    (
+        11,
+        "hypertensive retinopathy，moderate non proliferative retinopathy",
+        "hypertensive retinopathy",
+    ),  # left: two tasks
+    (12, "diabetic retinopathy", "normal fundus"),  # left: ungraded DR
+    (13, "normal fundus", "-"),  # right image missing
+    (14, "glaucoma", "pathological myopia"),  # other only (both)
+    (15, "drusen,mild nonproliferative retinopathy", "normal fundus"),  # left: two tasks (ASCII comma)
     (16, "normal fundus", "normal fundus"),
     (17, "normal fundus", "normal fundus"),
     (18, "normal fundus", "normal fundus"),
-    (19, "moderate non proliferative retinopathy", "drusen"),                   # straddles dr / amd
+    (19, "moderate non proliferative retinopathy", "drusen"),  # straddles dr / amd
     (20, "normal fundus", "normal fundus"),
     (21, "mild nonproliferative retinopathy，laser spot", "normal fundus"),
 ]
@@ -115,16 +136,29 @@ def odir_root(tmp_path) -> Path:
             if kw != "-":
                 write_image(root / "preprocessed_images" / f"{pid}_{side}.jpg", 32, seed=pid * 2 + (side == "right"))
         for side in ("left", "right"):  # one table row per original image, like the Kaggle table
-            rows.append({
-                "ID": pid, "Patient Age": 60, "Patient Sex": "Female",
-                "Left-Fundus": f"{pid}_left.jpg", "Right-Fundus": f"{pid}_right.jpg",
-                "Left-Diagnostic Keywords": left if left != "-" else "normal fundus",
-                "Right-Diagnostic Keywords": right if right != "-" else "normal fundus",
-                "N": 0, "D": 0, "G": 0, "C": 0, "A": 0, "H": 0, "M": 0, "O": 0,
-                "filepath": f"../input/ODIR-5K/Training Images/{pid}_{side}.jpg",
-                "labels": "['N']", "target": "[1, 0, 0, 0, 0, 0, 0, 0]",
-                "filename": f"{pid}_{side}.jpg",
-            })
+            rows.append(
+                {
+                    "ID": pid,
+                    "Patient Age": 60,
+                    "Patient Sex": "Female",
+                    "Left-Fundus": f"{pid}_left.jpg",
+                    "Right-Fundus": f"{pid}_right.jpg",
+                    "Left-Diagnostic Keywords": left if left != "-" else "normal fundus",
+                    "Right-Diagnostic Keywords": right if right != "-" else "normal fundus",
+                    "N": 0,
+                    "D": 0,
+                    "G": 0,
+                    "C": 0,
+                    "A": 0,
+                    "H": 0,
+                    "M": 0,
+                    "O": 0,
+                    "filepath": f"../input/ODIR-5K/Training Images/{pid}_{side}.jpg",
+                    "labels": "['N']",
+                    "target": "[1, 0, 0, 0, 0, 0, 0, 0]",
+                    "filename": f"{pid}_{side}.jpg",
+                }
+            )
     pd.DataFrame(rows, columns=ODIR_COLUMNS).to_csv(root / "full_df.csv", index=False)
     return root
 

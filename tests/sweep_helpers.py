@@ -1,4 +1,5 @@
 """Helpers for tests that run sweep scripts as a user would: a subprocess per command."""
+
 from __future__ import annotations
 
 import os
@@ -17,10 +18,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def sweep_cmd(name: str, workdir: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(ROOT / "sweeps" / f"{name}.py"), "--smoke",
-            "--mlflow-uri", f"sqlite:///{workdir / 'mlflow.db'}",
-            "--storage-path", str(workdir / "ray_results"),
-            "--cache-dir", str(workdir / "cache"), *extra]
+    return [
+        sys.executable,
+        str(ROOT / "sweeps" / f"{name}.py"),
+        "--smoke",
+        "--mlflow-uri",
+        f"sqlite:///{workdir / 'mlflow.db'}",
+        "--storage-path",
+        str(workdir / "ray_results"),
+        "--cache-dir",
+        str(workdir / "cache"),
+        *extra,
+    ]
 
 
 def _template_store() -> Path:
@@ -45,12 +54,13 @@ def seed_store(cmd: list[str]) -> None:
     if "--dry-run" in cmd or "--mlflow-uri" not in cmd:
         return
     uri = cmd[cmd.index("--mlflow-uri") + 1]
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
-        shutil.copyfile(_template_store(), uri[len("sqlite:///"):])
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
+        shutil.copyfile(_template_store(), uri[len("sqlite:///") :])
 
 
-def run(cmd: list[str], cwd: Path, timeout: int = 600, seed: bool = True,
-        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], cwd: Path, timeout: int = 600, seed: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run a command as a user would; a sweep's new MLflow store starts from the migrated template
     unless `seed` is False. `env`: the environment (default this process's), e.g. a cluster's."""
     if seed:
@@ -73,16 +83,18 @@ def by_stage(all_runs: list) -> Counter:
     return Counter((r.data.tags.get("sall.stage"), r.info.status) for r in all_runs)
 
 
-def kill_when(cmd: list[str], cwd: Path, ready: Callable[[], bool], timeout: float = 240,
-              env: dict[str, str] | None = None) -> None:
+def kill_when(
+    cmd: list[str], cwd: Path, ready: Callable[[], bool], timeout: float = 240, env: dict[str, str] | None = None
+) -> None:
     """Start a sweep, wait until `ready()` (polled every second), then SIGKILL its driver only,
     as a crash would. Fails the test if the sweep ends first or `ready` never holds."""
     import pytest
 
     seed_store(cmd)
     env = dict(env or os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True
+    )
     deadline = time.time() + timeout
     try:
         while time.time() < deadline:

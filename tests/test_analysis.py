@@ -4,6 +4,7 @@ One temperature sweep (baseline + T=8, folds 0,1) runs once per module: fold 2 o
 missing. A copy of its store with the T=8 fold-1 run marked FAILED (MlflowClient.set_terminated,
 as a crashed trial leaves it) adds a failed trial. Every end-to-end test reads those stores.
 """
+
 from __future__ import annotations
 
 import json
@@ -95,14 +96,18 @@ def uri(d: Path) -> str:
 def student(d: Path, label: str, fold: int):
     c = cm.client(uri(d))
     exp = c.get_experiment_by_name(EXP)
-    return c.search_runs([exp.experiment_id], f"tags.`{sc.TAG_STAGE}` = '{sc.STAGE_STUDENT}' and "
-                                              f"tags.`{sc.TAG_LABEL}` = '{label}' and tags.`{sc.TAG_FOLD}` = '{fold}'")[0]
+    return c.search_runs(
+        [exp.experiment_id],
+        f"tags.`{sc.TAG_STAGE}` = '{sc.STAGE_STUDENT}' and "
+        f"tags.`{sc.TAG_LABEL}` = '{label}' and tags.`{sc.TAG_FOLD}` = '{fold}'",
+    )[0]
 
 
 @pytest.mark.slow
 def test_tables_from_a_real_sweep(store):
-    r = run([sys.executable, str(ROOT / "analysis" / "tables.py"), "--experiment", EXP, "--bootstrap", "500"],
-            store)  # default URI sqlite:///mlflow.db in the sweep's folder
+    r = run(
+        [sys.executable, str(ROOT / "analysis" / "tables.py"), "--experiment", EXP, "--bootstrap", "500"], store
+    )  # default URI sqlite:///mlflow.db in the sweep's folder
     assert r.returncode == 0, r.stderr
     md = r.stdout
     assert "Table IV" in md and "Table V" in md
@@ -134,8 +139,22 @@ def test_tables_from_a_real_sweep(store):
 
 @pytest.mark.slow
 def test_tables_show_failed_trials(failed_store, tmp_path, capsys):
-    assert tb.main(["--experiment", EXP, "--mlflow-uri", uri(failed_store), "--out", str(tmp_path),
-                    "--bootstrap", "200", "--no-log"]) == 0
+    assert (
+        tb.main(
+            [
+                "--experiment",
+                EXP,
+                "--mlflow-uri",
+                uri(failed_store),
+                "--out",
+                str(tmp_path),
+                "--bootstrap",
+                "200",
+                "--no-log",
+            ]
+        )
+        == 0
+    )
     md = capsys.readouterr().out
     t8 = next(line for line in md.splitlines() if line.startswith("| T=8 |"))
     assert "n=1 of 3, FAILED (fold 1), fold 2 missing" in t8
@@ -146,8 +165,26 @@ def test_tables_show_failed_trials(failed_store, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_tables_override_and_csv(failed_store, tmp_path, capsys):
-    assert tb.main(["--experiment", EXP, "--mlflow-uri", uri(failed_store), "--out", str(tmp_path),
-                    "--table", "III", "--bootstrap", "0", "--no-log", "--metrics", "acc,kappa"]) == 0
+    assert (
+        tb.main(
+            [
+                "--experiment",
+                EXP,
+                "--mlflow-uri",
+                uri(failed_store),
+                "--out",
+                str(tmp_path),
+                "--table",
+                "III",
+                "--bootstrap",
+                "0",
+                "--no-log",
+                "--metrics",
+                "acc,kappa",
+            ]
+        )
+        == 0
+    )
     md = capsys.readouterr().out
     assert "Table III" in md and "DR kappa" in md
     # --bootstrap 0 skips the resampling over images, never the paired tests and their noise floor
@@ -173,8 +210,23 @@ def test_tables_errors(store, capsys):
 @pytest.mark.slow
 def test_figures_written(store, tmp_path):
     out = tmp_path / "figs"
-    r = run([sys.executable, str(ROOT / "analysis" / "figures.py"), "--experiment", EXP, "--out", str(out),
-             "--mlflow-uri", uri(store), "--cache-dir", str(store / "cache"), "--gradcam-per-task", "1"], store)
+    r = run(
+        [
+            sys.executable,
+            str(ROOT / "analysis" / "figures.py"),
+            "--experiment",
+            EXP,
+            "--out",
+            str(out),
+            "--mlflow-uri",
+            uri(store),
+            "--cache-dir",
+            str(store / "cache"),
+            "--gradcam-per-task",
+            "1",
+        ],
+        store,
+    )
     assert r.returncode == 0, r.stderr
     for name in ("fig5_temperature.png", "fig6_confusion.png", "fig7_reliability.png", "fig8_gradcam.png"):
         assert (out / name).stat().st_size > 20_000, name
@@ -200,9 +252,21 @@ def external(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_evaluate_external_end_to_end(store, external):
     rid = student(store, "T=8", 0).info.run_id
-    r = run([sys.executable, str(ROOT / "analysis" / "evaluate.py"), "--run-id", rid,
-             "--dataset", str(external / "manifest.csv"), "--mlflow-uri", uri(store),
-             "--cache-dir", str(store / "cache")], store)
+    r = run(
+        [
+            sys.executable,
+            str(ROOT / "analysis" / "evaluate.py"),
+            "--run-id",
+            rid,
+            "--dataset",
+            str(external / "manifest.csv"),
+            "--mlflow-uri",
+            uri(store),
+            "--cache-dir",
+            str(store / "cache"),
+        ],
+        store,
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["n_images"] == {"dr": 15, "amd": 8} and out["temperature"] == 8.0
@@ -250,8 +314,10 @@ def test_noise_split_into_folds_and_seeds():
 def test_detectable_difference_is_the_t_half_width():
     from scipy import stats as sps
 
-    ft = stats.paired_folds({(f, s): 0.6 + 0.01 * f * s for f in range(3) for s in range(2)},
-                            {(f, s): 0.5 for f in range(3) for s in range(2)})
+    ft = stats.paired_folds(
+        {(f, s): 0.6 + 0.01 * f * s for f in range(3) for s in range(2)},
+        {(f, s): 0.5 for f in range(3) for s in range(2)},
+    )
     d = np.array([0.01 * f * s for f in range(3) for s in range(2)]) + 0.1
     assert ft.n == 6 and ft.sd == pytest.approx(d.std(ddof=1))
     assert ft.floor == pytest.approx(sps.t.ppf(0.975, 5) * d.std(ddof=1) / math.sqrt(6))
@@ -281,11 +347,23 @@ def _hand_store(d: Path, acc: dict[tuple[str, int, int], float]) -> str:
     parent = c.create_run(exp, tags={sc.TAG_STAGE: sc.STAGE_SWEEP, sc.TAG_SWEEP: "temperature"}).info.run_id
     for (label, fold, seed), a in acc.items():
         base = from_preset("cpu", fold=fold, seed=seed)
-        cfg = (base.replace(temperature=1.0, multitask=False, sa_labels=False) if label == "baseline"
-               else base.replace(temperature=float(label[2:])))
-        run = c.create_run(exp, tags={sc.TAG_STAGE: sc.STAGE_STUDENT, sc.TAG_SWEEP: "temperature", sc.TAG_FOLD: str(fold),
-                                      sc.TAG_SEED: str(seed), sc.TAG_TRIAL_KEY: cfg.trial_key(),
-                                      sc.TAG_LABEL: label, sc.TAG_PARENT: parent})
+        cfg = (
+            base.replace(temperature=1.0, multitask=False, sa_labels=False)
+            if label == "baseline"
+            else base.replace(temperature=float(label[2:]))
+        )
+        run = c.create_run(
+            exp,
+            tags={
+                sc.TAG_STAGE: sc.STAGE_STUDENT,
+                sc.TAG_SWEEP: "temperature",
+                sc.TAG_FOLD: str(fold),
+                sc.TAG_SEED: str(seed),
+                sc.TAG_TRIAL_KEY: cfg.trial_key(),
+                sc.TAG_LABEL: label,
+                sc.TAG_PARENT: parent,
+            },
+        )
         rid = run.info.run_id
         for k, v in cfg.params().items():
             c.log_param(rid, k, v)
@@ -304,8 +382,24 @@ def test_table_with_seeds_reports_fold_and_seed_spread_and_the_floor(tmp_path, c
             acc[("baseline", f, s)] = b
             acc[("T=4", f, s)] = b + (0.03 if (f, s) == (2, 1) else 0.04)
     u = _hand_store(tmp_path, acc)
-    assert tb.main(["--experiment", EXP, "--mlflow-uri", u, "--out", str(tmp_path / "out"),
-                    "--bootstrap", "0", "--no-log", "--table", "IV"]) == 0
+    assert (
+        tb.main(
+            [
+                "--experiment",
+                EXP,
+                "--mlflow-uri",
+                u,
+                "--out",
+                str(tmp_path / "out"),
+                "--bootstrap",
+                "0",
+                "--no-log",
+                "--table",
+                "IV",
+            ]
+        )
+        == 0
+    )
     md = capsys.readouterr().out
     base = next(line for line in md.split("### Noise")[0].splitlines() if line.startswith("| baseline |"))
     assert "52.0 ± 2.0 (6)" in base and "6 of 6 (3 folds × 2 seeds)" in base

@@ -2,6 +2,7 @@
 
 Every case runs both `python -m sall run` and a sweep script, as a user would type them.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -35,8 +36,9 @@ def full_rows(n: int = 3) -> list[tuple[str, str, str]]:
     return rows
 
 
-def invoke(kind: str, args: list[str], cwd: Path, subprocess_: bool = False,
-           sweep: str = "temperature") -> subprocess.CompletedProcess:
+def invoke(
+    kind: str, args: list[str], cwd: Path, subprocess_: bool = False, sweep: str = "temperature"
+) -> subprocess.CompletedProcess:
     """Run `python -m sall run` or `python sweeps/<sweep>.py` with `args`: in this process (the
     same entry points, fast) or, with `subprocess_`, exactly as a user types it."""
     common = ["--cache-dir", str(cwd / "cache")] if "--cache-dir" not in args else []
@@ -84,26 +86,42 @@ def assert_clear_failure(out: subprocess.CompletedProcess, cwd: Path, *needles: 
 
 CASES = {
     "manifest missing": (lambda d: ["--dataset", str(d / "nope.csv")], ["nope.csv"]),
-    "wrong columns": (lambda d: ["--dataset", str(make_csv(d / "c", full_rows(), header="file,task,grade"))],
-                      ["missing column", "image"]),
-    "unknown task": (lambda d: ["--dataset", str(make_csv(d / "c", full_rows() + [("img/x.png", "glaucoma", "1")]))],
-                     ["unknown task 'glaucoma'"]),
-    "grade out of range": (lambda d: ["--dataset", str(make_csv(d / "c", full_rows() + [("img/x.png", "amd", "7")]))],
-                           ["grade 7 out of range", "0..3"]),
-    "image missing": (lambda d: ["--dataset", str(make_csv(d / "c", full_rows() + [("missing.png", "dr", "1")]))],
-                      ["missing.png"]),
+    "wrong columns": (
+        lambda d: ["--dataset", str(make_csv(d / "c", full_rows(), header="file,task,grade"))],
+        ["missing column", "image"],
+    ),
+    "unknown task": (
+        lambda d: ["--dataset", str(make_csv(d / "c", full_rows() + [("img/x.png", "glaucoma", "1")]))],
+        ["unknown task 'glaucoma'"],
+    ),
+    "grade out of range": (
+        lambda d: ["--dataset", str(make_csv(d / "c", full_rows() + [("img/x.png", "amd", "7")]))],
+        ["grade 7 out of range", "0..3"],
+    ),
+    "image missing": (
+        lambda d: ["--dataset", str(make_csv(d / "c", full_rows() + [("missing.png", "dr", "1")]))],
+        ["missing.png"],
+    ),
     "image corrupt": (lambda d: ["--dataset", str(_broken(d, corrupt_file))], ["img/dr_1_0.png"]),
     "image truncated": (lambda d: ["--dataset", str(_broken(d, truncate_file))], ["img/dr_1_0.png", "truncated"]),
-    "class left empty": (lambda d: ["--dataset", str(make_csv(d / "c", [r for r in full_rows() if r[1:] != ("dr", "4")]))],
-                         ["task dr has no image of grade(s) 4"]),
+    "class left empty": (
+        lambda d: ["--dataset", str(make_csv(d / "c", [r for r in full_rows() if r[1:] != ("dr", "4")]))],
+        ["task dr has no image of grade(s) 4"],
+    ),
     "cap of zero": (lambda d: ["--class-cap", "0", "--smoke"], ["class_cap 0"]),
-    "temperature zero": (lambda d: ["--smoke", "-T", "0"] , ["temperature 0"]),
+    "temperature zero": (lambda d: ["--smoke", "-T", "0"], ["temperature 0"]),
     "fold out of range": (lambda d: ["--smoke", "--fold", "5"], ["fold 5 out of range"]),
     "unknown preset": (lambda d: ["--preset", "gpu-xl"], ["unknown preset 'gpu-xl'"]),
     "unknown backbone": (lambda d: ["--smoke", "--backbone", "resnet9000"], ["unknown backbone 'resnet9000'"]),
     "odir without root": (lambda d: ["--dataset", "odir"], ["--data-root"]),
-    "cache not writable": (lambda d: ["--smoke", "--cache-dir", str(_file(d) / "sub")], ["cache dir", "cannot be written"]),
-    "pretrained offline": (lambda d: ["--smoke", "--pretrained-path", str(d / "weights.pth")], ["weights.pth", "does not exist"]),
+    "cache not writable": (
+        lambda d: ["--smoke", "--cache-dir", str(_file(d) / "sub")],
+        ["cache dir", "cannot be written"],
+    ),
+    "pretrained offline": (
+        lambda d: ["--smoke", "--pretrained-path", str(d / "weights.pth")],
+        ["weights.pth", "does not exist"],
+    ),
 }
 
 

@@ -1,6 +1,7 @@
 """Behaviour with no test before issue 13, each checked cheaply and for real (no mocks, no Ray):
 the training loop's checkpoint, prediction order, teacher keys, the sweep grid, --smoke,
 MLflow's retry on a locked SQLite file and errors of the loader's background thread."""
+
 from __future__ import annotations
 
 import contextlib
@@ -55,8 +56,19 @@ def test_fit_keeps_the_checkpointed_epoch(images, checkpoint):
 
     train = TrainSet(train_rows, {"dr": one_hot(labels[train_rows], 5)}, {"dr": np.ones(32, dtype=bool)})
     with contextlib.redirect_stderr(io.StringIO()):
-        res = fit(model, images, train, {"dr": (val_rows, labels[val_rows])}, epochs=5, temperature=1.0,
-                  cfg=cfg, rt=rt, name="t", seed=0, on_epoch=snapshot)
+        res = fit(
+            model,
+            images,
+            train,
+            {"dr": (val_rows, labels[val_rows])},
+            epochs=5,
+            temperature=1.0,
+            cfg=cfg,
+            rt=rt,
+            name="t",
+            seed=0,
+            on_epoch=snapshot,
+        )
     accs = [h.get("val/dr/acc") for h in res.history]
     if checkpoint == "last":  # validation chooses nothing, so it is measured once, at the end
         assert [a is None for a in accs] == [True] * 4 + [False], accs
@@ -87,12 +99,37 @@ def test_predict_returns_rows_in_the_order_asked(images):
 
 # ---------------------------------------------------------------------------------- teacher keys
 
-TEACHER_FIELDS = dict(fold=1, class_cap=5, backbone="resnet18", image_size=24, lr=1e-3, batch_size=16,
-                      teacher_epochs=3, augment=True, seed=7, synthetic_n=60, pretrained=True,
-                      optimizer="sgd", weight_decay=1e-4, eps=1e-6, betas=(0.8, 0.99))
-NOT_TEACHER_FIELDS = dict(temperature=8.0, multitask=False, sa_labels=False, student_epochs=5,
-                          sample_counts=(("amd", 0.5),), tasks=("dr", "amd", "arter"), threads=3,
-                          device="cpu", amp="off", channels_last="off", profile=True, compile=True)
+TEACHER_FIELDS = dict(
+    fold=1,
+    class_cap=5,
+    backbone="resnet18",
+    image_size=24,
+    lr=1e-3,
+    batch_size=16,
+    teacher_epochs=3,
+    augment=True,
+    seed=7,
+    synthetic_n=60,
+    pretrained=True,
+    optimizer="sgd",
+    weight_decay=1e-4,
+    eps=1e-6,
+    betas=(0.8, 0.99),
+)
+NOT_TEACHER_FIELDS = dict(
+    temperature=8.0,
+    multitask=False,
+    sa_labels=False,
+    student_epochs=5,
+    sample_counts=(("amd", 0.5),),
+    tasks=("dr", "amd", "arter"),
+    threads=3,
+    device="cpu",
+    amp="off",
+    channels_last="off",
+    profile=True,
+    compile=True,
+)
 
 
 @pytest.mark.parametrize("field,value", sorted(TEACHER_FIELDS.items()))
@@ -123,13 +160,21 @@ def test_expand_drops_duplicate_trials_and_keeps_the_first_label():
     from sweeps.runner import expand
 
     base = tiny_cfg()
-    grid = [("baseline", base.replace(temperature=1.0, multitask=False, sa_labels=False)),
-            ("T=3", base.replace(temperature=3.0)),
-            ("T=3.0 again", base.replace(temperature=3.0)),
-            ("T=1 single", base.replace(temperature=1.0, multitask=False, sa_labels=False))]
+    grid = [
+        ("baseline", base.replace(temperature=1.0, multitask=False, sa_labels=False)),
+        ("T=3", base.replace(temperature=3.0)),
+        ("T=3.0 again", base.replace(temperature=3.0)),
+        ("T=1 single", base.replace(temperature=1.0, multitask=False, sa_labels=False)),
+    ]
     trials = expand(grid, [0, 1, 2])
     assert [(t.label, t.cfg.fold) for t in trials] == [
-        ("baseline", 0), ("baseline", 1), ("baseline", 2), ("T=3", 0), ("T=3", 1), ("T=3", 2)]
+        ("baseline", 0),
+        ("baseline", 1),
+        ("baseline", 2),
+        ("T=3", 0),
+        ("T=3", 1),
+        ("T=3", 2),
+    ]
     assert len({t.cfg.key() for t in trials}) == len(trials)
     assert expand(grid, [1, 1]) == expand(grid, [1])
 
@@ -144,10 +189,12 @@ def test_a_sweep_into_another_store_never_resumes_this_ones_tune_state(tmp_path)
     uri, cache = f"sqlite:///{tmp_path}/a/mlflow.db", str(tmp_path / "a" / "cache")
     first = make_sweep_id("temperature", trials, uri, cache, "sall-temperature")
     assert make_sweep_id("temperature", list(reversed(trials)), uri, cache, "sall-temperature") == first
-    others = [("temperature", trials, f"sqlite:///{tmp_path}/b/mlflow.db", cache, "sall-temperature"),
-              ("temperature", trials, uri, str(tmp_path / "b" / "cache"), "sall-temperature"),
-              ("temperature", trials, uri, cache, "mine"),
-              ("temperature", trials[:1], uri, cache, "sall-temperature")]
+    others = [
+        ("temperature", trials, f"sqlite:///{tmp_path}/b/mlflow.db", cache, "sall-temperature"),
+        ("temperature", trials, uri, str(tmp_path / "b" / "cache"), "sall-temperature"),
+        ("temperature", trials, uri, cache, "mine"),
+        ("temperature", trials[:1], uri, cache, "sall-temperature"),
+    ]
     assert first not in {make_sweep_id(*o) for o in others}
 
 

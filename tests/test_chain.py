@@ -1,4 +1,5 @@
 """The whole chain on tiny synthetic data: teachers cached and reused, switches, stored student."""
+
 import json
 import subprocess
 import sys
@@ -72,8 +73,12 @@ def test_student_is_stored_and_reloads(warm):
 
 def test_cli_prints_json_metrics(warm):
     cache, _ = warm
-    out = subprocess.run([sys.executable, "-m", "sall", "run", "--smoke", "--cache-dir", str(cache),
-                          "-T", "5"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "sall", "run", "--smoke", "--cache-dir", str(cache), "-T", "5"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout)
     assert set(res["test"]) == {"dr", "amd"}
@@ -124,8 +129,7 @@ def test_a_two_task_run_decodes_and_labels_only_what_it_uses(warm):
         blob = torch.load(cache / "logits" / f"{res.teachers[task]['key']}-on-{other}.pt", weights_only=True)
         assert np.array_equal(blob["rows"].numpy(), data.rows("train", other))
         assert blob["logits"].shape == (len(data.rows("train", other)), 5 if task == "dr" else 4)
-    images = image_array(data.manifest, data.fingerprint, res.config.image_size, ArtifactStore(cache),
-                         res.config.tasks)
+    images = image_array(data.manifest, data.fingerprint, res.config.image_size, ArtifactStore(cache), res.config.tasks)
     arter = np.flatnonzero(data.manifest["task"].to_numpy() == "arter")
     with pytest.raises(KeyError, match="arter"):
         images[arter[:2]]

@@ -113,12 +113,18 @@ def test_aws_commands_use_only_flags_the_installed_tools_accept(aws):
     from mlflow.cli import server
     from ray.scripts.scripts import start
 
-    lines = [ln for k in ("head_setup_commands", "head_start_ray_commands", "worker_start_ray_commands")
-             for c in aws[k] for ln in c.splitlines()]
+    lines = [
+        ln
+        for k in ("head_setup_commands", "head_start_ray_commands", "worker_start_ray_commands")
+        for c in aws[k]
+        for ln in c.splitlines()
+    ]
     mlflow_lines = [ln.split("mlflow server", 1)[1] for ln in lines if "mlflow server" in ln]
     ray_lines = [ln.split("ray start", 1)[1] for ln in lines if "ray start" in ln]
     assert mlflow_lines and len(ray_lines) == 2  # the head's and the workers'
-    for tail, known in [(t, _click_options(server)) for t in mlflow_lines] + [(t, _click_options(start)) for t in ray_lines]:
+    for tail, known in [(t, _click_options(server)) for t in mlflow_lines] + [
+        (t, _click_options(start)) for t in ray_lines
+    ]:
         unknown = set(_flags(tail)) - known
         assert not unknown, (unknown, tail)
 
@@ -156,8 +162,9 @@ def test_aws_placeholders_are_marked():
     is left to a templating step."""
     text = (CLUSTER / "aws.yaml").read_text()
     token = re.compile(r"[\w.:-]*REPLACE_ME[\w.:-]*")
-    documented = {t.strip(":") for line in text.splitlines() if line.lstrip().startswith("#")
-                  for t in token.findall(line)} - {"REPLACE_ME"}  # named ones only
+    documented = {
+        t.strip(":") for line in text.splitlines() if line.lstrip().startswith("#") for t in token.findall(line)
+    } - {"REPLACE_ME"}  # named ones only
     strings = list(_strings(_load(CLUSTER / "aws.yaml")))
     used = {t for v in strings for t in token.findall(v)}
     assert used, "the account-specific values are expected to be marked REPLACE_ME"
@@ -217,10 +224,7 @@ def test_raycluster_images_and_gpu_workers(kube):
     gpu_groups = [
         g
         for g in groups
-        if any(
-            int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) >= 1
-            for c in g["template"]["spec"]["containers"]
-        )
+        if any(int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) >= 1 for c in g["template"]["spec"]["containers"])
     ]
     assert gpu_groups, "a worker group must request nvidia.com/gpu"
     for g in gpu_groups:
@@ -274,7 +278,7 @@ def test_mlflow_service_matches_the_uri_the_sweep_uses(kube):
         if "persistentVolumeClaim" in v:
             assert ("PersistentVolumeClaim", v["persistentVolumeClaim"]["claimName"]) in kube
     db = args["--backend-store-uri"]
-    assert db.startswith("sqlite:///") and any(db[len("sqlite:///"):].startswith(p) for p in mounts.values())
+    assert db.startswith("sqlite:///") and any(db[len("sqlite:///") :].startswith(p) for p in mounts.values())
 
 
 def test_shared_volume_mounted_where_the_sweep_writes(kube):
@@ -282,14 +286,10 @@ def test_shared_volume_mounted_where_the_sweep_writes(kube):
     _, flags = _entrypoint_flags(job)
     for group, pod in _pod_specs(rc):
         claims = {
-            v["name"]: v["persistentVolumeClaim"]["claimName"]
-            for v in pod["volumes"]
-            if "persistentVolumeClaim" in v
+            v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v
         }
         for c in pod["containers"]:
-            mounted = {
-                m["mountPath"]: claims[m["name"]] for m in c["volumeMounts"] if m["name"] in claims
-            }
+            mounted = {m["mountPath"]: claims[m["name"]] for m in c["volumeMounts"] if m["name"] in claims}
             for flag in ("--storage-path", "--cache-dir"):
                 path = flags[flag]
                 hits = [mp for mp in mounted if path == mp or path.startswith(mp.rstrip("/") + "/")]

@@ -4,6 +4,7 @@ The values are generated per field from the dataclass's own type hints, so a fie
 TrialConfig is covered here without a change (a field of a new kind of type fails `strategy`
 until it gets one). Runtime fields are never logged: they come back as their defaults.
 """
+
 from __future__ import annotations
 
 import dataclasses

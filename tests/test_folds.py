@@ -1,4 +1,5 @@
 """Folds: patient-disjoint, stratified, 50/25/25, deterministic; subsets nested and stratified."""
+
 import numpy as np
 import pandas as pd
 import pytest

@@ -8,6 +8,7 @@ Ray starts: over 2,000 cases in well under a minute.
 
 A failure found here gets a named regression test (`test_regression_*`) below or beside the code.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,8 +26,9 @@ from hypothesis import strategies as st
 
 from sall.cli import guarded, main
 
-SETTINGS = dict(deadline=None, database=None, derandomize=False, print_blob=True,
-                suppress_health_check=list(HealthCheck))
+SETTINGS = dict(
+    deadline=None, database=None, derandomize=False, print_blob=True, suppress_health_check=list(HealthCheck)
+)
 
 # Characters a command line can hold (no NUL, no lone surrogates).
 ARG_CHARS = st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")
@@ -75,8 +77,9 @@ def workdir():
 
 
 def run_dry(work: Path, *args: str) -> tuple[int, str, str]:
-    return call(lambda: main(["run", "--dry-run", "--smoke", "--no-pretrained",
-                              "--cache-dir", str(work / "cache"), *args]))
+    return call(
+        lambda: main(["run", "--dry-run", "--smoke", "--no-pretrained", "--cache-dir", str(work / "cache"), *args])
+    )
 
 
 # ------------------------------------------------------------------------------- image pool
@@ -108,8 +111,19 @@ def pool(tmp_path_factory) -> Path:
 
 
 POOL_FILES = [f"ok{i}.png" for i in range(12)] + [
-    "ok.jpg", "ok.bmp", "zero.png", "trunc.png", "trunc.jpg", "junk.png", "text.png", "folder.png",
-    "link.png", "dangling.png", "dirlink.png", "loop.png", "absent.png",
+    "ok.jpg",
+    "ok.bmp",
+    "zero.png",
+    "trunc.png",
+    "trunc.jpg",
+    "junk.png",
+    "text.png",
+    "folder.png",
+    "link.png",
+    "dangling.png",
+    "dirlink.png",
+    "loop.png",
+    "absent.png",
 ]
 
 
@@ -120,45 +134,117 @@ def image_ref(pool: Path) -> st.SearchStrategy[str]:
         name.map(lambda n: f"../pool/{n}"),
         name.map(lambda n: str(pool / n)),
         name.map(lambda n: f"../pool/./{n}"),
-        st.sampled_from(["", " ", "..", "/", "/etc/passwd", "../../../../etc/hostname", "nan", "NaN",
-                         "None", "null", "NA", "#N/A", "-", "\"quoted.png\"", "a,b.png", "ünï.png",
-                         "C:\\img\\x.png", "~/x.png", "../pool", "x" * 300 + ".png"]),
+        st.sampled_from(
+            [
+                "",
+                " ",
+                "..",
+                "/",
+                "/etc/passwd",
+                "../../../../etc/hostname",
+                "nan",
+                "NaN",
+                "None",
+                "null",
+                "NA",
+                "#N/A",
+                "-",
+                '"quoted.png"',
+                "a,b.png",
+                "ünï.png",
+                "C:\\img\\x.png",
+                "~/x.png",
+                "../pool",
+                "x" * 300 + ".png",
+            ]
+        ),
         ARG_TEXT,
     )
 
 
-TASK_CELL = st.one_of(st.sampled_from(["dr", "amd", "arter", "DR", " dr", "amd ", "glaucoma", "", "nan",
-                                       "None", "dr,amd", "\"dr\"", "ａｍｄ"]), ARG_TEXT)
+TASK_CELL = st.one_of(
+    st.sampled_from(
+        ["dr", "amd", "arter", "DR", " dr", "amd ", "glaucoma", "", "nan", "None", "dr,amd", '"dr"', "ａｍｄ"]
+    ),
+    ARG_TEXT,
+)
 GRADE_CELL = st.one_of(
     st.integers(-3, 6).map(str),
     st.integers().map(str),
-    st.sampled_from(["", " ", "nan", "NaN", "inf", "-inf", "1e400", "-0", "+1", "1.0", "1.5", "01", "0x1",
-                     "1_0", "٣", "²", "１", "None", "NULL", "#N/A", "1e3", "4.0000000000000001", "true"]),
+    st.sampled_from(
+        [
+            "",
+            " ",
+            "nan",
+            "NaN",
+            "inf",
+            "-inf",
+            "1e400",
+            "-0",
+            "+1",
+            "1.0",
+            "1.5",
+            "01",
+            "0x1",
+            "1_0",
+            "٣",
+            "²",
+            "１",
+            "None",
+            "NULL",
+            "#N/A",
+            "1e3",
+            "4.0000000000000001",
+            "true",
+        ]
+    ),
     st.floats().map(repr),
     ARG_TEXT,
 )
 PATIENT_CELL = st.one_of(st.sampled_from(["", "p1", "p2", "nan", "NA", " "]), ARG_TEXT)
 HEADERS = st.one_of(
-    st.sampled_from([
-        "image,task,grade", "image,task,grade,patient", "file,disease,level,patient", "image,task",
-        "Image,Task,Grade", " image , task , grade ", "image,task,grade,grade", "image,image,task,grade",
-        "image;task;grade", "image\ttask\tgrade", "", "image,task,grade,source", "\ufeffimage,task,grade",
-        "image,task,grade,patient,extra,,", "\"image\",\"task\",\"grade\"",
-    ]),
-    st.lists(st.sampled_from(["image", "task", "grade", "patient", "source", "x", "", "Image", "nan"]),
-             max_size=6).map(",".join),
+    st.sampled_from(
+        [
+            "image,task,grade",
+            "image,task,grade,patient",
+            "file,disease,level,patient",
+            "image,task",
+            "Image,Task,Grade",
+            " image , task , grade ",
+            "image,task,grade,grade",
+            "image,image,task,grade",
+            "image;task;grade",
+            "image\ttask\tgrade",
+            "",
+            "image,task,grade,source",
+            "\ufeffimage,task,grade",
+            "image,task,grade,patient,extra,,",
+            '"image","task","grade"',
+        ]
+    ),
+    st.lists(st.sampled_from(["image", "task", "grade", "patient", "source", "x", "", "Image", "nan"]), max_size=6).map(
+        ",".join
+    ),
 )
 
 
 def csv_text(pool: Path) -> st.SearchStrategy[str]:
-    good_row = st.tuples(st.sampled_from([f"../pool/ok{i}.png" for i in range(12)]),
-                         st.sampled_from(["dr", "amd"]), st.integers(0, 3).map(str), PATIENT_CELL)
+    good_row = st.tuples(
+        st.sampled_from([f"../pool/ok{i}.png" for i in range(12)]),
+        st.sampled_from(["dr", "amd"]),
+        st.integers(0, 3).map(str),
+        PATIENT_CELL,
+    )
     any_row = st.tuples(image_ref(pool), TASK_CELL, GRADE_CELL, PATIENT_CELL)
     row = st.one_of(good_row, good_row, any_row).map(lambda r: ",".join(r))
     sep = st.sampled_from(["\n", "\r\n", "\r"])
-    return st.builds(lambda h, rows, s, extra: s.join([h, *rows]) + extra,
-                     HEADERS, st.lists(row, max_size=14), sep,
-                     st.sampled_from(["", "\n", "\n\n", ",,,\n", "\"unterminated\n"]))
+    return st.builds(
+        lambda h, rows, s, extra: s.join([h, *rows]) + extra,
+        HEADERS,
+        st.lists(row, max_size=14),
+        sep,
+        st.sampled_from(["", "\n", "\n\n", ",,,\n", '"unterminated\n']),
+    )
 
 
 ENCODINGS = st.sampled_from(["utf-8", "utf-8-sig", "utf-16", "latin-1", "cp1252", "utf-32"])
@@ -178,15 +264,41 @@ def test_generated_csv_manifests(pool, data):
         d.mkdir()
         csv = d / f"{uuid.uuid4().hex[:8]}.csv"
         csv.write_bytes(text.encode(encoding, errors="replace"))
-        code, _, err = run_dry(work, "--dataset", str(csv), "--tasks",
-                               data.draw(st.sampled_from(["dr,amd", "dr", "amd,arter"]), label="tasks"))
+        code, _, err = run_dry(
+            work,
+            "--dataset",
+            str(csv),
+            "--tasks",
+            data.draw(st.sampled_from(["dr,amd", "dr", "amd,arter"]), label="tasks"),
+        )
         check_outcome(code, err, [str(csv)], work)
 
 
 # ------------------------------------------------------------------------------- image folders
 
-FOLDER_NAMES = st.one_of(st.sampled_from(["dr", "amd", "arter", "DR", "glaucoma", ".hidden", "0", "1", "4",
-                                          "9", "-1", "01", "1.0", "x", "__MACOSX", " 1"]), ARG_TEXT)
+FOLDER_NAMES = st.one_of(
+    st.sampled_from(
+        [
+            "dr",
+            "amd",
+            "arter",
+            "DR",
+            "glaucoma",
+            ".hidden",
+            "0",
+            "1",
+            "4",
+            "9",
+            "-1",
+            "01",
+            "1.0",
+            "x",
+            "__MACOSX",
+            " 1",
+        ]
+    ),
+    ARG_TEXT,
+)
 ENTRY = st.tuples(
     st.lists(FOLDER_NAMES.filter(lambda s: s not in ("", ".", "..") and "/" not in s), max_size=4),
     st.sampled_from(POOL_FILES[:16] + ["notes.txt", "Thumbs.db", ".DS_Store", "x.PNG", "y.jpeg"]),
@@ -198,8 +310,11 @@ def _plausible_tree() -> list[tuple[list[str], str]]:
 
 
 @settings(max_examples=100, **SETTINGS)
-@given(entries=st.lists(ENTRY, max_size=12), plausible=st.booleans(),
-       links=st.lists(st.sampled_from(["file", "dangling", "dir", "loop", "root"]), max_size=3))
+@given(
+    entries=st.lists(ENTRY, max_size=12),
+    plausible=st.booleans(),
+    links=st.lists(st.sampled_from(["file", "dangling", "dir", "loop", "root"]), max_size=3),
+)
 def test_generated_image_folders(pool, entries, plausible, links):
     with workdir() as work:
         root = work / "data"
@@ -219,8 +334,13 @@ def test_generated_image_folders(pool, entries, plausible, links):
         target.mkdir(parents=True, exist_ok=True)
         for k, kind in enumerate(links):
             link = target / f"link{k}.png"
-            src = {"file": pool / "ok1.png", "dangling": pool / "absent.png", "dir": pool / "folder.png",
-                   "loop": link, "root": root}[kind]
+            src = {
+                "file": pool / "ok1.png",
+                "dangling": pool / "absent.png",
+                "dir": pool / "folder.png",
+                "loop": link,
+                "root": root,
+            }[kind]
             if kind == "root":
                 link = target / f"up{k}"
             os.symlink(src, link)
@@ -232,30 +352,55 @@ def test_generated_image_folders(pool, entries, plausible, links):
 
 ODIR_REQUIRED = ["ID", "Left-Diagnostic Keywords", "Right-Diagnostic Keywords"]
 KEYWORDS = st.one_of(
-    st.lists(st.sampled_from(["normal fundus", "mild nonproliferative retinopathy", "drusen",
-                              "moderate non proliferative retinopathy", "hypertensive retinopathy",
-                              "wet age-related macular degeneration", "cataract", "lens dust",
-                              "diabetic retinopathy", "", "nan", "proliferative diabetic retinopathy"]),
-             max_size=3).map("，".join),
+    st.lists(
+        st.sampled_from(
+            [
+                "normal fundus",
+                "mild nonproliferative retinopathy",
+                "drusen",
+                "moderate non proliferative retinopathy",
+                "hypertensive retinopathy",
+                "wet age-related macular degeneration",
+                "cataract",
+                "lens dust",
+                "diabetic retinopathy",
+                "",
+                "nan",
+                "proliferative diabetic retinopathy",
+            ]
+        ),
+        max_size=3,
+    ).map("，".join),
     ARG_TEXT,
 )
-ODIR_ID = st.one_of(st.integers(0, 40).map(str), st.sampled_from(["", "nan", "1.0", "../1", "x/y", " 3"]),
-                    ARG_TEXT)
+ODIR_ID = st.one_of(st.integers(0, 40).map(str), st.sampled_from(["", "nan", "1.0", "../1", "x/y", " 3"]), ARG_TEXT)
 
 
 @settings(max_examples=100, **SETTINGS)
 @given(data=st.data())
 def test_generated_odir_tables(pool, data):
-    header = data.draw(st.one_of(
-        st.just(ODIR_REQUIRED + ["Patient Age"]),
-        st.lists(st.sampled_from(ODIR_REQUIRED + ["id", "Left-Diagnostic-Keywords", "Patient Sex", "",
-                                                  " ID ", "ID"]), max_size=5),
-    ), label="header")
-    rows = data.draw(st.lists(st.tuples(ODIR_ID, KEYWORDS, KEYWORDS, st.just("60")), max_size=30),
-                     label="rows")
-    images = data.draw(st.lists(st.tuples(st.integers(0, 40), st.sampled_from(["left", "right"]),
-                                          st.sampled_from(["ok3.png", "ok4.png", "zero.png", "junk.png"])),
-                                max_size=30), label="images")
+    header = data.draw(
+        st.one_of(
+            st.just(ODIR_REQUIRED + ["Patient Age"]),
+            st.lists(
+                st.sampled_from(ODIR_REQUIRED + ["id", "Left-Diagnostic-Keywords", "Patient Sex", "", " ID ", "ID"]),
+                max_size=5,
+            ),
+        ),
+        label="header",
+    )
+    rows = data.draw(st.lists(st.tuples(ODIR_ID, KEYWORDS, KEYWORDS, st.just("60")), max_size=30), label="rows")
+    images = data.draw(
+        st.lists(
+            st.tuples(
+                st.integers(0, 40),
+                st.sampled_from(["left", "right"]),
+                st.sampled_from(["ok3.png", "ok4.png", "zero.png", "junk.png"]),
+            ),
+            max_size=30,
+        ),
+        label="images",
+    )
     encoding = data.draw(ENCODINGS, label="encoding")
     with workdir() as work:
         root = work / "odir"
@@ -276,15 +421,35 @@ def numberish(lo: int = -10, hi: int = 10) -> st.SearchStrategy[str]:
         st.integers(lo, hi).map(str),
         st.integers().map(str),
         st.floats().map(repr),
-        st.sampled_from(["", " ", "nan", "inf", "-inf", "1e999", "-0", "0x10", "1,2", "1.5", "٣", "one",
-                         "None", "-", "--", "1e-400", "2.0"]),
+        st.sampled_from(
+            [
+                "",
+                " ",
+                "nan",
+                "inf",
+                "-inf",
+                "1e999",
+                "-0",
+                "0x10",
+                "1,2",
+                "1.5",
+                "٣",
+                "one",
+                "None",
+                "-",
+                "--",
+                "1e-400",
+                "2.0",
+            ]
+        ),
         ARG_TEXT,
     )
 
 
 TASK_LISTS = st.one_of(
-    st.lists(st.sampled_from(["dr", "amd", "arter", "DR", "", " ", "glaucoma", "dr ", "all"]), max_size=4)
-    .flatmap(lambda ts: st.sampled_from([",", ";", " ", ",,"]).map(lambda s: s.join(ts))),
+    st.lists(st.sampled_from(["dr", "amd", "arter", "DR", "", " ", "glaucoma", "dr ", "all"]), max_size=4).flatmap(
+        lambda ts: st.sampled_from([",", ";", " ", ",,"]).map(lambda s: s.join(ts))
+    ),
     ARG_TEXT,
 )
 
@@ -292,10 +457,12 @@ TASK_LISTS = st.one_of(
 RUN_FLAGS: dict[str, tuple[st.SearchStrategy[str], list[str]]] = {
     "--temperature": (numberish(-2, 60), ["temperature", "-T"]),
     "--fold": (numberish(-3, 5), ["fold"]),
-    "--class-cap": (numberish(-3, 10 ** 9), ["class_cap", "class-cap"]),
+    "--class-cap": (numberish(-3, 10**9), ["class_cap", "class-cap"]),
     "--tasks": (TASK_LISTS, ["task"]),
-    "--synthetic-n": (st.one_of(st.integers(-5, 40).map(str), st.sampled_from(["0", "-1", "1.5", "x", ""])),
-                      ["synthetic_n", "synthetic-n", "synthetic", "fold"]),
+    "--synthetic-n": (
+        st.one_of(st.integers(-5, 40).map(str), st.sampled_from(["0", "-1", "1.5", "x", ""])),
+        ["synthetic_n", "synthetic-n", "synthetic", "fold"],
+    ),
     "--image-size": (numberish(-3, 64), ["image_size", "image-size"]),
     "--batch-size": (numberish(-3, 64), ["batch_size", "batch-size"]),
     "--teacher-epochs": (numberish(-3, 5), ["teacher_epochs", "teacher-epochs"]),
@@ -303,10 +470,14 @@ RUN_FLAGS: dict[str, tuple[st.SearchStrategy[str], list[str]]] = {
     "--lr": (numberish(-1, 1), ["lr"]),
     "--seed": (numberish(-5, 5), ["seed"]),
     "--preset": (st.one_of(st.sampled_from(["cpu", "paper", "gpu", "CPU", ""]), ARG_TEXT), ["preset"]),
-    "--backbone": (st.one_of(st.sampled_from(["test_resnet", "resnet9000", "resnet18", "", "../x"]),
-                             ARG_TEXT), ["backbone"]),
-    "--device": (st.one_of(st.sampled_from(["cpu", "cuda", "cuda:7", "tpu", "", "cpu:0", "auto", "mps"]),
-                           ARG_TEXT), ["device"]),
+    "--backbone": (
+        st.one_of(st.sampled_from(["test_resnet", "resnet9000", "resnet18", "", "../x"]), ARG_TEXT),
+        ["backbone"],
+    ),
+    "--device": (
+        st.one_of(st.sampled_from(["cpu", "cuda", "cuda:7", "tpu", "", "cpu:0", "auto", "mps"]), ARG_TEXT),
+        ["device"],
+    ),
     "--amp": (st.one_of(st.sampled_from(["auto", "bf16", "off", "fp16"]), ARG_TEXT), ["amp"]),
     "--threads": (numberish(-2, 4), ["threads"]),
     "--cache-dir": (st.sampled_from(["~nosuchuser/c", "/dev/null/c", "/proc/sall-c"]), ["cache dir"]),
@@ -322,8 +493,11 @@ def _names(flag: str, value: str, words: list[str]) -> list[str]:
 
 
 @settings(max_examples=500, **SETTINGS)
-@given(flags=st.dictionaries(st.sampled_from(sorted(RUN_FLAGS)), st.none(), min_size=1, max_size=3),
-       data=st.data(), switches=st.lists(st.sampled_from(SWITCHES), max_size=2, unique=True))
+@given(
+    flags=st.dictionaries(st.sampled_from(sorted(RUN_FLAGS)), st.none(), min_size=1, max_size=3),
+    data=st.data(),
+    switches=st.lists(st.sampled_from(SWITCHES), max_size=2, unique=True),
+)
 def test_generated_run_flags(flags, data, switches):
     argv: list[str] = []
     names: list[str] = []
@@ -349,8 +523,20 @@ def test_bad_pretrained_paths(kind):
             p.write_bytes(os.urandom(200))
         elif kind == "text":
             p.write_text("{}")
-        code, _, err = call(lambda: main(["run", "--dry-run", "--smoke", "--pretrained", "--pretrained-path",
-                                          str(p), "--cache-dir", str(work / "cache")]))
+        code, _, err = call(
+            lambda: main(
+                [
+                    "run",
+                    "--dry-run",
+                    "--smoke",
+                    "--pretrained",
+                    "--pretrained-path",
+                    str(p),
+                    "--cache-dir",
+                    str(work / "cache"),
+                ]
+            )
+        )
         check_outcome(code, err, [str(p)], work)
 
 
@@ -359,18 +545,21 @@ def test_bad_pretrained_paths(kind):
 SWEEP_FLAGS: dict[str, dict[str, st.SearchStrategy[str]]] = {
     "temperature": {"--temperatures": st.lists(numberish(-1, 12), min_size=0, max_size=3).map(",".join)},
     "ablation": {"--temperatures": st.lists(numberish(-1, 5), min_size=0, max_size=2).map(",".join)},
-    "data_ratio": {"--fractions": st.lists(st.one_of(st.floats(-1, 2).map(repr), numberish(-2, 3)),
-                                           max_size=2).map(",".join),
-                   "--ratio-temperature": numberish(-1, 5)},
-    "sample_caps": {"--caps": st.lists(numberish(-2, 40), max_size=2).map(",".join),
-                    "--caps-temperature": numberish(-1, 9)},
+    "data_ratio": {
+        "--fractions": st.lists(st.one_of(st.floats(-1, 2).map(repr), numberish(-2, 3)), max_size=2).map(",".join),
+        "--ratio-temperature": numberish(-1, 5),
+    },
+    "sample_caps": {
+        "--caps": st.lists(numberish(-2, 40), max_size=2).map(",".join),
+        "--caps-temperature": numberish(-1, 9),
+    },
     "task_count": {"--count-temperature": numberish(-1, 9)},
 }
 COMMON_SWEEP_FLAGS: dict[str, st.SearchStrategy[str]] = {
     "--folds": st.one_of(st.lists(numberish(-1, 3), max_size=3).map(",".join), ARG_TEXT),
     "--seeds": st.one_of(st.lists(numberish(-1, 2), max_size=2).map(",".join), ARG_TEXT),
     "--tasks": TASK_LISTS,
-    "--class-cap": numberish(-2, 10 ** 6),
+    "--class-cap": numberish(-2, 10**6),
     "--cpus-per-trial": numberish(-1, 4),
     "--gpus-per-trial": numberish(-1, 2),
     "--max-concurrent-trials": numberish(-1, 4),
@@ -390,22 +579,36 @@ def _sweep(name: str):
 def test_generated_sweep_flags(sweep, data):
     mod = _sweep(sweep)
     pool_ = {**COMMON_SWEEP_FLAGS, **SWEEP_FLAGS[sweep]}
-    chosen = data.draw(st.lists(st.sampled_from(sorted(pool_)), min_size=1, max_size=3, unique=True),
-                       label="flags")
+    chosen = data.draw(st.lists(st.sampled_from(sorted(pool_)), min_size=1, max_size=3, unique=True), label="flags")
     argv: list[str] = []
     names: list[str] = []
     for flag in chosen:
         value = data.draw(pool_[flag], label=flag)
         argv.append(f"{flag}={value}")
-        names += _names(flag, value, [flag.strip("-").replace("-", "_"), "fold", "temperature", "task",
-                                      "sample count", "class_cap", "cap"])
+        names += _names(
+            flag,
+            value,
+            [flag.strip("-").replace("-", "_"), "fold", "temperature", "task", "sample count", "class_cap", "cap"],
+        )
     with workdir() as work:
         # one fold and 40 synthetic images per task unless drawn: a valid grid is checked in ~0.1 s
-        argv = ["--dry-run", "--smoke", "--no-pretrained", "--folds=0", "--synthetic-n=40",
-                "--cache-dir", str(work / "cache"),
-                "--mlflow-uri", f"sqlite:///{work / 'mlflow.db'}", "--storage-path", str(work / "ray"), *argv]
-        code, _, err = call(lambda: mod.run_sweep(sweep, mod.__doc__, mod.grid, mod.add_args,
-                                                  getattr(mod, "smoke", None), argv=argv))
+        argv = [
+            "--dry-run",
+            "--smoke",
+            "--no-pretrained",
+            "--folds=0",
+            "--synthetic-n=40",
+            "--cache-dir",
+            str(work / "cache"),
+            "--mlflow-uri",
+            f"sqlite:///{work / 'mlflow.db'}",
+            "--storage-path",
+            str(work / "ray"),
+            *argv,
+        ]
+        code, _, err = call(
+            lambda: mod.run_sweep(sweep, mod.__doc__, mod.grid, mod.add_args, getattr(mod, "smoke", None), argv=argv)
+        )
         check_outcome(code, err, names, work)
         assert not (work / "ray").exists()
 
@@ -414,16 +617,32 @@ def test_generated_sweep_flags(sweep, data):
 
 URI_HOSTS = st.sampled_from(["127.0.0.1", "localhost", "[::1]", "[::1", "256.0.0.1", "", "h o s t", "::1"])
 URIS = st.one_of(
-    st.builds(lambda s, h, p, path: f"{s}://{h}{':' + p if p is not None else ''}{path}",
-              st.sampled_from(["http", "https", "HTTP"]), URI_HOSTS,
-              st.one_of(st.none(), st.integers(-1, 70000).map(str), st.sampled_from(["", "x", "1e3", "٣"])),
-              st.sampled_from(["", "/", "/mlflow", "?x=1", "#f"])),
-    st.builds(lambda p: f"sqlite:///{p}", st.sampled_from(["{w}/mlflow.db", "{w}/no/such/dir/m.db",
-                                                           "{w}/file/m.db", "", "relative.db", "{w}",
-                                                           "{w}/ü m.db"])),
+    st.builds(
+        lambda s, h, p, path: f"{s}://{h}{':' + p if p is not None else ''}{path}",
+        st.sampled_from(["http", "https", "HTTP"]),
+        URI_HOSTS,
+        st.one_of(st.none(), st.integers(-1, 70000).map(str), st.sampled_from(["", "x", "1e3", "٣"])),
+        st.sampled_from(["", "/", "/mlflow", "?x=1", "#f"]),
+    ),
+    st.builds(
+        lambda p: f"sqlite:///{p}",
+        st.sampled_from(
+            ["{w}/mlflow.db", "{w}/no/such/dir/m.db", "{w}/file/m.db", "", "relative.db", "{w}", "{w}/ü m.db"]
+        ),
+    ),
     st.builds(lambda p: f"file://{p}", st.sampled_from(["{w}/runs", "{w}/file/runs", "", "{w}/file"])),
-    st.sampled_from(["", "://", "sqlite://", "sqlite:", "postgresql://u@127.0.0.1:1/db", "databricks",
-                     "{w}/file", "ftp://127.0.0.1:1"]),
+    st.sampled_from(
+        [
+            "",
+            "://",
+            "sqlite://",
+            "sqlite:",
+            "postgresql://u@127.0.0.1:1/db",
+            "databricks",
+            "{w}/file",
+            "ftp://127.0.0.1:1",
+        ]
+    ),
     ARG_TEXT,
 )
 
@@ -436,16 +655,19 @@ def test_generated_mlflow_uris(uri):
     with workdir() as work:
         (work / "file").write_text("x")
         uri = uri.replace("{w}", str(work))
-        code, _, err = call(lambda: guarded(lambda: tr.check_tracking_uri(tr.resolve_uri(uri), timeout=0.5)
-                                            or 0, debug=False))
+        code, _, err = call(
+            lambda: guarded(lambda: tr.check_tracking_uri(tr.resolve_uri(uri), timeout=0.5) or 0, debug=False)
+        )
         check_outcome(code, err, [uri, "MLflow", "--mlflow-uri"], work)
 
 
 ADDRESSES = st.one_of(
-    st.builds(lambda pre, h, p: f"{pre}{h}:{p}", st.sampled_from(["", "ray://", "http://", "ray:/"]),
-              st.sampled_from(["127.0.0.1", "localhost", "", "256.1.1.1", "[::1]", "::1", "h o s t"]),
-              st.one_of(st.integers(-5, 70000).map(str),
-                        st.sampled_from(["", "x", "1", "99999999999999999999", "٣", " 1"]))),
+    st.builds(
+        lambda pre, h, p: f"{pre}{h}:{p}",
+        st.sampled_from(["", "ray://", "http://", "ray:/"]),
+        st.sampled_from(["127.0.0.1", "localhost", "", "256.1.1.1", "[::1]", "::1", "h o s t"]),
+        st.one_of(st.integers(-5, 70000).map(str), st.sampled_from(["", "x", "1", "99999999999999999999", "٣", " 1"])),
+    ),
     st.sampled_from(["", ":", "auto", "127.0.0.1", "ray://", "::::"]),
     ARG_TEXT,
 )
@@ -501,18 +723,24 @@ def test_regression_flag_left_without_value_sweep(tmp_path):
     _one_error(code, err, "--temperatures", "expected one value")
 
 
-@pytest.mark.parametrize("uri, needle", [
-    ("http://127.0.0.1:x", "malformed"), ("http://[::1", "malformed"),
-    ("http://127.0.0.1:70000", "malformed"),
-    ("http://:5000", "names no host"), ("sqlite:///~nosuchuser/m.db", "cannot be resolved"),
-])
+@pytest.mark.parametrize(
+    "uri, needle",
+    [
+        ("http://127.0.0.1:x", "malformed"),
+        ("http://[::1", "malformed"),
+        ("http://127.0.0.1:70000", "malformed"),
+        ("http://:5000", "names no host"),
+        ("sqlite:///~nosuchuser/m.db", "cannot be resolved"),
+    ],
+)
 def test_regression_malformed_mlflow_uri(uri, needle):
     """A port that is not a number, an open IPv6 bracket, a port out of range: ValueError from urllib;
     ~nosuchuser: RuntimeError from pathlib."""
     from sweeps import tracking as tr
 
-    code, _, err = call(lambda: guarded(lambda: tr.check_tracking_uri(tr.resolve_uri(uri), timeout=0.5) or 0,
-                                        debug=False))
+    code, _, err = call(
+        lambda: guarded(lambda: tr.check_tracking_uri(tr.resolve_uri(uri), timeout=0.5) or 0, debug=False)
+    )
     _one_error(code, err, uri, needle)
 
 
@@ -570,8 +798,7 @@ def test_regression_control_character_in_a_cell_stays_one_line(tmp_path, pool):
 def test_regression_cpus_per_trial_not_finite(tmp_path, value):
     import sweeps.temperature as t
 
-    argv = ["--dry-run", "--smoke", "--folds=0", f"--cpus-per-trial={value}",
-            "--cache-dir", str(tmp_path / "c")]
+    argv = ["--dry-run", "--smoke", "--folds=0", f"--cpus-per-trial={value}", "--cache-dir", str(tmp_path / "c")]
     code, _, err = call(lambda: t.run_sweep("temperature", t.__doc__, t.grid, t.add_args, t.smoke, argv=argv))
     _one_error(code, err, "--cpus-per-trial")
 

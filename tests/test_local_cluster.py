@@ -120,8 +120,9 @@ class LocalCluster:
 
 
 @contextlib.contextmanager
-def start_local_cluster(directory: Path, workers: int = 2, cpus_per_node: int = 1, mlflow: bool = True,
-                        head_cpus: int | None = None):
+def start_local_cluster(
+    directory: Path, workers: int = 2, cpus_per_node: int = 1, mlflow: bool = True, head_cpus: int | None = None
+):
     args = ["up", "--dir", str(directory), "--workers", str(workers), "--cpus-per-node", str(cpus_per_node)]
     if head_cpus is not None:
         args += ["--head-cpus", str(head_cpus)]
@@ -224,10 +225,22 @@ def _wait_bystander(proc, log: Path, timeout: float = 60) -> list[int]:
 
 def sweep_on(cluster: LocalCluster, *extra: str, experiment: str = "sall-temperature") -> list[str]:
     """`python sweeps/temperature.py --smoke` on the cluster, into its MLflow server."""
-    return [sys.executable, str(ROOT / "sweeps" / "temperature.py"), "--address", "auto", "--smoke",
-            "--mlflow-uri", cluster.mlflow_uri, "--experiment", experiment,
-            "--storage-path", str(cluster.dir / "ray_results"), "--cache-dir", str(cluster.dir / "sall-cache"),
-            *extra]
+    return [
+        sys.executable,
+        str(ROOT / "sweeps" / "temperature.py"),
+        "--address",
+        "auto",
+        "--smoke",
+        "--mlflow-uri",
+        cluster.mlflow_uri,
+        "--experiment",
+        experiment,
+        "--storage-path",
+        str(cluster.dir / "ray_results"),
+        "--cache-dir",
+        str(cluster.dir / "sall-cache"),
+        *extra,
+    ]
 
 
 def server_runs(uri: str, experiment: str = "sall-temperature") -> list:
@@ -240,13 +253,13 @@ def server_runs(uri: str, experiment: str = "sall-temperature") -> list:
 
 def _smoke_sweep_spreads_over_the_nodes(c: LocalCluster) -> None:
     # one fold: 3 trials, two at a time on the two 1-CPU workers, so the first two land apart
-    out = subprocess.run(sweep_on(c, "--folds", "0"), env=c.env, cwd=ROOT, capture_output=True, text=True,
-                         timeout=900)
+    out = subprocess.run(sweep_on(c, "--folds", "0"), env=c.env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     rs = server_runs(c.mlflow_uri)
     stages = Counter((r.data.tags["sall.stage"], r.info.status) for r in rs)
-    assert stages == Counter({("student", "FINISHED"): 3, ("teacher", "FINISHED"): 2, ("teachers", "FINISHED"): 1,
-                              ("sweep", "FINISHED"): 1})
+    assert stages == Counter(
+        {("student", "FINISHED"): 3, ("teacher", "FINISHED"): 2, ("teachers", "FINISHED"): 1, ("sweep", "FINISHED"): 1}
+    )
     nodes = {r.data.tags["sall.node"] for r in rs if r.data.tags["sall.stage"] == "student"}
     assert len(nodes) > 1, nodes
 
@@ -256,14 +269,29 @@ def _killed_worker_costs_a_retry_not_the_trial(c: LocalCluster) -> dict:
     it trains; the trial is retried on the other worker and finishes. Returns the killed worker."""
     exp = "sall-cluster-kill"
     workers = {w["node_id"]: i + 1 for i, w in enumerate(c.state["workers"])}
-    cmd = sweep_on(c, "--folds", "0", "--temperatures", "3", "--no-baseline", "--student-epochs", "60",
-                   "--max-failures", "3", experiment=exp)
+    cmd = sweep_on(
+        c,
+        "--folds",
+        "0",
+        "--temperatures",
+        "3",
+        "--no-baseline",
+        "--student-epochs",
+        "60",
+        "--max-failures",
+        "3",
+        experiment=exp,
+    )
     proc = subprocess.Popen(cmd, env=c.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     victim, deadline = None, time.time() + 300
     while time.time() < deadline and victim is None:
         for r in server_runs(c.mlflow_uri, exp):
-            if (r.data.tags.get("sall.stage") == "student" and r.info.status == "RUNNING"
-                    and "train/dr/loss" in r.data.metrics and r.data.tags.get("sall.node") in workers):
+            if (
+                r.data.tags.get("sall.stage") == "student"
+                and r.info.status == "RUNNING"
+                and "train/dr/loss" in r.data.metrics
+                and r.data.tags.get("sall.node") in workers
+            ):
                 victim = r
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         time.sleep(1)

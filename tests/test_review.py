@@ -4,6 +4,7 @@ the trials with their real training span, one string form per param, an honest p
 The fast tests use a hand-made store (real MLflow, real analysis); the slow ones share one smoke
 temperature sweep, run once for the module as a user would.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -59,8 +60,13 @@ def test_review_puts_the_answer_on_the_sweep_run(gain_store, capsys):
     assert "best/dr/boot_low_pp" not in m  # no bootstrap: nothing made up
     assert run_.data.tags[sc.per_task(sc.TAG_BEST, "dr")] == "T=4"
     arts = {a.path for p in ("analysis/tables", "analysis/figures") for a in cm.client(u).list_artifacts(parent, p)}
-    assert {"analysis/tables/tables.md", "analysis/tables/table_IV.csv", "analysis/tables/gain_IV.csv",
-            "analysis/figures/fig5_temperature.png", "analysis/figures/fig6_confusion.png"} <= arts
+    assert {
+        "analysis/tables/tables.md",
+        "analysis/tables/table_IV.csv",
+        "analysis/tables/gain_IV.csv",
+        "analysis/figures/fig5_temperature.png",
+        "analysis/figures/fig6_confusion.png",
+    } <= arts
 
 
 def test_note_keeps_to_the_tag_limit_and_names_what_it_leaves_out(gain_store):
@@ -88,7 +94,9 @@ def test_a_sweep_without_a_paper_table_or_a_trial_gets_no_review(gain_store, cap
     c = cm.client(u)
     exp = c.create_experiment("sall-custom")
     custom = c.create_run(exp, tags={sc.TAG_STAGE: sc.STAGE_SWEEP, sc.TAG_SWEEP: "custom"}).info.run_id
-    empty = c.create_run(cm.experiment_id(u, EXP), tags={sc.TAG_STAGE: sc.STAGE_SWEEP, sc.TAG_SWEEP: "temperature"}).info.run_id
+    empty = c.create_run(
+        cm.experiment_id(u, EXP), tags={sc.TAG_STAGE: sc.STAGE_SWEEP, sc.TAG_SWEEP: "temperature"}
+    ).info.run_id
     capsys.readouterr()
     review_sweep(u, exp, custom)
     review_sweep(u, cm.experiment_id(u, EXP), empty)  # e.g. a search's candidates: no trial under it
@@ -115,8 +123,13 @@ def test_smoke_sweep_run_shows_the_answer(smoke):
     (parent,) = _stage(rs, sc.STAGE_SWEEP)
     text = parent.data.tags[sc.TAG_NOTE]
     assert "**Best setting:" in text and "| baseline |" in text and "| T=8 |" in text
-    assert {"best/dr/temperature", "best/dr/delta_pp", "best/dr/ci_low_pp", "best/dr/boot_high_pp",
-            "review_seconds"} <= set(parent.data.metrics)
+    assert {
+        "best/dr/temperature",
+        "best/dr/delta_pp",
+        "best/dr/ci_low_pp",
+        "best/dr/boot_high_pp",
+        "review_seconds",
+    } <= set(parent.data.metrics)
     assert "the answer is on the sweep run's page" in out.stderr and "warning: the analysis" not in out.stderr
 
 

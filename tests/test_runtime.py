@@ -1,5 +1,6 @@
 """The GPU path's pieces, exercised on the CPU: bf16 autocast, channels_last, batched augmentation,
 thread settings; and on CUDA when there is one."""
+
 import numpy as np
 import pytest
 import torch
@@ -26,9 +27,18 @@ def test_fit_with_autocast_and_channels_last_on_cpu(amp, channels_last):
     assert rt.amp == (amp == "bf16") and rt.channels_last == (channels_last == "on")
     model = new_model(cfg, ["dr"], 0)
     rows = np.arange(32)
-    res = fit(model, images, TrainSet(rows, {"dr": one_hot(labels[rows], 5)}, {"dr": np.ones(32, bool)}),
-              {"dr": (np.arange(32, 48), labels[32:])}, epochs=2, temperature=3.0, cfg=cfg, rt=rt,
-              name="t", seed=0)
+    res = fit(
+        model,
+        images,
+        TrainSet(rows, {"dr": one_hot(labels[rows], 5)}, {"dr": np.ones(32, bool)}),
+        {"dr": (np.arange(32, 48), labels[32:])},
+        epochs=2,
+        temperature=3.0,
+        cfg=cfg,
+        rt=rt,
+        name="t",
+        seed=0,
+    )
     assert all(np.isfinite(h["train/dr/loss"]) for h in res.history)
     if channels_last == "on":
         conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
@@ -37,12 +47,22 @@ def test_fit_with_autocast_and_channels_last_on_cpu(amp, channels_last):
 
 def test_batches_channels_last_and_augmentation_shapes():
     images, _ = tiny_data()
-    b = Batches(images, np.arange(40), 16, shuffle=True, augment=True, device=torch.device("cpu"),
-                channels_last=True, drop_last=True)
+    b = Batches(
+        images,
+        np.arange(40),
+        16,
+        shuffle=True,
+        augment=True,
+        device=torch.device("cpu"),
+        channels_last=True,
+        drop_last=True,
+    )
     xs = list(b)
     assert len(xs) == 2 and all(x.shape == (16, 3, 32, 32) for x, _ in xs)
     assert xs[0][0].is_contiguous(memory_format=torch.channels_last)
-    assert sorted(np.concatenate([p for _, p in xs]).tolist()) == sorted(set(np.concatenate([p for _, p in xs]).tolist()))
+    assert sorted(np.concatenate([p for _, p in xs]).tolist()) == sorted(
+        set(np.concatenate([p for _, p in xs]).tolist())
+    )
 
 
 def test_augmentation_is_the_papers_family():
@@ -51,7 +71,7 @@ def test_augmentation_is_the_papers_family():
     lin = theta[:, :, :2]
     det = torch.det(lin).abs()
     # scale +-10 %: |det| of the inverse map lies in [1/1.1^2, 1/0.9^2]
-    assert det.min() >= 1 / 1.1 ** 2 - 1e-4 and det.max() <= 1 / 0.9 ** 2 + 1e-4
+    assert det.min() >= 1 / 1.1**2 - 1e-4 and det.max() <= 1 / 0.9**2 + 1e-4
     assert torch.all(theta[:, :, 2] == 0)  # no translation
     # an identity-like image survives: rot90/flip of a constant image is the same constant inside
     x = torch.ones(4, 3, 16, 16)

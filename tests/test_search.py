@@ -5,6 +5,7 @@ MLflow store, the pick, bad flags and the dry run, the search trace figure. Slow
 (local Ray, real MLflow) killed with SIGKILL once a candidate is booked, then resumed by the same
 command; every slow test reads that one store (2 sweep runs in all).
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -49,8 +50,10 @@ def _candidate_run(u: str) -> str:
 
 
 def test_pick_breaks_ties_by_the_lower_temperature_whatever_the_order():
-    rows = [dict(temperature=t, epoch=e, score=sc_) for t, e, sc_ in
-            ((9.0, 3, 0.5), (2.0, 3, 0.5), (4.0, 3, 0.6), (1.5, 1, 0.9), (3.0, 3, 0.5))]
+    rows = [
+        dict(temperature=t, epoch=e, score=sc_)
+        for t, e, sc_ in ((9.0, 3, 0.5), (2.0, 3, 0.5), (4.0, 3, 0.6), (1.5, 1, 0.9), (3.0, 3, 0.5))
+    ]
     assert se.pick(rows, 3) == [4.0, 2.0, 3.0]  # furthest epoch, best score, then the lower T
     assert se.pick(rows[::-1], 3) == se.pick(rows, 3)
 
@@ -91,8 +94,10 @@ def test_a_run_a_killed_driver_lost_is_adopted_by_its_t_or_closed(tmp_path):
 
 
 def test_pick_prefers_the_survivors_then_the_score():
-    rows = [dict(temperature=t, epoch=e, score=s) for t, e, s in
-            ((2.0, 6, 0.70), (5.0, 2, 0.90), (8.0, 6, 0.75), (8.0, 6, 0.74), (30.0, 6, 0.60))]
+    rows = [
+        dict(temperature=t, epoch=e, score=s)
+        for t, e, s in ((2.0, 6, 0.70), (5.0, 2, 0.90), (8.0, 6, 0.75), (8.0, 6, 0.74), (30.0, 6, 0.60))
+    ]
     assert se.pick(rows, 2) == [8.0, 2.0]
     assert se.pick(rows, 10) == [8.0, 2.0, 30.0, 5.0]  # a temperature is confirmed once
 
@@ -105,20 +110,35 @@ def test_score_is_validation_only():
         se.score({"train/dr/loss": 1.0}, "dr", ("dr",))
 
 
-@pytest.mark.parametrize("flags,named", [
-    (["--metric", "glaucoma"], "--metric 'glaucoma'"),
-    (["--num-samples", "0"], "--num-samples 0"),
-    (["--top", "5"], "--top 5"),
-    (["--grace", "3"], "--grace 3"),
-    (["--reduction-factor", "1"], "--reduction-factor 1.0"),
-    (["--t-min", "5", "--t-max", "2"], "--t-min 5.0 / --t-max 2.0"),
-    (["--t-max", "nan"], "--t-max nan"),
-    (["--search-fold", "3"], "--search-fold 3"),
-    (["--num-samples", "x"], "--num-samples: invalid int value: 'x'"),
-])
+@pytest.mark.parametrize(
+    "flags,named",
+    [
+        (["--metric", "glaucoma"], "--metric 'glaucoma'"),
+        (["--num-samples", "0"], "--num-samples 0"),
+        (["--top", "5"], "--top 5"),
+        (["--grace", "3"], "--grace 3"),
+        (["--reduction-factor", "1"], "--reduction-factor 1.0"),
+        (["--t-min", "5", "--t-max", "2"], "--t-min 5.0 / --t-max 2.0"),
+        (["--t-max", "nan"], "--t-max nan"),
+        (["--search-fold", "3"], "--search-fold 3"),
+        (["--num-samples", "x"], "--num-samples: invalid int value: 'x'"),
+    ],
+)
 def test_bad_flags_are_one_line_naming_the_flag(tmp_path, capsys, flags, named):
-    assert _main(["--smoke", "--dry-run", "--cache-dir", str(tmp_path / "c"),
-                  "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *flags]) == 2
+    assert (
+        _main(
+            [
+                "--smoke",
+                "--dry-run",
+                "--cache-dir",
+                str(tmp_path / "c"),
+                "--mlflow-uri",
+                f"sqlite:///{tmp_path / 'mlflow.db'}",
+                *flags,
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and named in err and "\n" not in err, err
     assert not (tmp_path / "mlflow.db").exists()
@@ -133,8 +153,16 @@ def _main(argv: list[str]) -> int:
 
 
 def test_dry_run_plans_the_search_and_the_confirmation(tmp_path, capsys):
-    code = _main(["--smoke", "--dry-run", "--cache-dir", str(tmp_path / "c"),
-                  "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    code = _main(
+        [
+            "--smoke",
+            "--dry-run",
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--mlflow-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "search: 4 candidates, T log-uniform in [1, 50] on fold 0" in out
@@ -151,14 +179,23 @@ def _hand_store(d: Path) -> str:
     grid = c.create_experiment("sall-temperature")
     for t, fold in ((2.0, 0), (8.0, 0), (8.0, 1)):
         cfg = from_preset("cpu", fold=fold, temperature=t)
-        rid = c.create_run(grid, tags={sc.TAG_STAGE: sc.STAGE_STUDENT, sc.TAG_FOLD: str(fold), sc.TAG_LABEL: f"T={t:g}",
-                                       sc.TAG_TRIAL_KEY: cfg.trial_key()}).info.run_id
+        rid = c.create_run(
+            grid,
+            tags={
+                sc.TAG_STAGE: sc.STAGE_STUDENT,
+                sc.TAG_FOLD: str(fold),
+                sc.TAG_LABEL: f"T={t:g}",
+                sc.TAG_TRIAL_KEY: cfg.trial_key(),
+            },
+        ).info.run_id
         tr.log_params(u, rid, cfg.params())
         tr.log_metrics(u, rid, {"val_best/dr/acc": 0.5 + t / 100 + fold, "val_best/amd/acc": 0.7})
         c.set_terminated(rid, "FINISHED")
     search = c.create_experiment(EXP)
     for t, score, epoch in ((3.0, 0.61, 6), (20.0, 0.40, 2), (9.5, 0.63, 6)):
-        rid = c.create_run(search, tags={sc.TAG_STAGE: sc.STAGE_CANDIDATE, sc.TAG_FOLD: "0", sc.TAG_SEARCH_METRIC: "mean"}).info.run_id
+        rid = c.create_run(
+            search, tags={sc.TAG_STAGE: sc.STAGE_CANDIDATE, sc.TAG_FOLD: "0", sc.TAG_SEARCH_METRIC: "mean"}
+        ).info.run_id
         tr.log_params(u, rid, {"temperature": str(t)})
         se.book(u, {"mlflow_run_id": rid, "epoch": epoch, se.METRIC: score, "temperature": t}, epochs=6)
     return u
@@ -167,8 +204,11 @@ def _hand_store(d: Path) -> str:
 def test_search_trace_is_drawn_over_the_grid_curve_of_its_fold(tmp_path):
     u = _hand_store(tmp_path)
     cands = fg.search_candidates(u, EXP)
-    assert sorted((c.temperature, c.stopped, c.epoch) for c in cands) == [(3.0, False, 6), (9.5, False, 6),
-                                                                         (20.0, True, 2)]
+    assert sorted((c.temperature, c.stopped, c.epoch) for c in cands) == [
+        (3.0, False, 6),
+        (9.5, False, 6),
+        (20.0, True, 2),
+    ]
     grid = fg.grid_settings(u, "sall-temperature")
     assert fg._grid_curve(grid, 0, "mean") == ([2.0, 8.0], [pytest.approx(0.61), pytest.approx(0.64)])
     assert fg._grid_curve(grid, 1, "dr") == ([8.0], [pytest.approx(1.58)])
@@ -181,8 +221,20 @@ def test_search_trace_is_drawn_over_the_grid_curve_of_its_fold(tmp_path):
 # slow: one real search, killed once a candidate is booked, then resumed
 # lr 0.02: smoke students learn enough to differ; reduction 2 (ASHA stops the lower half at
 # epochs 1 and 2): some candidates stop; one at a time: the kill falls between two candidates
-SEARCH_FLAGS = ("--folds", "0", "--lr", "0.02", "--student-epochs", "3", "--num-samples", "6",
-                "--reduction-factor", "2", "--max-concurrent-trials", "1")
+SEARCH_FLAGS = (
+    "--folds",
+    "0",
+    "--lr",
+    "0.02",
+    "--student-epochs",
+    "3",
+    "--num-samples",
+    "6",
+    "--reduction-factor",
+    "2",
+    "--max-concurrent-trials",
+    "1",
+)
 N = 6
 
 
@@ -194,8 +246,12 @@ def _candidates(d: Path) -> list:
 def searched(tmp_path_factory, shared_ray) -> tuple[Path, dict[str, int], subprocess.CompletedProcess]:
     """(store dir, {run id: end time} of the candidates booked before the kill, the rerun)."""
     d = tmp_path_factory.mktemp("search")
-    cmd = shared_ray.kill_when(sweep_cmd("search", d, *SEARCH_FLAGS), d,
-                               lambda: any(sc.TAG_FINAL_EPOCH in r.data.tags for r in _candidates(d)), timeout=420)
+    cmd = shared_ray.kill_when(
+        sweep_cmd("search", d, *SEARCH_FLAGS),
+        d,
+        lambda: any(sc.TAG_FINAL_EPOCH in r.data.tags for r in _candidates(d)),
+        timeout=420,
+    )
     before = {r.info.run_id: r.info.end_time for r in _candidates(d) if sc.TAG_FINAL_EPOCH in r.data.tags}
     time.sleep(2)
     return d, before, run(cmd, d, env=shared_ray.env)
@@ -245,18 +301,54 @@ def test_a_killed_search_resumes_keeping_what_was_booked(searched):
 def test_the_picks_are_confirmed_as_ordinary_trials(searched, tmp_path):
     d, _, out = searched
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = [dict(temperature=float(r.data.params["temperature"]), epoch=int(r.data.tags[sc.TAG_FINAL_EPOCH]),
-                 score=r.data.metrics["search/score"]) for r in _candidates(d) if sc.TAG_FINAL_EPOCH in r.data.tags]
+    rows = [
+        dict(
+            temperature=float(r.data.params["temperature"]),
+            epoch=int(r.data.tags[sc.TAG_FINAL_EPOCH]),
+            score=r.data.metrics["search/score"],
+        )
+        for r in _candidates(d)
+        if sc.TAG_FINAL_EPOCH in r.data.tags
+    ]
     students = [r for r in runs(d, EXP) if r.data.tags.get(sc.TAG_STAGE) == sc.STAGE_STUDENT]
     temps = sorted(float(r.data.params["temperature"]) for r in students if r.data.tags[sc.TAG_LABEL] != "baseline")
     assert temps == sorted(se.pick(rows, 2))
-    assert len(students) == 3 and all(r.info.status == "FINISHED" and "test/dr/acc" in r.data.metrics
-                                      for r in students)
+    assert len(students) == 3 and all(r.info.status == "FINISHED" and "test/dr/acc" in r.data.metrics for r in students)
     from analysis import tables as tb
 
     u = f"sqlite:///{d / 'mlflow.db'}"
-    assert tb.main(["--experiment", EXP, "--mlflow-uri", u, "--folds", "0", "--bootstrap", "0", "--no-log",
-                    "--out", str(tmp_path / "t")]) == 0
-    assert fg.main(["--experiment", EXP, "--mlflow-uri", u, "--out", str(tmp_path / "f"), "--no-log",
-                    "--gradcam-per-task", "0"]) == 0
+    assert (
+        tb.main(
+            [
+                "--experiment",
+                EXP,
+                "--mlflow-uri",
+                u,
+                "--folds",
+                "0",
+                "--bootstrap",
+                "0",
+                "--no-log",
+                "--out",
+                str(tmp_path / "t"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        fg.main(
+            [
+                "--experiment",
+                EXP,
+                "--mlflow-uri",
+                u,
+                "--out",
+                str(tmp_path / "f"),
+                "--no-log",
+                "--gradcam-per-task",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "f" / "fig_search_trace.png").exists()

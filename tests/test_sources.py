@@ -1,4 +1,5 @@
 """Data sources -> validated manifest: every source on small generated fixtures, every error message."""
+
 from __future__ import annotations
 
 import os
@@ -135,8 +136,7 @@ def test_csv_wrong_columns(tmp_path, make_image):
     assert "bad.csv" in msg and "image, task, grade" in msg and "path, label" in msg
 
 
-@pytest.mark.parametrize("rows", [[], ["a.png,dr,1,p1"], ["a.png,dr,1,"]],
-                         ids=["no rows", "a row", "empty patient"])
+@pytest.mark.parametrize("rows", [[], ["a.png,dr,1,p1"], ["a.png,dr,1,"]], ids=["no rows", "a row", "empty patient"])
 def test_regression_issue13_header_file_disease_level_patient(tmp_path, make_image, capsys, rows):
     """Issue 13: this header ended in KeyError: 'image' (the patient fill-in read the missing column)."""
     from sall.cli import guarded
@@ -145,8 +145,10 @@ def test_regression_issue13_header_file_disease_level_patient(tmp_path, make_ima
     path = _write_csv(tmp_path / "x.csv", ["file,disease,level,patient", *rows])
     assert guarded(lambda: load_manifest(str(path)) and 0, debug=False) == 2
     err = capsys.readouterr().err
-    assert err == (f"error: {path}: missing column(s) image, task, grade; expected columns image, task, grade "
-                   "(patient optional), found file, disease, level, patient\n")
+    assert err == (
+        f"error: {path}: missing column(s) image, task, grade; expected columns image, task, grade "
+        "(patient optional), found file, disease, level, patient\n"
+    )
 
 
 @pytest.mark.parametrize(
@@ -293,8 +295,16 @@ def test_odir_fixture(odir_root):
     assert by_file["10_left.jpg"] == ("arter", 1) and by_file["11_right.jpg"] == ("arter", 1)
     assert by_file["3_right.jpg"][1] == 0  # "lens dust，normal fundus" is normal
     # dropped / skipped
-    for f in ["0_left.jpg", "14_left.jpg", "14_right.jpg", "11_left.jpg", "15_left.jpg", "12_left.jpg",
-              "19_left.jpg", "13_right.jpg"]:
+    for f in [
+        "0_left.jpg",
+        "14_left.jpg",
+        "14_right.jpg",
+        "11_left.jpg",
+        "15_left.jpg",
+        "12_left.jpg",
+        "19_left.jpg",
+        "13_right.jpg",
+    ]:
         assert f not in by_file, f
     assert by_file["19_right.jpg"] == ("amd", 1)  # straddling patient: the rarer task keeps them
     assert summary["skipped"] == {

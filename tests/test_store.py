@@ -1,4 +1,5 @@
 """The artifact store: hit, miss, an interrupted write, a corrupt entry, concurrent builders."""
+
 import multiprocessing as mp
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from sall.store import ArtifactStore
 def writer(text: str):
     def build(tmp: Path) -> None:
         tmp.write_text(text)
+
     return build
 
 
@@ -143,8 +145,9 @@ def _full_disk_run(root: Path, limit: int):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-c", _FULL_DISK_SCRIPT, str(root), str(limit)],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_SCRIPT, str(root), str(limit)], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_full_disk_by_file_size_limit_is_one_error_and_no_partial_entry(tmp_path):
@@ -160,8 +163,13 @@ def test_full_disk_on_a_tiny_tmpfs_is_one_error_and_no_partial_entry(tmp_path):
 
     mnt = tmp_path / "tmpfs"
     mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode != 0:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here (needs root); the file-size-limit test covers the same path")
     try:
         root = mnt / "cache"

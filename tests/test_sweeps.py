@@ -1,4 +1,5 @@
 """Sweeps end to end: every script with --smoke on a real local Ray and a real MLflow store."""
+
 from __future__ import annotations
 
 import time
@@ -35,8 +36,10 @@ def test_every_trial_of_each_smoke_grid_runs(sweep, n_trials, grid_cache, capsys
 
     script = importlib.import_module(f"sweeps.{sweep}")
     argv = ["--smoke", "--folds", "0", "--cache-dir", str(grid_cache), "--dry-run"]
-    assert rn.run_sweep(sweep, script.__doc__, script.grid, script.add_args, getattr(script, "smoke", None),
-                        argv=argv) == 0  # the script's flags and grid pass the preflight
+    assert (
+        rn.run_sweep(sweep, script.__doc__, script.grid, script.add_args, getattr(script, "smoke", None), argv=argv)
+        == 0
+    )  # the script's flags and grid pass the preflight
     assert f"{n_trials} trials" in capsys.readouterr().out
     args = rn.build_parser(sweep, script.__doc__, script.add_args).parse_args(argv)
     _, base = rn.sweep_setup(args)
@@ -76,8 +79,22 @@ def test_temperature_smoke_logs_the_contract(temperature_smoke):
 
 
 def test_two_trials_needing_one_teacher_train_it_once(tmp_path, shared_ray):
-    out = shared_ray.run(sweep_cmd("temperature", tmp_path, "--folds", "0", "--temperatures", "3,8", "--no-baseline",
-                        "--max-concurrent-trials", "2", "--teacher-epochs", "4"), tmp_path)
+    out = shared_ray.run(
+        sweep_cmd(
+            "temperature",
+            tmp_path,
+            "--folds",
+            "0",
+            "--temperatures",
+            "3,8",
+            "--no-baseline",
+            "--max-concurrent-trials",
+            "2",
+            "--teacher-epochs",
+            "4",
+        ),
+        tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     rs = runs(tmp_path, "sall-temperature")
     students = [r for r in rs if r.data.tags["sall.stage"] == "student"]
@@ -94,12 +111,23 @@ def test_sigkill_of_the_driver_then_rerun_finishes_every_trial_once(tmp_path, sh
     cmd = sweep_cmd("temperature", tmp_path, "--folds", "0,1", "--max-concurrent-trials", "1")
 
     def two_finished() -> bool:
-        return len([r for r in runs(tmp_path, "sall-temperature")
-                    if r.data.tags.get("sall.stage") == "student" and r.info.status == "FINISHED"]) >= 2
+        return (
+            len(
+                [
+                    r
+                    for r in runs(tmp_path, "sall-temperature")
+                    if r.data.tags.get("sall.stage") == "student" and r.info.status == "FINISHED"
+                ]
+            )
+            >= 2
+        )
 
     cmd = shared_ray.kill_when(cmd, tmp_path, two_finished)  # the head outlives the driver, as on a cluster
-    finished_before = {r.info.run_id: r.info.end_time for r in runs(tmp_path, "sall-temperature")
-                       if r.data.tags.get("sall.stage") == "student" and r.info.status == "FINISHED"}
+    finished_before = {
+        r.info.run_id: r.info.end_time
+        for r in runs(tmp_path, "sall-temperature")
+        if r.data.tags.get("sall.stage") == "student" and r.info.status == "FINISHED"
+    }
     time.sleep(2)
     out = run(cmd, tmp_path, env=shared_ray.env)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -1,5 +1,6 @@
 """The embedded synthetic data set: a valid, deterministic manifest and fundus-like renderings whose
 lesion content depends on the grade."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -88,14 +89,17 @@ def test_render_looks_like_a_fundus():
     assert r > g > b and r > 80  # orange-red fundus
 
 
-@pytest.mark.parametrize("bad", [
-    "synthetic://dr/00017?g=3",            # no seed
-    "synthetic://dr/00017?g=5&s=0",        # grade out of range for dr
-    "synthetic://glaucoma/00001?g=0&s=0",  # unknown task
-    "file://dr/00017?g=3&s=0",             # wrong scheme
-    "synthetic://dr/x?g=1&s=0",            # index not a number
-    "",
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "synthetic://dr/00017?g=3",  # no seed
+        "synthetic://dr/00017?g=5&s=0",  # grade out of range for dr
+        "synthetic://glaucoma/00001?g=0&s=0",  # unknown task
+        "file://dr/00017?g=3&s=0",  # wrong scheme
+        "synthetic://dr/x?g=1&s=0",  # index not a number
+        "",
+    ],
+)
 def test_malformed_id_raises_data_error(bad):
     with pytest.raises(DataError, match="synthetic image id"):
         render(bad, 64)
@@ -125,7 +129,7 @@ def _macular_yellow(img: np.ndarray, index: int) -> int:
     """Bright-yellow pixels near the macula (left of centre in right eyes, mirrored in left eyes)."""
     m = 1.0 if index % 2 == 0 else -1.0
     _, green, inside = _deviations(img)
-    macula = (_U + m * 0.15) ** 2 + (_V - 0.05) ** 2 < 0.3 ** 2
+    macula = (_U + m * 0.15) ** 2 + (_V - 0.05) ** 2 < 0.3**2
     return int(((green > 1.2) & inside & macula).sum())
 
 
@@ -148,13 +152,13 @@ def test_dr_lesions_increase_with_grade():
 
 def test_amd_macular_yellow_increases_to_big_drusen():
     n = 30
-    means = [np.mean([_macular_yellow(render(image_id("amd", i, g, 0), SIZE), i) for i in range(n)])
-             for g in range(3)]
+    means = [np.mean([_macular_yellow(render(image_id("amd", i, g, 0), SIZE), i) for i in range(n)]) for g in range(3)]
     assert means[0] + 2 < means[1] and means[1] + 5 < means[2], means
 
 
 def test_arteriosclerosis_adds_peripapillary_haemorrhages():
     n = 40
-    means = [np.mean([_peripapillary_dark(render(image_id("arter", i, g, 0), SIZE), i) for i in range(n)])
-             for g in range(2)]
+    means = [
+        np.mean([_peripapillary_dark(render(image_id("arter", i, g, 0), SIZE), i) for i in range(n)]) for g in range(2)
+    ]
     assert means[1] > means[0] + 2, means

@@ -16,6 +16,7 @@ AMD mean, and 0.147 below the worst seed seen (DR 0.610); the ceiling 0.97 is 0.
 (0.850). A rounding difference moves a result by about one seed sd, so it cannot flip either
 bound; a broken pipeline (no learning, or leaked labels) still does.
 """
+
 from __future__ import annotations
 
 import sys
@@ -58,5 +59,7 @@ if __name__ == "__main__":  # the measurement behind the margins: seeds 0-4
     for task in ("dr", "amd"):
         accs = np.array([rows[s][task][0] for s in rows])
         maj = rows[0][task][1]
-        print(f"{task}: majority {maj:.3f}; acc per seed {', '.join(f'{a:.3f}' for a in accs)}; "
-              f"mean {accs.mean():.3f}, sd {accs.std(ddof=1):.3f}; min margin {accs.min() - maj:+.3f}")
+        print(
+            f"{task}: majority {maj:.3f}; acc per seed {', '.join(f'{a:.3f}' for a in accs)}; "
+            f"mean {accs.mean():.3f}, sd {accs.std(ddof=1):.3f}; min margin {accs.min() - maj:+.3f}"
+        )

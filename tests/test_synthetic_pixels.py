@@ -11,6 +11,7 @@ several seeds, and the image sizes of the presets (32 smoke, 64 cpu, 128 gpu, 29
 they reach every lesion branch of the renderer, the random ones included (e.g. the tiny drusen of a
 normal AMD eye, both kinds of DR neovessels, the exudate ring around a CNV membrane).
 """
+
 from __future__ import annotations
 
 import hashlib

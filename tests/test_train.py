@@ -1,5 +1,6 @@
 """The training loop's choices: which epoch is kept (best on validation, or the paper's last) and
 the learning-rate schedule (constant, or cosine decay to zero)."""
+
 import numpy as np
 import pytest
 import torch
@@ -13,13 +14,22 @@ def _fit(checkpoint: str, epochs: int = 4, **over):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, size=(48, 16, 16, 3), dtype=np.uint8)
     labels = rng.integers(0, 5, size=48)
-    cfg = from_preset("cpu", smoke=True, image_size=16, batch_size=8, device="cpu", checkpoint=checkpoint,
-                      **over)
+    cfg = from_preset("cpu", smoke=True, image_size=16, batch_size=8, device="cpu", checkpoint=checkpoint, **over)
     model = new_model(cfg, ["dr"], 0)
     rows = np.arange(32)
     train = TrainSet(rows, {"dr": one_hot(labels[rows], 5)}, {"dr": np.ones(32, bool)})
-    res = fit(model, images, train, {"dr": (np.arange(32, 48), labels[32:])}, epochs=epochs, temperature=1.0,
-              cfg=cfg, rt=Runtime.from_config(cfg), name="t", seed=0)
+    res = fit(
+        model,
+        images,
+        train,
+        {"dr": (np.arange(32, 48), labels[32:])},
+        epochs=epochs,
+        temperature=1.0,
+        cfg=cfg,
+        rt=Runtime.from_config(cfg),
+        name="t",
+        seed=0,
+    )
     return model, res
 
 
@@ -56,8 +66,14 @@ def test_schedule_ends_where_it_should(schedule, end):
 
 def test_schedule_and_checkpoint_change_the_teacher_key():
     base = from_preset("cpu", schedule="constant", checkpoint="best", train_per_task=None, val_per_task=None)
-    for change in (dict(schedule="cosine"), dict(checkpoint="last"), dict(train_per_task=10),
-                   dict(val_per_task=10), dict(seed=1), dict(fold=1)):
+    for change in (
+        dict(schedule="cosine"),
+        dict(checkpoint="last"),
+        dict(train_per_task=10),
+        dict(val_per_task=10),
+        dict(seed=1),
+        dict(fold=1),
+    ):
         assert base.replace(**change).teacher_fields("dr") != base.teacher_fields("dr"), change
     for change in (dict(temperature=8.0), dict(multitask=False), dict(sa_labels=False), dict(threads=1)):
         assert base.replace(**change).teacher_fields("dr") == base.teacher_fields("dr"), change

@@ -4,6 +4,7 @@ Scale +-10 %, rotation by a multiple of 90 degrees, horizontal/vertical flips an
 +-0.2, composed into one affine matrix per image and applied with a single `grid_sample`, so the
 same code runs on a GPU batch without a per-image Python loop.
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,4 +40,3 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def to_float(x_uint8_nhwc: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 NHWC -> float NCHW in [0, 1]."""
     return x_uint8_nhwc.permute(0, 3, 1, 2).to(dtype).div_(255.0)
-

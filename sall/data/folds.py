@@ -8,6 +8,7 @@ Groups are patients across tasks: a patient (or one image) that carries labels o
 falls in one quarter with all of its rows, so a multi-task student never trains on a patient's
 images for one task while it is tested on them for another.
 """
+
 from __future__ import annotations
 
 import hashlib

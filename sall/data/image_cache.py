@@ -4,6 +4,7 @@ One array per task, keyed by the manifest's fingerprint, the image size and the 
 two tasks never decodes (or renders) the third task's images. Built in parallel with a progress
 line, published atomically through the artifact store and memory-mapped by readers.
 """
+
 from __future__ import annotations
 
 import multiprocessing
@@ -51,12 +52,13 @@ def build_array(images: list[str], size: int, path: Path, workers: int | None = 
     starts = range(0, n, chunk)
     done, step = 0, max(1, n // 10)
     if workers == 1 or n <= 2 * chunk:
-        jobs = (_fill(str(path), images[s:s + chunk], s, size) for s in starts)
+        jobs = (_fill(str(path), images[s : s + chunk], s, size) for s in starts)
         pool = None
     else:  # fork: the workers only decode and draw (no torch), and start in milliseconds
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
-        jobs = pool.map(_fill, [str(path)] * len(starts), [images[s:s + chunk] for s in starts], starts,
-                        [size] * len(starts))
+        jobs = pool.map(
+            _fill, [str(path)] * len(starts), [images[s : s + chunk] for s in starts], starts, [size] * len(starts)
+        )
     try:
         for k in jobs:
             done_before, done = done, done + k
@@ -97,8 +99,13 @@ class TaskImages:
         return out
 
 
-def image_array(manifest: pd.DataFrame, fingerprint: str, size: int, store: ArtifactStore,
-                tasks: tuple[str, ...] | list[str] | None = None) -> TaskImages:
+def image_array(
+    manifest: pd.DataFrame,
+    fingerprint: str,
+    size: int,
+    store: ArtifactStore,
+    tasks: tuple[str, ...] | list[str] | None = None,
+) -> TaskImages:
     """The manifest's images at `size`, indexed by manifest row: the rows of `tasks` (default: all
     of the manifest's tasks), each task's array decoded once and memory-mapped."""
     row_tasks = manifest["task"].to_numpy()
@@ -106,7 +113,8 @@ def image_array(manifest: pd.DataFrame, fingerprint: str, size: int, store: Arti
     arrays = {}
     for task in wanted:
         images = manifest["image"].to_numpy()[row_tasks == task].tolist()
-        got = store.get_or_build("images", f"{fingerprint}-{size}-{task}", ".npy",
-                                 lambda tmp, images=images: build_array(images, size, tmp))
+        got = store.get_or_build(
+            "images", f"{fingerprint}-{size}-{task}", ".npy", lambda tmp, images=images: build_array(images, size, tmp)
+        )
         arrays[task] = np.load(got.path, mmap_mode="r")
     return TaskImages(arrays, row_tasks, size)

@@ -5,6 +5,7 @@
 - `check_images(paths, origin)`: before any training, every file must exist and decode fully
   (truncated files included); fails with one DataError line naming the first bad file.
 """
+
 from __future__ import annotations
 
 import os

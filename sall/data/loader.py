@@ -4,6 +4,7 @@ The images are already decoded and resized (the image cache), so a batch is one 
 a uint8 array, one host-to-device copy (pinned and non-blocking on CUDA) and one batched
 augmentation on the device.
 """
+
 from __future__ import annotations
 
 import queue
@@ -23,9 +24,20 @@ class Batches:
     """Iterate (x, positions) over `rows` of `images`; x is float NCHW in [0, 1] (the model
     standardises it for its weights); positions index into `rows`."""
 
-    def __init__(self, images: np.ndarray, rows: np.ndarray, batch_size: int, *, shuffle: bool,
-                 augment: bool, device: torch.device, seed: int = 0, channels_last: bool = False,
-                 drop_last: bool = False, prefetch: bool | None = None) -> None:
+    def __init__(
+        self,
+        images: np.ndarray,
+        rows: np.ndarray,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        augment: bool,
+        device: torch.device,
+        seed: int = 0,
+        channels_last: bool = False,
+        drop_last: bool = False,
+        prefetch: bool | None = None,
+    ) -> None:
         self.images = images
         self.rows = np.asarray(rows)
         self.batch_size = batch_size
@@ -84,7 +96,7 @@ class Batches:
     def _batches(self) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
         order = self.rng.permutation(len(self.rows)) if self.shuffle else np.arange(len(self.rows))
         for b in range(len(self)):
-            pos = order[b * self.batch_size:(b + 1) * self.batch_size]
+            pos = order[b * self.batch_size : (b + 1) * self.batch_size]
             rows = self.rows[pos]
             # sorted reads are faster on a memory map; the batch order itself does not matter
             srt = np.argsort(rows, kind="stable")

@@ -1,4 +1,5 @@
 """The manifest: one row per image (image, task, grade, patient, source), validated up front."""
+
 from __future__ import annotations
 
 import hashlib
@@ -53,8 +54,7 @@ def check_manifest(df: pd.DataFrame, origin: str) -> pd.DataFrame:
             ) from None
         if not 0 <= grade < n:
             raise DataError(
-                f"{origin}: row {i + 2} ({row.image}): grade {grade} out of range for task {task}; "
-                f"expected 0..{n - 1}"
+                f"{origin}: row {i + 2} ({row.image}): grade {grade} out of range for task {task}; expected 0..{n - 1}"
             )
     df["task"] = df["task"].astype(str)
     df["grade"] = df["grade"].astype(str).str.strip().astype(float).astype(int)
@@ -64,8 +64,9 @@ def check_manifest(df: pd.DataFrame, origin: str) -> pd.DataFrame:
     if dup.any():
         first = df.loc[dup, "image"].iloc[0]
         rows = [str(i + 2) for i in range(len(df)) if df["image"].iat[i] == first]
-        raise DataError(f"{origin}: image '{first}' is listed {len(rows)} times (rows {', '.join(rows)}); "
-                        "expected each image once")
+        raise DataError(
+            f"{origin}: image '{first}' is listed {len(rows)} times (rows {', '.join(rows)}); expected each image once"
+        )
     return df[list(COLUMNS)].reset_index(drop=True)
 
 
@@ -87,9 +88,11 @@ def check_classes(df: pd.DataFrame, tasks: tuple[str, ...], origin: str) -> None
             )
     largest = int(df.groupby(["task", "grade"]).size().max()) if len(df) else 0
     if largest < MIN_CLASS_FOR_FOLDS:
-        raise DataError(f"{origin}: {len(df)} images, at most {largest} of any task and grade, are too few "
-                        f"to split into folds; expected at least {MIN_CLASS_FOR_FOLDS} images of some task "
-                        "and grade")
+        raise DataError(
+            f"{origin}: {len(df)} images, at most {largest} of any task and grade, are too few "
+            f"to split into folds; expected at least {MIN_CLASS_FOR_FOLDS} images of some task "
+            "and grade"
+        )
 
 
 def fingerprint(df: pd.DataFrame) -> str:

@@ -31,6 +31,7 @@ ODIR-5K labelling rules (per eye, from the per-eye diagnostic keywords; see `_cl
   max(graded_t, graded_total / (2 * n_tasks)) / sum(...);
 - table rows whose image file is missing from preprocessed_images/ are skipped and counted.
 """
+
 from __future__ import annotations
 
 import os
@@ -155,8 +156,9 @@ def _csv(path: str) -> tuple[str, pd.DataFrame, list[str]]:
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: the file is empty; expected a CSV with columns image, task, grade") from None
     except (pd.errors.ParserError, UnicodeDecodeError, OSError) as e:
-        raise DataError(f"{path}: not a readable CSV file ({' '.join(str(e).split())[:160]}); "
-                        "expected columns image, task, grade") from None
+        raise DataError(
+            f"{path}: not a readable CSV file ({' '.join(str(e).split())[:160]}); expected columns image, task, grade"
+        ) from None
     raw.columns = [str(c).strip() for c in raw.columns]
     check_columns(raw.columns, path)  # before any column is read: a wrong header is one line, not a KeyError
     for col in ("image", "task", "grade", "patient"):
@@ -211,7 +213,9 @@ def _folder(root: str) -> tuple[str, pd.DataFrame, Counter]:
                 skipped["file outside root/<task>/<grade>/"] += 1
                 continue
             if not re.fullmatch(r"\d+", grade):
-                raise DataError(f"{gdir}: grade folder '{grade}' is not an integer; expected 0..{n - 1} for task {task}")
+                raise DataError(
+                    f"{gdir}: grade folder '{grade}' is not an integer; expected 0..{n - 1} for task {task}"
+                )
             g = int(grade)
             if g >= n:
                 raise DataError(f"{gdir}: grade {g} out of range for task {task}; expected 0..{n - 1}")
@@ -226,9 +230,7 @@ def _folder(root: str) -> tuple[str, pd.DataFrame, Counter]:
                     p = os.path.join(dirpath, f)
                     rows.append((p, task, g, os.path.splitext(f)[0], "folder"))
     if not rows:
-        raise DataError(
-            f"{root}: no image files found; {expected} and extensions {' '.join(IMAGE_EXTENSIONS)}"
-        )
+        raise DataError(f"{root}: no image files found; {expected} and extensions {' '.join(IMAGE_EXTENSIONS)}")
     return root, pd.DataFrame(rows, columns=list(COLUMNS)), skipped
 
 
@@ -326,12 +328,13 @@ def _odir_table(data_root: str) -> tuple[str, str, pd.DataFrame]:
     raw.columns = [str(c).strip() for c in raw.columns]
     missing = [c for c in _ODIR_COLUMNS if c not in raw.columns]
     if missing:
-        raise DataError(f"{table}: missing column(s) {', '.join(missing)}; expected the ODIR-5K table "
-                        f"with columns {', '.join(_ODIR_COLUMNS)}")
+        raise DataError(
+            f"{table}: missing column(s) {', '.join(missing)}; expected the ODIR-5K table "
+            f"with columns {', '.join(_ODIR_COLUMNS)}"
+        )
     raw["ID"] = raw["ID"].str.strip()
     # full_df.csv has one row per image of the original table: the same patient appears twice.
     return table, img_dir, raw.drop_duplicates("ID", keep="first")
-
 
 
 def _odir_eyes(per_patient: pd.DataFrame, img_dir: str, skipped: Counter) -> list[tuple[str, str, str, int]]:
@@ -384,8 +387,14 @@ def _odir_graded_patients(
     return rows, pool, normals_bound
 
 
-def _odir_deal_normals(pool: list[str], by_patient: dict[str, list[tuple[str, str, int]]], graded: Counter,
-                       normals_bound: Counter, tasks: tuple[str, ...], seed: int) -> list[tuple]:
+def _odir_deal_normals(
+    pool: list[str],
+    by_patient: dict[str, list[tuple[str, str, int]]],
+    graded: Counter,
+    normals_bound: Counter,
+    tasks: tuple[str, ...],
+    seed: int,
+) -> list[tuple]:
     """Rows dealing the all-normal patients (whole, seeded) to the tasks, so that each task's normal
     count follows its share max(graded_t, graded_total / (2 * n_tasks)) / sum(...)."""
     total_graded = sum(graded[t] for t in tasks)

@@ -3,6 +3,7 @@
 Subsets are nested: a smaller count keeps a subset of the images a larger count keeps, so the
 data-ratio curve varies one thing only. Within a task they keep the grade proportions.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -50,20 +51,25 @@ def cap_per_task(manifest: pd.DataFrame, idx: np.ndarray, cap: int | None, seed:
 def resolve_count(value: float, available: int, task: str, where: str) -> int:
     """A count (> 1) or a fraction (0, 1] of the available images, as an int."""
     if value <= 0:
-        raise DataError(f"sample count {value:g} for task {task} is invalid; expected a count >= 1 "
-                        "or a fraction in (0, 1]")
+        raise DataError(
+            f"sample count {value:g} for task {task} is invalid; expected a count >= 1 or a fraction in (0, 1]"
+        )
     n = int(round(value * available)) if value <= 1.0 else int(value)
     if value > 1.0 and value != int(value):
-        raise DataError(f"sample count {value:g} for task {task} is invalid; expected an integer "
-                        "count or a fraction in (0, 1]")
+        raise DataError(
+            f"sample count {value:g} for task {task} is invalid; expected an integer count or a fraction in (0, 1]"
+        )
     if n > available:
-        raise DataError(f"sample count {n} for task {task} exceeds the {available} training images "
-                        f"of {where}; expected at most {available} (or a fraction)")
+        raise DataError(
+            f"sample count {n} for task {task} exceeds the {available} training images "
+            f"of {where}; expected at most {available} (or a fraction)"
+        )
     return max(n, 1)
 
 
-def take_per_task(manifest: pd.DataFrame, idx: np.ndarray, counts: dict[str, float], where: str,
-                  seed: int = 0) -> np.ndarray:
+def take_per_task(
+    manifest: pd.DataFrame, idx: np.ndarray, counts: dict[str, float], where: str, seed: int = 0
+) -> np.ndarray:
     """Keep a stratified, nested subset of each task's training images (data-ratio study)."""
     if not counts:
         return idx
@@ -87,6 +93,8 @@ def check_nonempty(manifest: pd.DataFrame, idx: np.ndarray, tasks: tuple[str, ..
         counts = sub.loc[sub["task"] == task, "grade"].value_counts()
         empty = [g for g in range(TASKS[task].num_classes) if counts.get(g, 0) == 0]
         if empty:
-            raise DataError(f"{where}: task {task} has no training image of grade(s) "
-                            f"{', '.join(map(str, empty))}; expected every grade to keep at least one "
-                            "image (more data, a larger --class-cap, or a larger sample count)")
+            raise DataError(
+                f"{where}: task {task} has no training image of grade(s) "
+                f"{', '.join(map(str, empty))}; expected every grade to keep at least one "
+                "image (more data, a larger --class-cap, or a larger sample count)"
+            )

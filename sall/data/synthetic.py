@@ -15,6 +15,7 @@ generator from a SHA-256 of the id, so the rendering is identical across calls, 
 machines. The manifest's ``grade`` column is the label, equal to the rendered grade except for the
 label noise.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -66,8 +67,9 @@ def parse_id(image: str) -> tuple[str, int, int, int]:
         raise DataError(f"synthetic image id '{image}': unknown task '{task}'; expected one of {', '.join(TASKS)}")
     n = TASKS[task].num_classes
     if not 0 <= grade < n:
-        raise DataError(f"synthetic image id '{image}': grade {grade} out of range for task {task}; "
-                        f"expected 0..{n - 1}")
+        raise DataError(
+            f"synthetic image id '{image}': grade {grade} out of range for task {task}; expected 0..{n - 1}"
+        )
     return task, index, grade, seed
 
 
@@ -91,8 +93,9 @@ def _grade_counts(n: int, shares: tuple[float, ...]) -> list[int]:
     return counts
 
 
-def synthetic_manifest(n_per_task: int = 800, seed: int = 0,
-                       tasks: tuple[str, ...] = ("dr", "amd", "arter")) -> pd.DataFrame:
+def synthetic_manifest(
+    n_per_task: int = 800, seed: int = 0, tasks: tuple[str, ...] = ("dr", "amd", "arter")
+) -> pd.DataFrame:
     """The manifest of the embedded synthetic data set: n_per_task images per task.
 
     Deterministic in (n_per_task, seed, tasks); a task's rows do not depend on which other tasks are
@@ -109,8 +112,9 @@ def synthetic_manifest(n_per_task: int = 800, seed: int = 0,
         raise DataError("synthetic data set: no task asked for; expected some of " + ", ".join(TASKS))
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
-        raise DataError(f"synthetic data set: unknown task(s) {', '.join(map(str, unknown))}; "
-                        f"expected some of {', '.join(TASKS)}")
+        raise DataError(
+            f"synthetic data set: unknown task(s) {', '.join(map(str, unknown))}; expected some of {', '.join(TASKS)}"
+        )
     if len(set(tasks)) != len(tasks):
         raise DataError(f"synthetic data set: task listed twice in {', '.join(tasks)}")
 
@@ -132,8 +136,9 @@ def synthetic_manifest(n_per_task: int = 800, seed: int = 0,
             else:
                 label[i] = g + (1 if rng.random() < 0.5 else -1)
         for i in range(int(n_per_task)):
-            rows.append((image_id(task, i, int(true[i]), int(seed)), task, int(label[i]),
-                         f"{task}-p{i // 2:05d}", SOURCE))
+            rows.append(
+                (image_id(task, i, int(true[i]), int(seed)), task, int(label[i]), f"{task}-p{i // 2:05d}", SOURCE)
+            )
     df = pd.DataFrame(rows, columns=["image", "task", "grade", "patient", "source"])
     return check_manifest(df, SOURCE)
 
@@ -143,10 +148,10 @@ def synthetic_manifest(n_per_task: int = 800, seed: int = 0,
 # random draws do not depend on the output size; pixels are drawn at twice the output size and
 # box-downsampled (anti-aliasing).
 
-_DARK = np.array([0.50, 0.20, 0.20], np.float32)   # multiplier at full opacity: vessels, haemorrhages
+_DARK = np.array([0.50, 0.20, 0.20], np.float32)  # multiplier at full opacity: vessels, haemorrhages
 _YELLOW = np.array([1.00, 0.86, 0.36], np.float32)  # hard exudates
-_PALE = np.array([0.96, 0.84, 0.56], np.float32)    # drusen, cotton-wool spots, arterial reflex
-_CNV = np.array([0.40, 0.42, 0.30], np.float32)     # choroidal neovascular membrane (grey-green)
+_PALE = np.array([0.96, 0.84, 0.56], np.float32)  # drusen, cotton-wool spots, arterial reflex
+_CNV = np.array([0.40, 0.42, 0.30], np.float32)  # choroidal neovascular membrane (grey-green)
 
 
 class _Canvas:
@@ -202,8 +207,15 @@ class _Canvas:
         return np.asarray(im, dtype=np.float32) * (1.0 / 255.0)
 
 
-def _walk(rng: np.random.Generator, start: tuple[float, float], angle: float, length: float,
-          curvature: float, tortuosity: float, step: float = 0.025) -> tuple[np.ndarray, np.ndarray]:
+def _walk(
+    rng: np.random.Generator,
+    start: tuple[float, float],
+    angle: float,
+    length: float,
+    curvature: float,
+    tortuosity: float,
+    step: float = 0.025,
+) -> tuple[np.ndarray, np.ndarray]:
     """A smooth random curve: points (n, 2) and the direction angle at each point."""
     n = max(2, int(length / step) + 1)
     dtheta = curvature * step + rng.normal(0.0, tortuosity * math.sqrt(step), n - 1)
@@ -217,24 +229,30 @@ def _walk(rng: np.random.Generator, start: tuple[float, float], angle: float, le
     return pts, theta
 
 
-def _draw_vessel(cv: _Canvas, layer: str, pts: np.ndarray, w0: float, w1: float, alpha: float,
-                 pieces: int = 3) -> None:
+def _draw_vessel(cv: _Canvas, layer: str, pts: np.ndarray, w0: float, w1: float, alpha: float, pieces: int = 3) -> None:
     """A tapering vessel: the polyline drawn in a few pieces of decreasing width (cheap)."""
     n = len(pts)
     step = max(1, -(-(n - 1) // pieces))
     for i in range(0, n - 1, step):
         w = w0 + (w1 - w0) * ((i + 0.5 * step) / max(1, n - 1))
-        cv.polyline(layer, pts[i:min(n, i + step + 1)], w, alpha)
+        cv.polyline(layer, pts[i : min(n, i + step + 1)], w, alpha)
 
 
-def _spots(rng: np.random.Generator, n: int, centre: tuple[float, float], spread: float,
-           fundus_r: float, avoid: tuple[float, float, float]) -> np.ndarray:
+def _spots(
+    rng: np.random.Generator,
+    n: int,
+    centre: tuple[float, float],
+    spread: float,
+    fundus_r: float,
+    avoid: tuple[float, float, float],
+) -> np.ndarray:
     """n positions around centre (Gaussian spread), inside the fundus and outside the disc."""
     if n <= 0:
         return np.zeros((0, 2))
     cand = np.asarray(centre) + rng.normal(0.0, spread, (4 * n + 8, 2))
-    ok = (np.hypot(cand[:, 0], cand[:, 1]) < 0.9 * fundus_r) & \
-         (np.hypot(cand[:, 0] - avoid[0], cand[:, 1] - avoid[1]) > 1.15 * avoid[2])
+    ok = (np.hypot(cand[:, 0], cand[:, 1]) < 0.9 * fundus_r) & (
+        np.hypot(cand[:, 0] - avoid[0], cand[:, 1] - avoid[1]) > 1.15 * avoid[2]
+    )
     good = cand[ok]
     if len(good) < n:  # extremely unlikely: fall back to the candidates regardless
         good = np.concatenate([good, cand[~ok]])
@@ -329,9 +347,15 @@ class _Painter:
         """One ellipse of an irregular blot of radius ~r around c (haemorrhage, CNV membrane), its
         opacity contrast * U(opacity), drawn last."""
         rng = self.rng
-        self.cv.rot_ellipse(layer, c[0] + rng.normal(0, 0.3 * r), c[1] + rng.normal(0, 0.3 * r),
-                            r * rng.uniform(0.6, 1.0), r * rng.uniform(0.5, 0.9), rng.uniform(0, np.pi),
-                            self.contrast * rng.uniform(*opacity))
+        self.cv.rot_ellipse(
+            layer,
+            c[0] + rng.normal(0, 0.3 * r),
+            c[1] + rng.normal(0, 0.3 * r),
+            r * rng.uniform(0.6, 1.0),
+            r * rng.uniform(0.5, 0.9),
+            rng.uniform(0, np.pi),
+            self.contrast * rng.uniform(*opacity),
+        )
 
     def exudates(self, n: int, rmin: float, rmax: float) -> None:
         if n <= 0:
@@ -341,15 +365,29 @@ class _Painter:
         for i in range(n):
             u, v = centres[i % len(centres)] + rng.normal(0.0, 0.06, 2)
             r = rng.uniform(rmin, rmax)
-            self.cv.rot_ellipse("yellow", u, v, r, r * rng.uniform(0.6, 1.0), rng.uniform(0, np.pi),
-                                self.contrast * rng.uniform(0.75, 1.0))
+            self.cv.rot_ellipse(
+                "yellow",
+                u,
+                v,
+                r,
+                r * rng.uniform(0.6, 1.0),
+                rng.uniform(0, np.pi),
+                self.contrast * rng.uniform(0.75, 1.0),
+            )
 
     def cotton_wool(self, n: int) -> None:
         rng, (disc, mac) = self.rng, (self.geo.disc, self.geo.mac)
         for u, v in self.spots(n, ((disc[0] + mac[0]) / 2, (disc[1] + mac[1]) / 2), 0.35):
             r = rng.uniform(0.025, 0.045)
-            self.cv.rot_ellipse("pale", u, v, r, r * rng.uniform(0.5, 0.8), rng.uniform(0, np.pi),
-                                self.contrast * rng.uniform(0.45, 0.7))
+            self.cv.rot_ellipse(
+                "pale",
+                u,
+                v,
+                r,
+                r * rng.uniform(0.5, 0.8),
+                rng.uniform(0, np.pi),
+                self.contrast * rng.uniform(0.45, 0.7),
+            )
 
     def drusen(self, n: int, rmin: float, rmax: float, spread: float) -> None:
         rng = self.rng
@@ -421,7 +459,7 @@ def _darken_macula(rng: np.random.Generator, img: np.ndarray, geo: _Geometry, ax
     """Macula: darker, browner, drawn in place in its bounding box only."""
     mac, mac_s = geo.mac, 0.55 * geo.mac_r
     sy, sx, lu, lv = _box(mac[0], mac[1], 3.0 * mac_s, ax)
-    mac_dark = rng.uniform(0.22, 0.45) * np.exp(((lu - mac[0]) ** 2 + (lv - mac[1]) ** 2) * (-0.5 / mac_s ** 2))
+    mac_dark = rng.uniform(0.22, 0.45) * np.exp(((lu - mac[0]) ** 2 + (lv - mac[1]) ** 2) * (-0.5 / mac_s**2))
     img[sy, sx] *= 1.0 - mac_dark[:, :, None] * np.array([0.75, 1.0, 0.9], np.float32)
 
 
@@ -438,16 +476,22 @@ def _draw_disc(rng: np.random.Generator, img: np.ndarray, geo: _Geometry, ax: np
     disc_col = np.array([1.0, 0.78, 0.50], np.float32) * np.float32(rng.uniform(0.95, 1.1))
     cup_col = np.array([1.0, 0.93, 0.78], np.float32)
     disc_a = disc_a[:, :, None]
-    img[sy, sx] = img[sy, sx] * (1.0 - disc_a) + disc_a * (disc_col * (1.0 - cup_a) + cup_col * cup_a) \
+    img[sy, sx] = (
+        img[sy, sx] * (1.0 - disc_a)
+        + disc_a * (disc_col * (1.0 - cup_a) + cup_col * cup_a)
         + halo[:, :, None] * np.array([0.25, 0.18, 0.08], np.float32)
+    )
 
 
 # The vessel tree: four arcades (temporal arcs around the macula, nasal) + a few small ones, each a
 # vein and an artery: (start angle in the right-eye frame, curvature, length, width scale).
 _ARCADES = (
-    (math.pi + 1.0, -1.0, 1.4, 1.0), (math.pi - 1.0, 1.0, 1.4, 1.0),
-    (-1.15, 0.5, 0.95, 0.75), (1.15, -0.5, 0.95, 0.75),
-    (math.pi + 0.2, -0.3, 0.45, 0.45), (0.1, 0.0, 0.6, 0.5),
+    (math.pi + 1.0, -1.0, 1.4, 1.0),
+    (math.pi - 1.0, 1.0, 1.4, 1.0),
+    (-1.15, 0.5, 0.95, 0.75),
+    (1.15, -0.5, 0.95, 0.75),
+    (math.pi + 0.2, -0.3, 0.45, 0.45),
+    (0.1, 0.0, 0.6, 0.5),
 )
 
 
@@ -468,8 +512,15 @@ def _vessel_tree(p: _Painter, caliber: float, hyper: bool) -> _Vessels:
     return vessels
 
 
-def _vessel(p: _Painter, arcade: tuple[float, float, float, float], artery: bool, tort: float, w: float,
-            alpha: float, reflex: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+def _vessel(
+    p: _Painter,
+    arcade: tuple[float, float, float, float],
+    artery: bool,
+    tort: float,
+    w: float,
+    alpha: float,
+    reflex: bool,
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """One vessel from the disc along its arcade with 1-3 branches, drawn; its (points, angles) paths.
     ``reflex`` adds the "copper wire" central reflex (drawn on veins too, as it always was)."""
     rng, geo, m = p.rng, p.geo, p.geo.m
@@ -490,8 +541,9 @@ def _vessel(p: _Painter, arcade: tuple[float, float, float, float], artery: bool
     return paths
 
 
-def _branch(p: _Painter, pts: np.ndarray, th: np.ndarray, ln: float, tort: float, w: float,
-            alpha: float) -> tuple[np.ndarray, np.ndarray]:
+def _branch(
+    p: _Painter, pts: np.ndarray, th: np.ndarray, ln: float, tort: float, w: float, alpha: float
+) -> tuple[np.ndarray, np.ndarray]:
     """A thinner side branch leaving the vessel (pts, th) from its middle half, drawn."""
     rng = p.rng
     k = int(rng.integers(len(pts) // 4, max(len(pts) // 4 + 1, 3 * len(pts) // 4)))
@@ -504,6 +556,7 @@ def _branch(p: _Painter, pts: np.ndarray, th: np.ndarray, ln: float, tort: float
 
 
 # ---- lesions, one function per task: (painter, rendered grade, vessel tree)
+
 
 def _dr_lesions(p: _Painter, grade: int, vessels: _Vessels) -> None:
     """Diabetic retinopathy: microaneurysms, haemorrhages, exudates, cotton-wool spots growing with
@@ -544,9 +597,15 @@ def _neovessels(p: _Painter, vessels: _Vessels) -> None:
             pts, _ = vessels.veins[int(rng.integers(0, len(vessels.veins)))]
             c = tuple(pts[int(rng.integers(0, len(pts)))])
         for _ in range(int(rng.integers(4, 9))):
-            tuft, _ = _walk(rng, (c[0] + rng.normal(0, 0.02), c[1] + rng.normal(0, 0.02)),
-                            rng.uniform(0, 2 * np.pi), rng.uniform(0.08, 0.2), rng.normal(0, 12.0),
-                            9.0, step=0.008)
+            tuft, _ = _walk(
+                rng,
+                (c[0] + rng.normal(0, 0.02), c[1] + rng.normal(0, 0.02)),
+                rng.uniform(0, 2 * np.pi),
+                rng.uniform(0.08, 0.2),
+                rng.normal(0, 12.0),
+                9.0,
+                step=0.008,
+            )
             p.cv.polyline("dark", tuft, 0.013, p.contrast * rng.uniform(0.7, 1.0))
 
 
@@ -577,17 +636,22 @@ def _cnv(p: _Painter) -> None:
     for _ in range(int(rng.integers(3, 8))):  # haemorrhage around the membrane
         ang = rng.uniform(0, 2 * np.pi)
         rr = r * rng.uniform(0.8, 1.3)
-        p.cv.rot_ellipse("dark", c[0] + math.cos(ang) * rr, c[1] + math.sin(ang) * rr,
-                         r * rng.uniform(0.4, 0.8), r * rng.uniform(0.3, 0.6), ang,
-                         p.contrast * rng.uniform(0.75, 1.0))
+        p.cv.rot_ellipse(
+            "dark",
+            c[0] + math.cos(ang) * rr,
+            c[1] + math.sin(ang) * rr,
+            r * rng.uniform(0.4, 0.8),
+            r * rng.uniform(0.3, 0.6),
+            ang,
+            p.contrast * rng.uniform(0.75, 1.0),
+        )
     for _ in range(int(rng.integers(2, 5))):  # the membrane
         p.blob("cnv", c, r, (0.7, 1.0))
     if rng.random() < 0.5:  # exudate ring
         for _ in range(int(rng.integers(2, 7))):
             ang = rng.uniform(0, 2 * np.pi)
             rr = r * rng.uniform(1.4, 1.9)
-            p.cv.ellipse("yellow", c[0] + math.cos(ang) * rr, c[1] + math.sin(ang) * rr,
-                         0.012, 0.012, p.contrast * 0.8)
+            p.cv.ellipse("yellow", c[0] + math.cos(ang) * rr, c[1] + math.sin(ang) * rr, 0.012, 0.012, p.contrast * 0.8)
 
 
 def _arter_lesions(p: _Painter, grade: int, vessels: _Vessels) -> None:
@@ -612,8 +676,9 @@ def _av_nicking(p: _Painter, vessels: _Vessels) -> None:
     t = th[k]
     p.cv.rot_ellipse("dark", u, v, 0.045, vessels.vein_w * 0.9, t, vessels.vein_alpha * 0.25)
     ca = t + math.pi / 2 + rng.normal(0, 0.3)
-    seg = np.array([[u - math.cos(ca) * 0.06, v - math.sin(ca) * 0.06],
-                    [u + math.cos(ca) * 0.06, v + math.sin(ca) * 0.06]])
+    seg = np.array(
+        [[u - math.cos(ca) * 0.06, v - math.sin(ca) * 0.06], [u + math.cos(ca) * 0.06, v + math.sin(ca) * 0.06]]
+    )
     p.cv.polyline("dark", seg, vessels.art_w, vessels.art_alpha)
     p.cv.polyline("pale", seg, max(vessels.art_w * 0.35, 0.004), 0.5)
 
@@ -626,8 +691,15 @@ def _flame_haemorrhage(p: _Painter, vessels: _Vessels) -> None:
     side = rng.uniform(0.012, 0.03) * (1.0 if rng.random() < 0.5 else -1.0)
     u = pts[k][0] - math.sin(th[k]) * side
     v = pts[k][1] + math.cos(th[k]) * side
-    p.cv.rot_ellipse("dark", u, v, rng.uniform(0.04, 0.08), rng.uniform(0.015, 0.024),
-                     th[k] + rng.normal(0, 0.15), p.contrast * rng.uniform(0.75, 1.0))
+    p.cv.rot_ellipse(
+        "dark",
+        u,
+        v,
+        rng.uniform(0.04, 0.08),
+        rng.uniform(0.015, 0.024),
+        th[k] + rng.normal(0, 0.15),
+        p.contrast * rng.uniform(0.75, 1.0),
+    )
 
 
 _LESIONS = {"dr": _dr_lesions, "amd": _amd_lesions, "arter": _arter_lesions}
@@ -658,7 +730,7 @@ def _illuminate(rng: np.random.Generator, img: np.ndarray, geo: _Geometry, size:
     gain = rng.uniform(0.7, 1.25)
     vig = rng.uniform(0.25, 0.65)
     g = [float(x) for x in rng.normal(0.0, 0.18, 2)]
-    illum = gain * (1.0 - vig * r2 ** 1.5) + g[0] * U + g[1] * V
+    illum = gain * (1.0 - vig * r2**1.5) + g[0] * U + g[1] * V
     illum = np.clip(illum, 0.08, None)
     cast = rng.uniform(0.88, 1.12, 3).astype(np.float32)
     img = img * illum[:, :, None] * cast + rng.uniform(0.0, 0.06)

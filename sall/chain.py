@@ -335,6 +335,37 @@ def baseline_is_teacher(cfg: TrialConfig, task: str) -> bool:
     return cfg.is_baseline and cfg.student_epochs == cfg.teacher_epochs and cfg.sample_count(task) is None
 
 
+def teachers_and_soft_labels(
+    cfg: TrialConfig, data: Data, store: ArtifactStore, rt: Runtime, hooks: Hooks
+) -> tuple[dict[str, Teacher], dict[str, np.ndarray]]:
+    """Stages 1 and 2: the teachers a trial needs (trained once per key, else loaded) and, with
+    SA-labels, each one's softened logits on the training rows of the other tasks."""
+    teachers: dict[str, Teacher] = {}
+    soft: dict[str, np.ndarray] = {}
+    for task in needs_teachers(cfg):
+        teachers[task] = get_teacher(cfg, task, data, store, rt)
+        if hooks.teacher_ready:
+            hooks.teacher_ready(teachers[task])
+        if cfg.sa_labels:
+            soft[task] = soft_label_array(cfg, teachers[task], data, store, rt)
+    return teachers, soft
+
+
+def reuse_teacher(
+    cfg: TrialConfig, teacher: Teacher, rt: Runtime, hooks: Hooks, history: dict[int, dict[str, float]]
+) -> MultiHeadNet:
+    """The baseline's single-task model when it is its teacher: the teacher's weights, and its
+    training curve as the model's (into `history` and the student_epoch hook)."""
+    model = teacher.model(cfg).to(rt.device)
+    for h in teacher.info["history"]:
+        epoch_metrics = {k: v for k, v in h.items() if "/" in k}
+        history.setdefault(int(h["epoch"]), {}).update(epoch_metrics)
+        if hooks.student_epoch:
+            hooks.student_epoch(int(h["epoch"]), epoch_metrics)
+    log(f"[student] baseline {teacher.task}: the single-task model is the teacher; reusing it")
+    return model
+
+
 def run_chain(cfg: TrialConfig, cache_dir: str | Path, hooks: Hooks | None = None) -> ChainResult:
     """Run one trial's whole chain and return its metrics."""
     hooks = hooks or Hooks()
@@ -347,16 +378,8 @@ def run_chain(cfg: TrialConfig, cache_dir: str | Path, hooks: Hooks | None = Non
     if cfg.debug_fail.startswith("student"):
         _maybe_fail(cfg, store)
 
-    # stage 1 + 2
     t0 = time.time()
-    teachers: dict[str, Teacher] = {}
-    soft: dict[str, np.ndarray] = {}
-    for task in needs_teachers(cfg):
-        teachers[task] = get_teacher(cfg, task, data, store, rt)
-        if hooks.teacher_ready:
-            hooks.teacher_ready(teachers[task])
-        if cfg.sa_labels:
-            soft[task] = soft_label_array(cfg, teachers[task], data, store, rt)
+    teachers, soft = teachers_and_soft_labels(cfg, data, store, rt, hooks)
     profile["teachers_s"] = time.time() - t0
 
     # stage 3
@@ -371,14 +394,8 @@ def run_chain(cfg: TrialConfig, cache_dir: str | Path, hooks: Hooks | None = Non
     predictions: dict[str, dict[str, np.ndarray]] = {}
     for g, heads in enumerate(groups):
         if len(heads) == 1 and baseline_is_teacher(cfg, heads[0]):
-            model = teachers[heads[0]].model(cfg).to(rt.device)
+            model = reuse_teacher(cfg, teachers[heads[0]], rt, hooks, history)
             reused.append(heads[0])
-            for h in teachers[heads[0]].info["history"]:
-                epoch_metrics = {k: v for k, v in h.items() if "/" in k}
-                history.setdefault(int(h["epoch"]), {}).update(epoch_metrics)
-                if hooks.student_epoch:  # the baseline model's training curve is its teacher's
-                    hooks.student_epoch(int(h["epoch"]), epoch_metrics)
-            log(f"[student] baseline {heads[0]}: the single-task model is the teacher; reusing it")
         else:
             model, res = train_student(cfg, data, rows, row_tasks, heads, soft, rt, hooks, seed=cfg.seed + 1 + g)
             for h in res.history:

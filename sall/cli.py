@@ -62,7 +62,12 @@ def one_line_errors(p: argparse.ArgumentParser) -> None:
 def add_data_model_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by `python -m sall run` and the sweeps (design.md). Also makes `p`'s errors one line."""
     one_line_errors(p)
-    g = p.add_argument_group("data")
+    _add_data_args(p.add_argument_group("data"))
+    _add_model_args(p.add_argument_group("model and training"))
+    _add_runtime_args(p.add_argument_group("runtime"))
+
+
+def _add_data_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--dataset",
         default="synthetic",
@@ -95,7 +100,9 @@ def add_data_model_args(p: argparse.ArgumentParser) -> None:
         help="at most this many validation images per task (default from the preset)",
     )
     g.add_argument("--synthetic-n", type=int, default=None, help="synthetic images per task (default from the preset)")
-    m = p.add_argument_group("model and training")
+
+
+def _add_model_args(m: argparse._ArgumentGroup) -> None:
     m.add_argument(
         "--preset",
         default="cpu",
@@ -144,7 +151,9 @@ def add_data_model_args(p: argparse.ArgumentParser) -> None:
         "--no-augment", dest="augment", action="store_false", default=None, help="switch the augmentations off"
     )
     m.add_argument("--seed", type=int, default=None)
-    r = p.add_argument_group("runtime")
+
+
+def _add_runtime_args(r: argparse._ArgumentGroup) -> None:
     r.add_argument(
         "--cache-dir",
         default=DEFAULT_CACHE,

@@ -342,6 +342,17 @@ def log_outputs(uri: str, run_id: str, folder: Path, artifact_path: str) -> None
     tr.retry(client(uri).log_artifacts, run_id, str(folder), artifact_path)
 
 
+def log_to_sweep_run(args: argparse.Namespace, uri: str, exp_id: str, folder: Path, artifact_path: str) -> str | None:
+    """An analysis's outputs as artifacts of the sweep run (--parent, else the experiment's latest),
+    so they sit beside the trials in the UI; None (nothing logged) with --no-log or no sweep run."""
+    if args.no_log:
+        return None
+    parent = args.parent or latest_parent(uri, exp_id)
+    if parent:
+        log_outputs(uri, parent, folder, artifact_path)
+    return parent
+
+
 def student_file(uri: str, run_id: str, dst: Path) -> Path:
     """Download a trial's stored student (its `model/` artifact); SallError when it has none."""
     arts = tr.retry(client(uri).list_artifacts, run_id, sc.MODEL_DIR)

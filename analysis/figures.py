@@ -663,11 +663,9 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     print("\n".join(str(p) for p in written))
-    if not args.no_log and written:
-        parent = args.parent or cm.latest_parent(uri, exp_id)
-        if parent:
-            cm.log_outputs(uri, parent, out, sc.ANALYSIS_FIGURES)
-            cm.log(f"[figures] logged {len(written)} figures to parent run {parent} under {sc.ANALYSIS_FIGURES}")
+    parent = cm.log_to_sweep_run(args, uri, exp_id, out, sc.ANALYSIS_FIGURES) if written else None
+    if parent:
+        cm.log(f"[figures] logged {len(written)} figures to parent run {parent} under {sc.ANALYSIS_FIGURES}")
     return 0
 
 

@@ -30,15 +30,11 @@ def teacher_run(
     would read as broken beside the trials). Its params are `cfg`'s teacher fields in the same
     string form as a trial's params."""
     with store.lock(f"mlflow-teacher-{experiment_id}-{teacher.key}"):
-        runs = tr.find_runs(
-            uri,
-            experiment_id,
-            f"tags.`{sc.TAG_TEACHER_KEY}` = '{teacher.key}' and tags.`{sc.TAG_STAGE}` = '{sc.STAGE_TEACHER}'",
-        )
-        if runs:
-            return runs[0].info.run_id
+        mine = f"tags.`{sc.TAG_TEACHER_KEY}` = '{teacher.key}' and tags.`{sc.TAG_STAGE}` = '{sc.STAGE_TEACHER}'"
+        found = _first_run_id(uri, experiment_id, mine)
+        if found:
+            return found
         c = tr.client(uri)
-        info = teacher.info
         start_ms, end_ms = _teacher_span(teacher)
         group = _teachers_run(uri, experiment_id, parent_id, sweep, store, start_ms)
         run = retry(
@@ -58,19 +54,28 @@ def teacher_run(
             },
         )
         rid = run.info.run_id
-        tr.log_params(uri, rid, param_strings(cfg.teacher_fields(teacher.task)))
-        for h in info["history"]:
-            tr.log_metrics(uri, rid, {k: v for k, v in h.items() if "/" in k}, step=int(h["epoch"]))
-        tr.log_metrics(
-            uri,
-            rid,
-            {sc.metric(sc.TEST, teacher.task, k): v for k, v in info["test"].items() if isinstance(v, (int, float))},
-        )
-        tr.log_metrics(uri, rid, {"best_epoch": info["best_epoch"], "train_seconds": info["seconds"]})
+        _log_teacher(uri, rid, teacher, cfg)
         retry(c.set_terminated, rid, "FINISHED", end_time=end_ms)
         with store.lock(f"mlflow-teachers-{parent_id}"):  # one writer, so no later end is lost
             _stretch_to(uri, group, end_ms)
         return rid
+
+
+def _first_run_id(uri: str, experiment_id: str, filter_string: str) -> str | None:
+    """The id of a run the filter finds (the caller holds the lock that makes it the only one)."""
+    found = tr.find_runs(uri, experiment_id, filter_string)
+    return found[0].info.run_id if found else None
+
+
+def _log_teacher(uri: str, run_id: str, teacher, cfg: TrialConfig) -> None:
+    """A teacher's params (its fields, in a trial's string form), curve, test metrics and cost."""
+    info = teacher.info
+    tr.log_params(uri, run_id, param_strings(cfg.teacher_fields(teacher.task)))
+    for h in info["history"]:
+        tr.log_metrics(uri, run_id, {k: v for k, v in h.items() if "/" in k}, step=int(h["epoch"]))
+    test = {sc.metric(sc.TEST, teacher.task, k): v for k, v in info["test"].items() if isinstance(v, (int, float))}
+    tr.log_metrics(uri, run_id, test)
+    tr.log_metrics(uri, run_id, {"best_epoch": info["best_epoch"], "train_seconds": info["seconds"]})
 
 
 def _teacher_span(teacher) -> tuple[int, int]:
@@ -86,13 +91,10 @@ def _teachers_run(uri: str, experiment_id: str, parent_id: str, sweep: str, stor
     It starts with the sweep, or with an earlier teacher: a run's start cannot be moved later, and
     a teacher that finishes second may have started first."""
     with store.lock(f"mlflow-teachers-{parent_id}"):
-        found = tr.find_runs(
-            uri,
-            experiment_id,
-            f"tags.`{sc.TAG_STAGE}` = '{sc.STAGE_TEACHERS}' and tags.`{sc.TAG_PARENT}` = '{parent_id}'",
-        )
+        mine = f"tags.`{sc.TAG_STAGE}` = '{sc.STAGE_TEACHERS}' and tags.`{sc.TAG_PARENT}` = '{parent_id}'"
+        found = _first_run_id(uri, experiment_id, mine)
         if found:
-            return found[0].info.run_id
+            return found
         c = tr.client(uri)
         start_ms = min(start_ms, retry(c.get_run, parent_id).info.start_time or start_ms)
         run = retry(

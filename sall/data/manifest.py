@@ -75,12 +75,17 @@ def check_manifest(df: pd.DataFrame, origin: str) -> pd.DataFrame:
 MIN_CLASS_FOR_FOLDS = 4
 
 
+def missing_grades(df: pd.DataFrame, task: str) -> list[int]:
+    """The grades of `task` that no row of `df` has."""
+    counts = df.loc[df["task"] == task, "grade"].value_counts()
+    return [g for g in range(TASKS[task].num_classes) if counts.get(g, 0) == 0]
+
+
 def check_classes(df: pd.DataFrame, tasks: tuple[str, ...], origin: str) -> None:
     """Every grade of every requested task must have at least one image, and the data must be large
     enough to be split into folds."""
     for task in tasks:
-        counts = df.loc[df["task"] == task, "grade"].value_counts()
-        empty = [g for g in range(TASKS[task].num_classes) if counts.get(g, 0) == 0]
+        empty = missing_grades(df, task)
         if empty:
             raise DataError(
                 f"{origin}: task {task} has no image of grade(s) {', '.join(map(str, empty))}; "

@@ -190,45 +190,59 @@ def _csv(path: str) -> tuple[str, pd.DataFrame, list[str]]:
 # ---------------------------------------------------------------- image folder
 
 
+def _subfolders(path: str, skipped: Counter) -> list[tuple[str, str]]:
+    """(name, path) of the folders in `path`, sorted; hidden entries are ignored, and a file
+    where a folder is expected is counted in `skipped`."""
+    out = []
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if name.startswith("."):
+            continue
+        if not os.path.isdir(full):
+            skipped["file outside root/<task>/<grade>/"] += 1
+            continue
+        out.append((name, full))
+    return out
+
+
+def _grade_of(grade: str, gdir: str, task: str) -> int:
+    """A grade folder's name as the grade, checked against the task's range."""
+    n = TASKS[task].num_classes
+    if not re.fullmatch(r"\d+", grade):
+        raise DataError(f"{gdir}: grade folder '{grade}' is not an integer; expected 0..{n - 1} for task {task}")
+    if int(grade) >= n:
+        raise DataError(f"{gdir}: grade {int(grade)} out of range for task {task}; expected 0..{n - 1}")
+    return int(grade)
+
+
+def _images_below(gdir: str, skipped: Counter) -> list[str]:
+    """The image files anywhere below a grade folder, in a stable order (hidden ones ignored,
+    other files counted in `skipped`)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(gdir):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in sorted(filenames):
+            if f.startswith("."):
+                continue
+            if os.path.splitext(f)[1].lower() not in IMAGE_EXTENSIONS:
+                skipped["not an image file (extension)"] += 1
+                continue
+            out.append(os.path.join(dirpath, f))
+    return out
+
+
 def _folder(root: str) -> tuple[str, pd.DataFrame, Counter]:
     root = os.path.abspath(root)
     skipped: Counter = Counter()
     expected = "expected root/<task>/<grade>/<image> with task one of " + ", ".join(TASKS)
     rows = []
-    for task in sorted(os.listdir(root)):
-        tdir = os.path.join(root, task)
-        if task.startswith("."):
-            continue
-        if not os.path.isdir(tdir):
-            skipped["file outside root/<task>/<grade>/"] += 1
-            continue
+    for task, tdir in _subfolders(root, skipped):
         if task not in TASKS:
             raise DataError(f"{root}: folder '{task}' is not a task; {expected}")
-        n = TASKS[task].num_classes
-        for grade in sorted(os.listdir(tdir)):
-            gdir = os.path.join(tdir, grade)
-            if grade.startswith("."):
-                continue
-            if not os.path.isdir(gdir):
-                skipped["file outside root/<task>/<grade>/"] += 1
-                continue
-            if not re.fullmatch(r"\d+", grade):
-                raise DataError(
-                    f"{gdir}: grade folder '{grade}' is not an integer; expected 0..{n - 1} for task {task}"
-                )
-            g = int(grade)
-            if g >= n:
-                raise DataError(f"{gdir}: grade {g} out of range for task {task}; expected 0..{n - 1}")
-            for dirpath, dirnames, filenames in os.walk(gdir):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                for f in sorted(filenames):
-                    if f.startswith("."):
-                        continue
-                    if os.path.splitext(f)[1].lower() not in IMAGE_EXTENSIONS:
-                        skipped["not an image file (extension)"] += 1
-                        continue
-                    p = os.path.join(dirpath, f)
-                    rows.append((p, task, g, os.path.splitext(f)[0], "folder"))
+        for grade, gdir in _subfolders(tdir, skipped):
+            g = _grade_of(grade, gdir, task)
+            for p in _images_below(gdir, skipped):
+                rows.append((p, task, g, os.path.splitext(os.path.basename(p))[0], "folder"))
     if not rows:
         raise DataError(f"{root}: no image files found; {expected} and extensions {' '.join(IMAGE_EXTENSIONS)}")
     return root, pd.DataFrame(rows, columns=list(COLUMNS)), skipped

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from sall.data.manifest import missing_grades
 from sall.errors import DataError
-from sall.tasks import TASKS
 
 
 def _stratified_order(grades: np.ndarray, seed: int) -> np.ndarray:
@@ -90,8 +90,7 @@ def check_nonempty(manifest: pd.DataFrame, idx: np.ndarray, tasks: tuple[str, ..
     """Every grade of every task needs at least one training image."""
     sub = manifest.iloc[idx]
     for task in tasks:
-        counts = sub.loc[sub["task"] == task, "grade"].value_counts()
-        empty = [g for g in range(TASKS[task].num_classes) if counts.get(g, 0) == 0]
+        empty = missing_grades(sub, task)
         if empty:
             raise DataError(
                 f"{where}: task {task} has no training image of grade(s) "

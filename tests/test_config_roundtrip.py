@@ -118,3 +118,15 @@ def test_round_trip_through_mlflow(store, cfg: TrialConfig):
     tr.log_params(uri, rid, cfg.params())
     params = MlflowClient(tracking_uri=uri).get_run(rid).data.params
     assert TrialConfig.from_params(params) == logged(cfg)
+
+
+def test_preset_backbones_are_timm_models():
+    """check_backbone trusts the presets' backbones without asking timm: they must be timm's."""
+    import timm
+
+    from sall.config import PRESET_BACKBONES, check_backbone
+    from sall.errors import ConfigError
+
+    assert PRESET_BACKBONES and all(timm.is_model(name) for name in PRESET_BACKBONES)
+    with pytest.raises(ConfigError, match="unknown backbone 'resnet9000'"):
+        check_backbone("resnet9000")

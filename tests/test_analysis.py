@@ -209,25 +209,11 @@ def test_tables_errors(store, capsys):
 
 @pytest.mark.slow
 def test_figures_written(store, tmp_path):
+    from analysis import figures as fg  # in-process: the scripts' own start-up is tested by tables.py's run
+
     out = tmp_path / "figs"
-    r = run(
-        [
-            sys.executable,
-            str(ROOT / "analysis" / "figures.py"),
-            "--experiment",
-            EXP,
-            "--out",
-            str(out),
-            "--mlflow-uri",
-            uri(store),
-            "--cache-dir",
-            str(store / "cache"),
-            "--gradcam-per-task",
-            "1",
-        ],
-        store,
-    )
-    assert r.returncode == 0, r.stderr
+    argv = ["--experiment", EXP, "--out", str(out), "--mlflow-uri", uri(store), "--cache-dir", str(store / "cache")]
+    assert fg.main([*argv, "--gradcam-per-task", "1"]) == 0
     for name in ("fig5_temperature.png", "fig6_confusion.png", "fig7_reliability.png", "fig8_gradcam.png"):
         assert (out / name).stat().st_size > 20_000, name
     assert json.loads((out / "figures.json").read_text())["sall"] == "T=8"
@@ -250,25 +236,12 @@ def external(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_evaluate_external_end_to_end(store, external):
+def test_evaluate_external_end_to_end(store, external, capsys):
     rid = student(store, "T=8", 0).info.run_id
-    r = run(
-        [
-            sys.executable,
-            str(ROOT / "analysis" / "evaluate.py"),
-            "--run-id",
-            rid,
-            "--dataset",
-            str(external / "manifest.csv"),
-            "--mlflow-uri",
-            uri(store),
-            "--cache-dir",
-            str(store / "cache"),
-        ],
-        store,
-    )
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
+    data = str(external / "manifest.csv")
+    argv = ["--run-id", rid, "--dataset", data, "--mlflow-uri", uri(store), "--cache-dir", str(store / "cache")]
+    assert ev.main(argv) == 0  # in-process, as the error cases below
+    out = json.loads(capsys.readouterr().out)
     assert out["n_images"] == {"dr": 15, "amd": 8} and out["temperature"] == 8.0
     assert 0 <= out["metrics"]["dr"]["acc"] <= 1
     c = cm.client(uri(store))

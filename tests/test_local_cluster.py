@@ -1,7 +1,7 @@
 """End-to-end test of cluster/local.py: a real multi-node Ray cluster (head + 2 worker
-nodes, one raylet each) and a real MLflow server on this machine, and the sweeps on it: trials
-spread over nodes, everything lands in the server, a worker node killed mid-trial costs a retry,
-not the trial, and nothing is left behind. One cluster serves all of it (each `up` and `down`
+nodes, one raylet each) and a real MLflow server on this machine, and a sweep on it: a worker
+node killed mid-trial costs a retry on the other node, not the trial, everything lands in the
+server once, and nothing is left behind (Ray tasks spreading over the nodes are checked too). One cluster serves all of it (each `up` and `down`
 costs about 15 s on 2 cores).
 
 To test more on a cluster, use `start_local_cluster` (a context manager yielding a
@@ -251,22 +251,10 @@ def server_runs(uri: str, experiment: str = "sall-temperature") -> list:
     return [] if exp is None else c.search_runs([exp.experiment_id], max_results=1000)
 
 
-def _smoke_sweep_spreads_over_the_nodes(c: LocalCluster) -> None:
-    # one fold: 3 trials, two at a time on the two 1-CPU workers, so the first two land apart
-    out = subprocess.run(sweep_on(c, "--folds", "0"), env=c.env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    rs = server_runs(c.mlflow_uri)
-    stages = Counter((r.data.tags["sall.stage"], r.info.status) for r in rs)
-    assert stages == Counter(
-        {("student", "FINISHED"): 3, ("teacher", "FINISHED"): 2, ("teachers", "FINISHED"): 1, ("sweep", "FINISHED"): 1}
-    )
-    nodes = {r.data.tags["sall.node"] for r in rs if r.data.tags["sall.stage"] == "student"}
-    assert len(nodes) > 1, nodes
-
-
 def _killed_worker_costs_a_retry_not_the_trial(c: LocalCluster) -> dict:
-    """A long trial (the head has no CPU, so it runs on a worker node); SIGKILL that node while
-    it trains; the trial is retried on the other worker and finishes. Returns the killed worker."""
+    """The sweep on the cluster, logging to its MLflow server: a long trial (the head has no CPU,
+    so it runs on a worker node); SIGKILL that node while it trains; the trial is retried on the
+    other worker and finishes, so the sweep used both workers. Returns the killed worker."""
     exp = "sall-cluster-kill"
     workers = {w["node_id"]: i + 1 for i, w in enumerate(c.state["workers"])}
     cmd = sweep_on(
@@ -299,8 +287,12 @@ def _killed_worker_costs_a_retry_not_the_trial(c: LocalCluster) -> dict:
     killed = c.kill_worker(workers[victim.data.tags["sall.node"]])
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
-    rs = [r for r in server_runs(c.mlflow_uri, exp) if r.data.tags["sall.stage"] == "student"]
-    assert len(rs) == 1 and rs[0].info.status == "FINISHED"
+    runs = server_runs(c.mlflow_uri, exp)
+    stages = Counter((r.data.tags["sall.stage"], r.info.status) for r in runs)
+    assert stages == Counter(
+        {("student", "FINISHED"): 1, ("teacher", "FINISHED"): 2, ("teachers", "FINISHED"): 1, ("sweep", "FINISHED"): 1}
+    )  # all of it in the server, each once
+    rs = [r for r in runs if r.data.tags["sall.stage"] == "student"]
     assert int(rs[0].data.tags["sall.attempts"]) >= 2
     assert rs[0].data.tags["sall.node"] != victim.data.tags["sall.node"]
     return killed
@@ -354,8 +346,7 @@ def test_local_cluster_end_to_end(tmp_path):
             assert any((c.dir / "mlartifacts").rglob("metrics.json")), "artifact not on the server's store"
             assert (c.dir / "mlflow.db").exists()
 
-            # the sweeps on it: trials spread over the nodes, then a worker node killed mid-trial
-            _smoke_sweep_spreads_over_the_nodes(c)
+            # a sweep on it, with a worker node killed mid-trial
             w = _killed_worker_costs_a_retry_not_the_trial(c)
             assert w["name"] in ("sall-worker-1", "sall-worker-2")
             assert local.session_members([w["pid"]]) == []  # the killed node left no process

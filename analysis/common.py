@@ -342,15 +342,16 @@ def log_outputs(uri: str, run_id: str, folder: Path, artifact_path: str) -> None
     tr.retry(client(uri).log_artifacts, run_id, str(folder), artifact_path)
 
 
-def log_to_sweep_run(args: argparse.Namespace, uri: str, exp_id: str, folder: Path, artifact_path: str) -> str | None:
-    """An analysis's outputs as artifacts of the sweep run (--parent, else the experiment's latest),
-    so they sit beside the trials in the UI; None (nothing logged) with --no-log or no sweep run."""
-    if args.no_log:
-        return None
-    parent = args.parent or latest_parent(uri, exp_id)
+def log_to_sweep_run(
+    args: argparse.Namespace, uri: str, exp_id: str, folder: Path, artifact_path: str, what: str
+) -> None:
+    """An analysis's outputs (`what`, for the log line) as artifacts of the sweep run (--parent,
+    else the experiment's latest), so they sit beside the trials in the UI; nothing with --no-log
+    or when the experiment has no sweep run."""
+    parent = None if args.no_log else args.parent or latest_parent(uri, exp_id)
     if parent:
         log_outputs(uri, parent, folder, artifact_path)
-    return parent
+        log(f"[analysis] logged {what} to parent run {parent} under {artifact_path}")
 
 
 def student_file(uri: str, run_id: str, dst: Path) -> Path:

@@ -585,21 +585,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python analysis/figures.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     cm.add_common_args(p)
+    # fmt: off
     p.add_argument("--out", required=True, help="folder for the PNGs")
-    p.add_argument(
-        "--temperature",
-        type=float,
-        default=None,
-        help="SALL setting of Figs. 6-8 at this T (default: the best mean accuracy)",
-    )
+    p.add_argument("--temperature", type=float, default=None, help="SALL setting of Figs. 6-8 at this T (default: the best mean accuracy)")
     p.add_argument("--parent", default=None, help="only the trials of this sweep (parent) run")
     p.add_argument("--cache-dir", default=".sall-cache", help="the sweep's cache dir (images for Grad-CAM)")
     p.add_argument("--gradcam-per-task", type=int, default=2, help="Grad-CAM test images per task (0: none)")
-    p.add_argument(
-        "--target-layer",
-        default=None,
-        help="Grad-CAM layer, e.g. backbone.layer4 (default: the deepest stage with a >= 4x4 map)",
-    )
+    p.add_argument("--target-layer", default=None, help="Grad-CAM layer, e.g. backbone.layer4 (default: the deepest stage with a >= 4x4 map)")
     p.add_argument("--no-log", action="store_true", help="do not log the figures to the parent run")
     p.add_argument(
         "--grid-experiment",
@@ -611,6 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="sall-search",
         help="for the temperature grid: the search whose trace is drawn over it, if in the store",
     )
+    # fmt: on
     return p
 
 
@@ -663,9 +656,8 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     print("\n".join(str(p) for p in written))
-    parent = cm.log_to_sweep_run(args, uri, exp_id, out, sc.ANALYSIS_FIGURES) if written else None
-    if parent:
-        cm.log(f"[figures] logged {len(written)} figures to parent run {parent} under {sc.ANALYSIS_FIGURES}")
+    if written:
+        cm.log_to_sweep_run(args, uri, exp_id, out, sc.ANALYSIS_FIGURES, f"{len(written)} figures")
     return 0
 
 

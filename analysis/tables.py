@@ -825,9 +825,7 @@ def run(args: argparse.Namespace) -> int:
     print(write_outputs(tables, args.experiment, out))
     cm.log(f"[analysis] wrote {out}/tables.md, tables.tex and {', '.join('table_' + t.id + '.csv' for t in tables)}")
     cm.log(f"[analysis] the runs: {cm.tr.review_hint(uri, exp_id)}")
-    parent = cm.log_to_sweep_run(args, uri, exp_id, out, sc.ANALYSIS_TABLES)
-    if parent:
-        cm.log(f"[analysis] logged to parent run {parent} under {sc.ANALYSIS_TABLES}")
+    cm.log_to_sweep_run(args, uri, exp_id, out, sc.ANALYSIS_TABLES, "the tables")
     return 0
 
 

@@ -68,6 +68,7 @@ def add_data_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_data_args(g: argparse._ArgumentGroup) -> None:
+    # fmt: off
     g.add_argument(
         "--dataset",
         default="synthetic",
@@ -81,28 +82,20 @@ def _add_data_args(g: argparse._ArgumentGroup) -> None:
         help="folder of the dataset (required for odir: the folder with full_df.csv and preprocessed_images/)",
     )
     g.add_argument("--tasks", default="dr,amd", help="comma-separated tasks among dr,amd,arter (default dr,amd)")
-    g.add_argument(
-        "--class-cap",
-        type=int,
-        default=None,
-        help="at most this many training images per task and grade (teachers and students)",
-    )
+    g.add_argument("--class-cap", type=int, default=None, help="at most this many training images per task and grade (teachers and students)")
     g.add_argument(
         "--train-per-task",
         type=int,
         default=None,
         help="at most this many training images per task, stratified (default from the preset)",
     )
-    g.add_argument(
-        "--val-per-task",
-        type=int,
-        default=None,
-        help="at most this many validation images per task (default from the preset)",
-    )
+    g.add_argument("--val-per-task", type=int, default=None, help="at most this many validation images per task (default from the preset)")
     g.add_argument("--synthetic-n", type=int, default=None, help="synthetic images per task (default from the preset)")
+    # fmt: on
 
 
 def _add_model_args(m: argparse._ArgumentGroup) -> None:
+    # fmt: off
     m.add_argument(
         "--preset",
         default="cpu",
@@ -114,13 +107,8 @@ def _add_model_args(m: argparse._ArgumentGroup) -> None:
     )
     m.add_argument("--backbone", default=None, help="any timm model name (default from the preset)")
     m.add_argument("--image-size", type=int, default=None, help="input size in pixels (default from the preset)")
-    m.add_argument(
-        "--pretrained",
-        dest="pretrained",
-        action="store_true",
-        default=None,
-        help="start from ImageNet weights (timm's hub, or --pretrained-path)",
-    )
+    m.add_argument("--pretrained", dest="pretrained", action="store_true", default=None,
+                   help="start from ImageNet weights (timm's hub, or --pretrained-path)")
     m.add_argument("--no-pretrained", dest="pretrained", action="store_false")
     m.add_argument("--pretrained-path", default=None, help="local ImageNet weights file for the backbone")
     m.add_argument("--lr", type=float, default=None, help="learning rate (Adam)")
@@ -147,13 +135,13 @@ def _add_model_args(m: argparse._ArgumentGroup) -> None:
         help="the paper's augmentations (scale, rot90, flips, skew); default from the preset "
         "(cpu: off, it slows learning in a few epochs; paper: on)",
     )
-    m.add_argument(
-        "--no-augment", dest="augment", action="store_false", default=None, help="switch the augmentations off"
-    )
+    m.add_argument("--no-augment", dest="augment", action="store_false", default=None, help="switch the augmentations off")
     m.add_argument("--seed", type=int, default=None)
+    # fmt: on
 
 
 def _add_runtime_args(r: argparse._ArgumentGroup) -> None:
+    # fmt: off
     r.add_argument(
         "--cache-dir",
         default=DEFAULT_CACHE,
@@ -171,36 +159,20 @@ def _add_runtime_args(r: argparse._ArgumentGroup) -> None:
     r.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     r.add_argument("--smoke", action="store_true", help="tiny data and epochs: a whole run in seconds")
     r.add_argument("--debug", action="store_true", help="show tracebacks")
+    # fmt: on
+
+
+# The flags of add_data_model_args that are TrialConfig fields of the same name.
+OVERRIDE_FIELDS = (
+    "dataset data_root tasks class_cap synthetic_n train_per_task val_per_task schedule checkpoint backbone "
+    "image_size pretrained pretrained_path lr batch_size teacher_epochs student_epochs augment seed device "
+    "threads amp channels_last compile"
+).split()
 
 
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The data/model flags as TrialConfig overrides (None = take the preset's value)."""
-    return dict(
-        dataset=args.dataset,
-        data_root=args.data_root,
-        tasks=args.tasks,
-        class_cap=args.class_cap,
-        synthetic_n=args.synthetic_n,
-        train_per_task=args.train_per_task,
-        val_per_task=args.val_per_task,
-        schedule=args.schedule,
-        checkpoint=args.checkpoint,
-        backbone=args.backbone,
-        image_size=args.image_size,
-        pretrained=args.pretrained,
-        pretrained_path=args.pretrained_path,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        teacher_epochs=args.teacher_epochs,
-        student_epochs=args.student_epochs,
-        augment=args.augment,
-        seed=args.seed,
-        device=args.device,
-        threads=args.threads,
-        amp=args.amp,
-        channels_last=args.channels_last,
-        compile=args.compile,
-    )
+    return {name: getattr(args, name) for name in OVERRIDE_FIELDS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,29 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_data_model_args(run)
     s = run.add_argument_group("the SALL switches")
-    s.add_argument(
-        "--temperature",
-        "-T",
-        type=float,
-        default=3.0,
-        help="T for the soft labels and the student's outputs (paper eq. 10; default 3)",
-    )
+    # fmt: off
+    s.add_argument("--temperature", "-T", type=float, default=3.0, help="T for the soft labels and the student's outputs (paper eq. 10; default 3)")
     s.add_argument("--fold", type=int, default=0, help="which of the 3 folds (0, 1 or 2)")
-    s.add_argument(
-        "--sa-labels",
-        dest="sa_labels",
-        action="store_true",
-        default=True,
-        help="train each head also on the other tasks' images with soft labels (default)",
-    )
+    s.add_argument("--sa-labels", dest="sa_labels", action="store_true", default=True,
+                   help="train each head also on the other tasks' images with soft labels (default)")
     s.add_argument("--no-sa-labels", dest="sa_labels", action="store_false")
-    s.add_argument(
-        "--multitask",
-        dest="multitask",
-        action="store_true",
-        default=True,
-        help="one shared backbone with a head per task (default)",
-    )
+    s.add_argument("--multitask", dest="multitask", action="store_true", default=True, help="one shared backbone with a head per task (default)")
     s.add_argument("--no-multitask", dest="multitask", action="store_false", help="one single-head model per task")
     s.add_argument("--baseline", action="store_true", help="the paper's baseline: --no-multitask --no-sa-labels -T 1")
     s.add_argument("--profile", action="store_true", help="report where the time goes (stderr and JSON)")
@@ -251,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="check the flags and the data, print the resolved config and which teachers would "
         "be trained or reused; train nothing, write nothing",
     )
+    # fmt: on
     return p
 
 

@@ -19,6 +19,8 @@ N_FOLDS = 3
 
 # Settings per preset. `cpu` is small enough for a 2-core laptop; `paper` is the paper's setup
 # (Inception-v3 at 299 px with ImageNet weights, Adam 1e-5, Table II) for GPU clusters.
+# one preset's settings in a few lines, as a table (the formatter would put one per line)
+# fmt: off
 PRESETS: dict[str, dict[str, Any]] = {
     # cpu: chosen by measurement on 2 cores (README "The default run as evidence"): no augmentation
     # and a cosine decay to the last epoch learn far more steadily in a few epochs than the paper's
@@ -27,44 +29,22 @@ PRESETS: dict[str, dict[str, Any]] = {
     # one fold: 72 +- 5 % at 6 epochs, 83 +- 3 % at 8); the synthetic set trains on 640 images per
     # task but tests on 1,800 per task and fold, so the test split adds little noise (+-1.2 pp).
     "cpu": dict(
-        backbone="test_resnet",
-        image_size=64,
-        pretrained=False,
-        lr=2e-3,
-        batch_size=16,
-        schedule="cosine",
-        checkpoint="last",
-        augment=False,
-        teacher_epochs=8,
-        student_epochs=8,
-        synthetic_n=7200,
-        train_per_task=640,
-        val_per_task=150,
+        backbone="test_resnet", image_size=64, pretrained=False, lr=2e-3, batch_size=16,
+        schedule="cosine", checkpoint="last", augment=False,
+        teacher_epochs=8, student_epochs=8, synthetic_n=7200, train_per_task=640, val_per_task=150,
     ),
     "paper": dict(
-        backbone="inception_v3",
-        image_size=299,
-        pretrained=True,
-        lr=1e-5,
-        batch_size=32,
-        teacher_epochs=30,
-        student_epochs=30,
-        synthetic_n=2000,
+        backbone="inception_v3", image_size=299, pretrained=True, lr=1e-5, batch_size=32,
+        teacher_epochs=30, student_epochs=30, synthetic_n=2000,
     ),
     # real photographs on a CPU: ImageNet-initialised EfficientNet-Lite0 from an installed package
     # (sall/pretrained.py, no network); values measured on ODIR's validation split (README)
     "cpu-real": dict(
-        backbone="tf_efficientnet_lite0",
-        image_size=128,
-        pretrained=True,
-        lr=1e-3,
-        batch_size=32,
-        teacher_epochs=5,
-        student_epochs=5,
-        synthetic_n=800,
-        schedule="cosine",
+        backbone="tf_efficientnet_lite0", image_size=128, pretrained=True, lr=1e-3, batch_size=32,
+        teacher_epochs=5, student_epochs=5, synthetic_n=800, schedule="cosine",
     ),
 }
+# fmt: on
 PRESET_BACKBONES = frozenset(p["backbone"] for p in PRESETS.values())
 # The seeds a sweep repeats every setting and fold with, per preset (sweeps' --seeds overrides).
 SWEEP_SEEDS: dict[str, tuple[int, ...]] = {"cpu": (0,), "paper": (0,)}

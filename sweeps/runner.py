@@ -49,14 +49,21 @@ def parse_folds(text: str) -> list[int]:
     return folds
 
 
-def parse_seeds(text: str) -> list[int]:
+def parse_ints(text: str, flag: str, minimum: int, example: str) -> list[int]:
+    """A flag's comma-separated integers >= `minimum`, in order; a bad value is one ConfigError
+    naming the flag (never a ValueError)."""
+    problem = f"{flag} '{text}' is invalid; expected comma-separated integers >= {minimum}, e.g. {example}"
     try:
-        seeds = [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ConfigError(f"--seeds '{text}' is invalid; expected comma-separated integers >= 0, e.g. 0,1,2") from None
-    if not seeds or min(seeds) < 0:
-        raise ConfigError(f"--seeds '{text}' is invalid; expected comma-separated integers >= 0, e.g. 0,1,2")
-    return list(dict.fromkeys(seeds))
+        raise ConfigError(problem) from None
+    if not values or min(values) < minimum:
+        raise ConfigError(problem)
+    return values
+
+
+def parse_seeds(text: str) -> list[int]:
+    return list(dict.fromkeys(parse_ints(text, "--seeds", 0, "0,1,2")))
 
 
 def sweep_seeds(args: argparse.Namespace) -> list[int]:
@@ -79,6 +86,7 @@ def build_parser(
         "sqlite:///mlflow.db",
     )
     c = p.add_argument_group("cluster and tracking")
+    # fmt: off
     c.add_argument(
         "--address",
         default=None,
@@ -110,19 +118,12 @@ def build_parser(
         + ", ".join(f"{k}: {','.join(map(str, v))}" for k, v in SWEEP_SEEDS.items())
         + "), 0 with --smoke",
     )
-    c.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="print the trial grid and which teachers will be trained or reused; run nothing",
-    )
+    c.add_argument("--dry-run", action="store_true", help="print the trial grid and which teachers will be trained or reused; run nothing")
     c.add_argument("--fresh", action="store_true", help="start over instead of resuming")
     c.add_argument("--verbose", action="store_true", help="stream the trials' own progress lines")
     c.add_argument("--profile", action="store_true", help="log where each trial's time goes (profile/* metrics)")
-    c.add_argument(
-        "--no-teacher-reuse",
-        action="store_true",
-        help="benchmarks only: give every trial a private cache, so nothing is reused",
-    )
+    c.add_argument("--no-teacher-reuse", action="store_true", help="benchmarks only: give every trial a private cache, so nothing is reused")
+    # fmt: on
     add_data_model_args(p)
     if add_args:
         g = p.add_argument_group(f"{sweep} grid")
@@ -218,6 +219,11 @@ def init_ray(args: argparse.Namespace) -> None:
         ray.init(**quiet)
 
 
+def say(line: str) -> None:
+    """A progress line for the person at the terminal: stderr, at once (stdout is for results)."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def make_progress(total: int, tasks: tuple[str, ...]):
     """A Tune callback: a line per finished trial with its key metrics, and done / running /
     pending with an ETA. (Defined here so that ray.tune is imported only when a sweep runs.)"""
@@ -247,11 +253,9 @@ def make_progress(total: int, tasks: tuple[str, ...]):
                 recent = self.durations[-2 * self.max_running :]
                 left = (pending + running * 0.5) * sum(recent) / len(recent) / self.max_running
                 eta = f" · ETA {_fmt(left)}"
-            print(
+            say(
                 f"[sweep] done {self.done}/{self.total} · failed {self.failed} · running {running} · "
-                f"pending {pending} · elapsed {_fmt(el)}{eta}",
-                file=sys.stderr,
-                flush=True,
+                f"pending {pending} · elapsed {_fmt(el)}{eta}"
             )
 
         def on_trial_complete(self, iteration, trials, trial, **info):

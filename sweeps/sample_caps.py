@@ -10,8 +10,7 @@ import argparse
 import sys
 
 from sall.config import TrialConfig
-from sall.errors import ConfigError
-from sweeps.runner import Grid, run_sweep
+from sweeps.runner import Grid, parse_ints, run_sweep
 
 PAPER_LARGEST_CLASS = 7359
 PAPER_CAPS = (1500, 3000)
@@ -34,13 +33,7 @@ def scaled_caps(base: TrialConfig) -> list[int]:
 
 def parse_caps(text: str) -> list[int]:
     """--caps: comma-separated integers >= 1 (a bad value is one error line, not a ValueError)."""
-    try:
-        caps = [int(c) for c in text.split(",") if c.strip()]
-    except ValueError:
-        raise ConfigError(f"--caps '{text}' is invalid; expected comma-separated integers >= 1, e.g. 50,100") from None
-    if not caps or min(caps) < 1:
-        raise ConfigError(f"--caps '{text}' is invalid; expected comma-separated integers >= 1, e.g. 50,100")
-    return caps
+    return parse_ints(text, "--caps", 1, "50,100")
 
 
 def grid(args: argparse.Namespace, base: TrialConfig) -> Grid:

@@ -38,13 +38,9 @@ SMOKE_PLAN = dict(num_samples=4, top=2, grace=1)  # --smoke: a whole search and 
 
 
 def add_args(g: argparse.ArgumentParser) -> None:
+    # fmt: off
     g.add_argument("--num-samples", type=int, default=None, help="candidates to try (default 10; 4 with --smoke)")
-    g.add_argument(
-        "--top",
-        type=int,
-        default=None,
-        help="confirm the best this many candidates on --folds (default 3; 2 with --smoke)",
-    )
+    g.add_argument("--top", type=int, default=None, help="confirm the best this many candidates on --folds (default 3; 2 with --smoke)")
     g.add_argument("--search-fold", type=int, default=0, help="the fold the search runs on")
     g.add_argument(
         "--metric",
@@ -54,15 +50,11 @@ def add_args(g: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--t-min", type=float, default=1.0, help="lowest temperature searched")
     g.add_argument("--t-max", type=float, default=50.0, help="highest temperature searched (log scale)")
-    g.add_argument(
-        "--grace",
-        type=int,
-        default=None,
-        help="ASHA: epochs every candidate trains before it may be stopped (default 2; 1 with --smoke)",
-    )
+    g.add_argument("--grace", type=int, default=None, help="ASHA: epochs every candidate trains before it may be stopped (default 2; 1 with --smoke)")
     g.add_argument("--reduction-factor", type=float, default=3.0, help="ASHA: keep 1 in this many at each rung")
     g.add_argument("--search-seed", type=int, default=0, help="seed of the TPE sampler")
     g.add_argument("--no-baseline", action="store_true", help="confirm without the single-task baseline")
+    # fmt: on
 
 
 @dataclass(frozen=True)
@@ -329,11 +321,9 @@ def make_bookkeeper(uri: str, epochs: int, total: int) -> Any:
             row = book(uri, r, epochs)
             self.done += 1
             note = " (stopped early by ASHA)" if row["stopped"] else ""
-            print(
+            rn.say(
                 f"[candidate] T={row['temperature']:g}: validation {row['score']:.3f} at epoch "
-                f"{row['epoch']}/{epochs}{note} · {self.done}/{total} · elapsed {rn._fmt(time.time() - self.t0)}",
-                file=sys.stderr,
-                flush=True,
+                f"{row['epoch']}/{epochs}{note} · {self.done}/{total} · elapsed {rn._fmt(time.time() - self.t0)}"
             )
 
         def on_trial_error(self, iteration, trials, trial, **info):

@@ -31,8 +31,7 @@ def teacher_run(
     string form as a trial's params."""
     with store.lock(f"mlflow-teacher-{experiment_id}-{teacher.key}"):
         mine = f"tags.`{sc.TAG_TEACHER_KEY}` = '{teacher.key}' and tags.`{sc.TAG_STAGE}` = '{sc.STAGE_TEACHER}'"
-        found = _first_run_id(uri, experiment_id, mine)
-        if found:
+        if found := _first_run_id(uri, experiment_id, mine):
             return found
         c = tr.client(uri)
         start_ms, end_ms = _teacher_span(teacher)
@@ -92,8 +91,7 @@ def _teachers_run(uri: str, experiment_id: str, parent_id: str, sweep: str, stor
     a teacher that finishes second may have started first."""
     with store.lock(f"mlflow-teachers-{parent_id}"):
         mine = f"tags.`{sc.TAG_STAGE}` = '{sc.STAGE_TEACHERS}' and tags.`{sc.TAG_PARENT}` = '{parent_id}'"
-        found = _first_run_id(uri, experiment_id, mine)
-        if found:
+        if found := _first_run_id(uri, experiment_id, mine):
             return found
         c = tr.client(uri)
         start_ms = min(start_ms, retry(c.get_run, parent_id).info.start_time or start_ms)

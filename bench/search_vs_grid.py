@@ -193,17 +193,16 @@ def finish(uri: str, grid_s: float, search_s: float, args: argparse.Namespace) -
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # fmt: off
     p.add_argument("--workdir", default=None, help="keep the store, caches and Tune state here (default: temporary)")
     p.add_argument("--smoke", action="store_true", help="both sweeps with --smoke: checks the script, measures nothing")
     p.add_argument("--metric", default="mean", help="the search's --metric")
     p.add_argument("--json", action="store_true", help="also print one JSON object as the last line")
-    p.add_argument(
-        "--report-only",
-        action="store_true",
-        help="with --workdir of a finished run: recompute the comparison from its store, without "
-        "running the sweeps again (wall times are then the parent runs' wall_seconds)",
-    )
+    p.add_argument("--report-only", action="store_true",
+                   help="with --workdir of a finished run: recompute the comparison from its store, without "
+                        "running the sweeps again (wall times are then the parent runs' wall_seconds)")
     p.add_argument("flags", nargs="*", help="after --: flags for both sweeps (e.g. --folds 0,1,2)")
+    # fmt: on
     args = p.parse_args()
     if args.report_only:
         return report_only(args)

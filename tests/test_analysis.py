@@ -89,6 +89,11 @@ def failed_store(store, tmp_path_factory):
     return d
 
 
+def tables_argv(store: Path, out: Path, *extra: str) -> list[str]:
+    """analysis/tables.py's flags for a test store, written to `out`, logging nothing."""
+    return ["--experiment", EXP, "--mlflow-uri", uri(store), "--out", str(out), "--no-log", *extra]
+
+
 def uri(d: Path) -> str:
     return f"sqlite:///{d / 'mlflow.db'}"
 
@@ -139,22 +144,7 @@ def test_tables_from_a_real_sweep(store):
 
 @pytest.mark.slow
 def test_tables_show_failed_trials(failed_store, tmp_path, capsys):
-    assert (
-        tb.main(
-            [
-                "--experiment",
-                EXP,
-                "--mlflow-uri",
-                uri(failed_store),
-                "--out",
-                str(tmp_path),
-                "--bootstrap",
-                "200",
-                "--no-log",
-            ]
-        )
-        == 0
-    )
+    assert tb.main(tables_argv(failed_store, tmp_path, "--bootstrap", "200")) == 0
     md = capsys.readouterr().out
     t8 = next(line for line in md.splitlines() if line.startswith("| T=8 |"))
     assert "n=1 of 3, FAILED (fold 1), fold 2 missing" in t8
@@ -166,23 +156,7 @@ def test_tables_show_failed_trials(failed_store, tmp_path, capsys):
 @pytest.mark.slow
 def test_tables_override_and_csv(failed_store, tmp_path, capsys):
     assert (
-        tb.main(
-            [
-                "--experiment",
-                EXP,
-                "--mlflow-uri",
-                uri(failed_store),
-                "--out",
-                str(tmp_path),
-                "--table",
-                "III",
-                "--bootstrap",
-                "0",
-                "--no-log",
-                "--metrics",
-                "acc,kappa",
-            ]
-        )
+        tb.main(tables_argv(failed_store, tmp_path, "--table", "III", "--bootstrap", "0", "--metrics", "acc,kappa"))
         == 0
     )
     md = capsys.readouterr().out

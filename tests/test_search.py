@@ -125,23 +125,23 @@ def test_score_is_validation_only():
     ],
 )
 def test_bad_flags_are_one_line_naming_the_flag(tmp_path, capsys, flags, named):
-    assert (
-        _main(
-            [
-                "--smoke",
-                "--dry-run",
-                "--cache-dir",
-                str(tmp_path / "c"),
-                "--mlflow-uri",
-                f"sqlite:///{tmp_path / 'mlflow.db'}",
-                *flags,
-            ]
-        )
-        == 2
-    )
+    assert _main(dry_run_argv(tmp_path, *flags)) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and named in err and "\n" not in err, err
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def dry_run_argv(tmp_path: Path, *flags: str) -> list[str]:
+    """A smoke search's --dry-run into a store and cache under tmp_path, plus `flags`."""
+    return [
+        "--smoke",
+        "--dry-run",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--mlflow-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        *flags,
+    ]
 
 
 def _main(argv: list[str]) -> int:
@@ -153,16 +153,7 @@ def _main(argv: list[str]) -> int:
 
 
 def test_dry_run_plans_the_search_and_the_confirmation(tmp_path, capsys):
-    code = _main(
-        [
-            "--smoke",
-            "--dry-run",
-            "--cache-dir",
-            str(tmp_path / "c"),
-            "--mlflow-uri",
-            f"sqlite:///{tmp_path / 'mlflow.db'}",
-        ]
-    )
+    code = _main(dry_run_argv(tmp_path))
     out = capsys.readouterr().out
     assert code == 0
     assert "search: 4 candidates, T log-uniform in [1, 50] on fold 0" in out

@@ -273,54 +273,37 @@ def _http_ok(url: str, timeout: float = 2.0) -> bool:
 # --------------------------------------------------------------------------- ray nodes
 
 
+def _flags(values: dict[str, object]) -> list[str]:
+    """`--flag value` pairs, in order, from one mapping (so a node's command reads as a table)."""
+    return [str(x) for flag, value in values.items() for x in (f"--{flag}", value)]
+
+
 def _ray_start_cmd(state: dict, node: dict, head: bool) -> list[str]:
     host = state["host"]
-    cmd = [
-        sys.executable,
-        str(RAY_START_SHIM),
-        "start",
-        "--block",
-        "--node-ip-address",
-        host,
-        "--node-name",
-        node["name"],
-        "--num-cpus",
-        str(node["num_cpus"]),
-        "--num-gpus",
-        str(node["num_gpus"]),
-        "--temp-dir",
-        node["temp_dir"],
-        "--object-store-memory",
-        str(state["object_store_memory"]),
-        "--node-manager-port",
-        str(node["node_manager_port"]),
-        "--object-manager-port",
-        str(node["object_manager_port"]),
-        "--dashboard-agent-listen-port",
-        str(node["dashboard_agent_listen_port"]),
-        "--min-worker-port",
-        "0",
-        "--max-worker-port",
-        "0",
-        "--disable-usage-stats",
-        "--log-style",
-        "record",
-    ]
+    node_flags = {
+        "node-ip-address": host,
+        "node-name": node["name"],
+        "num-cpus": node["num_cpus"],
+        "num-gpus": node["num_gpus"],
+        "temp-dir": node["temp_dir"],
+        "object-store-memory": state["object_store_memory"],
+        "node-manager-port": node["node_manager_port"],
+        "object-manager-port": node["object_manager_port"],
+        "dashboard-agent-listen-port": node["dashboard_agent_listen_port"],
+        "min-worker-port": 0,
+        "max-worker-port": 0,
+        "log-style": "record",
+    }
+    cmd = [sys.executable, str(RAY_START_SHIM), "start", "--block", "--disable-usage-stats", *_flags(node_flags)]
     if head:
-        cmd += [
-            "--head",
-            "--port",
-            str(state["gcs_port"]),
-            "--dashboard-host",
-            host,
-            "--dashboard-port",
-            str(state["dashboard_port"]),
-            "--include-dashboard",
-            "true" if state["dashboard"] else "false",
-        ]
-    else:
-        cmd += ["--address", state["address"]]
-    return cmd
+        head_flags = {
+            "port": state["gcs_port"],
+            "dashboard-host": host,
+            "dashboard-port": state["dashboard_port"],
+            "include-dashboard": "true" if state["dashboard"] else "false",
+        }
+        return [*cmd, "--head", *_flags(head_flags)]
+    return [*cmd, *_flags({"address": state["address"]})]
 
 
 def _new_node(state: dict, name: str, index: int, num_cpus: int, taken: set[int]) -> dict:

@@ -326,3 +326,22 @@ def test_local_cluster_rejects_unknown_commands(capsys):
     with pytest.raises(SystemExit) as e:
         local.main(["stop-everything"])
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_local_cluster_ray_start_commands_parse_with_the_installed_ray():
+    """cluster/local.py's head and worker commands, given to Ray's own `ray start` parser: every flag
+    exists and takes the value it is given (a renamed flag fails here, not when a node starts)."""
+    from ray.scripts.scripts import start
+
+    local = _load_local()
+    state = dict(host="127.0.0.1", object_store_memory=10**8, gcs_port=1, dashboard_port=2, dashboard=False)
+    node = dict(name="n", num_cpus=1, num_gpus=0, temp_dir="/tmp/x", node_manager_port=3)
+    node |= dict(object_manager_port=4, dashboard_agent_listen_port=5)
+    head = local._ray_start_cmd(state, node, head=True)
+    worker = local._ray_start_cmd(state | {"address": "127.0.0.1:1"}, node, head=False)
+    for cmd in (head, worker):
+        assert cmd[2] == "start"
+        ctx = start.make_context("start", cmd[3:])
+        assert ctx.params["num_cpus"] == 1 and ctx.params["block"]
+    assert start.make_context("start", head[3:]).params["head"]
+    assert start.make_context("start", worker[3:]).params["address"] == "127.0.0.1:1"

@@ -101,7 +101,7 @@ def _add_model_args(m: argparse._ArgumentGroup) -> None:
         default="cpu",
         choices=None,
         help=f"settings bundle: {', '.join(PRESETS)} (cpu: small timm model at 64 px, fits a "
-        "laptop; cpu-real: ImageNet-initialised tf_efficientnet_lite0 at 128 px from an "
+        "laptop; cpu-real: ImageNet-initialised tf_efficientnet_lite0 at 160 px from an "
         "installed package, no network, for real photographs such as ODIR on a CPU; "
         "paper: inception_v3 at 299 px, ImageNet weights, Adam lr 1e-5)",
     )

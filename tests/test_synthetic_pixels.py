@@ -23,6 +23,7 @@ tiny drusen of a normal AMD eye, both kinds of DR neovessels, the exudate ring a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import numpy as np
@@ -88,8 +89,11 @@ SIGNATURES: dict[tuple[str, int, int], tuple[int, int, int, int]] = {
 }
 
 
+@functools.cache
 def _signs(n: int, pattern: int) -> np.ndarray:
-    """A fixed +-1 vector of length n from SHAKE-256: the same on every machine and numpy version."""
+    """A fixed +-1 vector of length n from SHAKE-256: the same on every machine and numpy version.
+
+    Cached: the 44 keys share four lengths, so each pattern is drawn once per image size."""
     raw = hashlib.shake_256(f"sall-pixels-{pattern}".encode()).digest((n + 7) // 8)
     return np.unpackbits(np.frombuffer(raw, np.uint8))[:n].astype(np.int64) * 2 - 1
 
@@ -122,7 +126,7 @@ def test_render_is_deterministic_on_one_machine():
 
 
 def test_signature_tells_rounding_from_a_change():
-    """The slack absorbs rounding flips but not one lesion-sized spot, a moved picture or a colour cast."""
+    """The slack absorbs rounding flips but not one lesion-sized spot, a mirrored picture or another seed."""
     pixels = render(image_id("dr", 5, 2, 3), 128)
     want = _signature(pixels)
     flipped = pixels.astype(np.int16).ravel()

@@ -213,14 +213,19 @@ def candidate(config: dict[str, Any]) -> None:
 
 def _earlier_run(sw: dict[str, Any], cfg: TrialConfig, trial_id: str) -> Any:
     """This candidate's run from an earlier attempt: by its Tune trial id (a retry, or a trial
-    restored after a crash), else an unfinished run of the same config in this search, which a
-    killed driver left behind before Tune saved the trial (the restored searcher proposes that T
-    again under a new id): adopted, so a crash leaves no orphan run."""
+    restored after a crash), else a run of the same config in this search that a killed driver
+    left behind before Tune saved the trial. Tune snapshots its state every 10 s or so, so a kill
+    can lose candidates that had already been booked (FINISHED), not only the one in flight; the
+    restored searcher, seeded and back at the snapshot, proposes the same T again under a new id.
+    Adopted, a booked run is replayed rather than trained twice, and the search still runs
+    --num-samples candidates (CI once saw 8 of 6 before this); an unfinished one leaves no orphan."""
     uri, parent = sw["mlflow_uri"], sw["parent_run_id"]
     mine = f"tags.`{sc.TAG_PARENT}` = '{parent}' and tags.`{sc.TAG_STAGE}` = '{sc.STAGE_CANDIDATE}'"
+    same_config = f"tags.`{sc.TAG_CONFIG_KEY}` = '{cfg.key()}'"
     for which in (
         f"tags.`{sc.TAG_CANDIDATE}` = '{trial_id}'",
-        f"tags.`{sc.TAG_CONFIG_KEY}` = '{cfg.key()}' and attributes.status != 'FINISHED'",
+        f"{same_config} and attributes.status = 'FINISHED'",
+        f"{same_config} and attributes.status != 'FINISHED'",
     ):
         found = tr.find_runs(uri, sw["experiment_id"], f"{which} and {mine}")
         if found:

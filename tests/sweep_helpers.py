@@ -120,8 +120,11 @@ class SharedRay:
     def run(self, cmd: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
         return run([*cmd, *self.flags], cwd, env=self.env, **kw)
 
-    def kill_when(self, cmd: list[str], cwd: Path, ready: Callable[[], bool], **kw) -> list[str]:
-        """kill_when on this Ray; returns the command as run (with the address), for the rerun."""
+    def kill_when(
+        self, cmd: list[str], cwd: Path, ready: Callable[[], bool], env: dict[str, str] | None = None, **kw
+    ) -> list[str]:
+        """kill_when on this Ray (`env` added to its environment); returns the command as run (with
+        the address), for the rerun."""
         cmd = [*cmd, *self.flags]
-        kill_when(cmd, cwd, ready, env=self.env, **kw)
+        kill_when(cmd, cwd, ready, env={**self.env, **(env or {})}, **kw)
         return cmd

@@ -13,12 +13,13 @@ import time
 import numpy as np
 import pytest
 import torch
+from fit_helpers import fit_dr
 
-from sall.chain import one_hot, teacher_key
+from sall.chain import teacher_key
 from sall.config import from_preset
 from sall.data.loader import Batches
 from sall.model import MultiHeadNet
-from sall.train import Runtime, TrainSet, fit, predict
+from sall.train import Runtime, predict
 
 
 def tiny_cfg(**kw):
@@ -45,30 +46,15 @@ def test_fit_keeps_the_checkpointed_epoch(images, checkpoint):
     first one on a tie), or of the last epoch; FitResult.state is those weights too. With the
     last epoch kept, validation runs only after it."""
     cfg = tiny_cfg(lr=0.05, checkpoint=checkpoint, schedule="constant")
-    rt = Runtime.from_config(cfg)
     labels = np.random.default_rng(1).integers(0, 5, size=len(images))
-    train_rows, val_rows = np.arange(32), np.arange(32, 48)
     model = _model()
     snapshots: dict[int, dict[str, torch.Tensor]] = {}
 
     def snapshot(epoch, metrics):
         snapshots[epoch] = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    train = TrainSet(train_rows, {"dr": one_hot(labels[train_rows], 5)}, {"dr": np.ones(32, dtype=bool)})
     with contextlib.redirect_stderr(io.StringIO()):
-        res = fit(
-            model,
-            images,
-            train,
-            {"dr": (val_rows, labels[val_rows])},
-            epochs=5,
-            temperature=1.0,
-            cfg=cfg,
-            rt=rt,
-            name="t",
-            seed=0,
-            on_epoch=snapshot,
-        )
+        res = fit_dr(model, images, labels, cfg, epochs=5, on_epoch=snapshot)
     accs = [h.get("val/dr/acc") for h in res.history]
     if checkpoint == "last":  # validation chooses nothing, so it is measured once, at the end
         assert [a is None for a in accs] == [True] * 4 + [False], accs

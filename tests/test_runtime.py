@@ -4,12 +4,13 @@ thread settings; and on CUDA when there is one."""
 import numpy as np
 import pytest
 import torch
+from fit_helpers import fit_dr
 
-from sall.chain import new_model, one_hot
+from sall.chain import new_model
 from sall.config import from_preset
 from sall.data.augment import augment_batch, random_affine
 from sall.data.loader import Batches
-from sall.train import Runtime, TrainSet, fit
+from sall.train import Runtime
 
 
 def tiny_data(n=48, size=32):
@@ -26,19 +27,7 @@ def test_fit_with_autocast_and_channels_last_on_cpu(amp, channels_last):
     rt = Runtime.from_config(cfg)
     assert rt.amp == (amp == "bf16") and rt.channels_last == (channels_last == "on")
     model = new_model(cfg, ["dr"], 0)
-    rows = np.arange(32)
-    res = fit(
-        model,
-        images,
-        TrainSet(rows, {"dr": one_hot(labels[rows], 5)}, {"dr": np.ones(32, bool)}),
-        {"dr": (np.arange(32, 48), labels[32:])},
-        epochs=2,
-        temperature=3.0,
-        cfg=cfg,
-        rt=rt,
-        name="t",
-        seed=0,
-    )
+    res = fit_dr(model, images, labels, cfg, epochs=2, temperature=3.0, rt=rt)
     assert all(np.isfinite(h["train/dr/loss"]) for h in res.history)
     if channels_last == "on":
         conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))

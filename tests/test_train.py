@@ -4,10 +4,11 @@ the learning-rate schedule (constant, or cosine decay to zero)."""
 import numpy as np
 import pytest
 import torch
+from fit_helpers import fit_dr
 
-from sall.chain import new_model, one_hot
+from sall.chain import new_model
 from sall.config import from_preset
-from sall.train import Runtime, TrainSet, fit, make_optimizer, make_scheduler
+from sall.train import make_optimizer, make_scheduler
 
 
 def _fit(checkpoint: str, epochs: int = 4, **over):
@@ -16,21 +17,7 @@ def _fit(checkpoint: str, epochs: int = 4, **over):
     labels = rng.integers(0, 5, size=48)
     cfg = from_preset("cpu", smoke=True, image_size=16, batch_size=8, device="cpu", checkpoint=checkpoint, **over)
     model = new_model(cfg, ["dr"], 0)
-    rows = np.arange(32)
-    train = TrainSet(rows, {"dr": one_hot(labels[rows], 5)}, {"dr": np.ones(32, bool)})
-    res = fit(
-        model,
-        images,
-        train,
-        {"dr": (np.arange(32, 48), labels[32:])},
-        epochs=epochs,
-        temperature=1.0,
-        cfg=cfg,
-        rt=Runtime.from_config(cfg),
-        name="t",
-        seed=0,
-    )
-    return model, res
+    return model, fit_dr(model, images, labels, cfg, epochs=epochs)
 
 
 def test_best_checkpoint_is_the_best_validation_epoch_and_is_restored():

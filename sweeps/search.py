@@ -221,13 +221,9 @@ def _earlier_run(sw: dict[str, Any], cfg: TrialConfig, trial_id: str) -> Any:
     --num-samples candidates (CI once saw 8 of 6 before this); an unfinished one leaves no orphan."""
     uri, parent = sw["mlflow_uri"], sw["parent_run_id"]
     mine = f"tags.`{sc.TAG_PARENT}` = '{parent}' and tags.`{sc.TAG_STAGE}` = '{sc.STAGE_CANDIDATE}'"
-    same_config = f"tags.`{sc.TAG_CONFIG_KEY}` = '{cfg.key()}'"
-    for which in (
-        f"tags.`{sc.TAG_CANDIDATE}` = '{trial_id}'",
-        f"{same_config} and attributes.status = 'FINISHED'",
-        f"{same_config} and attributes.status != 'FINISHED'",
-    ):
+    for which in (f"tags.`{sc.TAG_CANDIDATE}` = '{trial_id}'", f"tags.`{sc.TAG_CONFIG_KEY}` = '{cfg.key()}'"):
         found = tr.find_runs(uri, sw["experiment_id"], f"{which} and {mine}")
+        found.sort(key=lambda r: r.info.status != "FINISHED")  # a booked run first: replayed, not retrained
         if found:
             tr.retry(tr.client(uri).set_tag, found[0].info.run_id, sc.TAG_CANDIDATE, trial_id)
             return found[0]

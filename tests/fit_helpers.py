@@ -3,14 +3,12 @@ training and the rest validating, so each test states only what it varies."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 
 from sall.chain import one_hot
 from sall.config import TrialConfig
-from sall.train import FitResult, Runtime, TrainSet, fit
+from sall.train import EpochCallback, FitResult, Runtime, TrainSet, fit
 
 
 def fit_dr(
@@ -21,13 +19,12 @@ def fit_dr(
     *,
     epochs: int,
     temperature: float = 1.0,
-    n_train: int = 32,
     rt: Runtime | None = None,
-    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    on_epoch: EpochCallback | None = None,
 ) -> FitResult:
-    """Train `model` on images[:n_train] with hard DR labels, validate on the rest."""
-    rows, val = np.arange(n_train), np.arange(n_train, len(images))
-    train = TrainSet(rows, {"dr": one_hot(labels[rows], 5)}, {"dr": np.ones(n_train, dtype=bool)})
+    """Train `model` on the first 32 images with hard DR labels, validate on the rest."""
+    rows, val = np.arange(32), np.arange(32, len(images))
+    train = TrainSet(rows, {"dr": one_hot(labels[rows], 5)}, {"dr": np.ones(len(rows), dtype=bool)})
     return fit(
         model,
         images,

@@ -28,7 +28,7 @@ from sall.data.subset import cap_per_class, cap_per_task, check_nonempty, take_p
 from sall.losses import soft_labels
 from sall.metrics import classification_metrics, soft_label_stats
 from sall.model import MultiHeadNet, check_pretrained, input_normalization
-from sall.store import ArtifactStore, Fetched
+from sall.store import Fetched, Store, open_store
 from sall.tasks import TASKS
 from sall.train import FitResult, Runtime, TrainSet, fit, predict
 
@@ -95,7 +95,7 @@ def preflight(cfg: TrialConfig) -> Data:
     return data
 
 
-def prepare(cfg: TrialConfig, store: ArtifactStore) -> Data:
+def prepare(cfg: TrialConfig, store: Store) -> Data:
     data = preflight(cfg)
     data.images = image_array(data.manifest, data.fingerprint, cfg.image_size, store, cfg.tasks)
     return data
@@ -185,7 +185,7 @@ class Teacher:
         return m
 
 
-def get_teacher(cfg: TrialConfig, task: str, data: Data, store: ArtifactStore, rt: Runtime) -> Teacher:
+def get_teacher(cfg: TrialConfig, task: str, data: Data, store: Store, rt: Runtime) -> Teacher:
     """Train the single-task teacher of `task` at T = 1, or reuse the cached one."""
     key = teacher_key(cfg, task, data.fingerprint)
 
@@ -226,7 +226,7 @@ def get_teacher(cfg: TrialConfig, task: str, data: Data, store: ArtifactStore, r
     fetched = store.get_or_build("teachers", key, ".pt", build)
     if fetched.built:  # logits of an earlier (e.g. corrupt, rebuilt) teacher of this key are stale
         for other in TASKS:
-            store.path("logits", logits_key(key, other), ".pt").unlink(missing_ok=True)
+            store.remove("logits", logits_key(key, other), ".pt")
     else:
         log(f"[teacher {task}] reusing {key}")
     import json
@@ -240,7 +240,7 @@ def logits_key(teacher_key: str, on_task: str) -> str:
 
 
 def get_logits(
-    cfg: TrialConfig, teacher: Teacher, data: Data, store: ArtifactStore, rt: Runtime, on_task: str
+    cfg: TrialConfig, teacher: Teacher, data: Data, store: Store, rt: Runtime, on_task: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """Stage 2: the teacher's logits on the fold's training images of `on_task`, the only images a
     soft label is ever given to (a student trains on a subset of them). Cached with the teacher:
@@ -261,7 +261,7 @@ def get_logits(
     return rows, blob["logits"].numpy()
 
 
-def soft_label_array(cfg: TrialConfig, teacher: Teacher, data: Data, store: ArtifactStore, rt: Runtime) -> np.ndarray:
+def soft_label_array(cfg: TrialConfig, teacher: Teacher, data: Data, store: Store, rt: Runtime) -> np.ndarray:
     """softmax(teacher logits / T) on every training image of the trial's other tasks, indexed by
     manifest row; NaN on the rows no soft label is given to (the teacher's own task, val, test)."""
     out = np.full((len(data.manifest), TASKS[teacher.task].num_classes), np.nan, dtype=np.float32)
@@ -336,7 +336,7 @@ def baseline_is_teacher(cfg: TrialConfig, task: str) -> bool:
 
 
 def teachers_and_soft_labels(
-    cfg: TrialConfig, data: Data, store: ArtifactStore, rt: Runtime, hooks: Hooks
+    cfg: TrialConfig, data: Data, store: Store, rt: Runtime, hooks: Hooks
 ) -> tuple[dict[str, Teacher], dict[str, np.ndarray]]:
     """Stages 1 and 2: the teachers a trial needs (trained once per key, else loaded) and, with
     SA-labels, each one's softened logits on the training rows of the other tasks."""
@@ -349,6 +349,22 @@ def teachers_and_soft_labels(
         if cfg.sa_labels:
             soft[task] = soft_label_array(cfg, teachers[task], data, store, rt)
     return teachers, soft
+
+
+def build_teacher(cfg: TrialConfig, task: str, on_tasks: list[str], cache_dir: str) -> dict[str, Any]:
+    """Stages 1 and 2 for one teacher on its own: train it (or find it trained) and its logits on
+    the training images of `on_tasks`, so that the trials that need it only load. The sweep runs
+    one of these per teacher key, in parallel, before the trials. Returns what the tracking layer
+    records of it: key, built, seconds, mtime and the teacher's info."""
+    store = open_store(cache_dir)
+    cfg = cfg.replace(tasks=tuple(dict.fromkeys([task, *on_tasks])), sample_counts=())
+    data = prepare(cfg, store)
+    rt = Runtime.from_config(cfg)
+    teacher = get_teacher(cfg, task, data, store, rt)
+    for other in on_tasks:
+        get_logits(cfg, teacher, data, store, rt, other)
+    f = teacher.fetched
+    return dict(task=task, key=teacher.key, built=f.built, seconds=f.seconds, mtime=f.mtime, info=teacher.info)
 
 
 def reuse_teacher(
@@ -370,7 +386,7 @@ def run_chain(cfg: TrialConfig, cache_dir: str | Path, hooks: Hooks | None = Non
     """Run one trial's whole chain and return its metrics."""
     hooks = hooks or Hooks()
     t_start = time.time()
-    store = ArtifactStore(cache_dir)
+    store = open_store(cache_dir)
     t0 = time.time()
     data = prepare(cfg, store)
     rt = Runtime.from_config(cfg)
@@ -499,15 +515,12 @@ def train_student(
     return model, res
 
 
-def _maybe_fail(cfg: TrialConfig, store: ArtifactStore) -> None:
+def _maybe_fail(cfg: TrialConfig, store: Store) -> None:
     """Tests only: `student` always fails; `student:once` fails on the first attempt only."""
     if cfg.debug_fail == "student":
         raise RuntimeError("injected failure in the student stage (debug_fail=student)")
     if cfg.debug_fail == "student:once":
-        marker = store.path("debug", cfg.key(), ".failed-once")
-        if not marker.exists():
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text("1")
+        if store.get_or_build("debug", cfg.key(), ".failed-once", lambda tmp: tmp.write_text("1")).built:
             raise RuntimeError("injected one-time failure in the student stage (debug_fail=student:once)")
 
 

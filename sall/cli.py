@@ -243,9 +243,10 @@ def run_command(args: argparse.Namespace) -> int:
 def dry_run(cfg: TrialConfig, cache_dir: str) -> int:
     """Every check of a run (config, weights, data, folds, subsets); nothing trained or written."""
     from sall.chain import needs_teachers, preflight, teacher_key
-    from sall.store import ArtifactStore
+    from sall.store import open_store
 
-    store = ArtifactStore(cache_dir)  # writable? (an absent folder is not created)
+    store = open_store(cache_dir)  # writable? (an absent folder is not created)
+    store.check()
     data = preflight(cfg)
     teachers = {}
     for task in needs_teachers(cfg):

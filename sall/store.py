@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from filelock import FileLock
 
@@ -55,9 +56,40 @@ def sha256_file(path: Path) -> str:
 
 @dataclass
 class Fetched:
-    path: Path
+    path: Path  # always a local file (an object store keeps a verified local copy)
     built: bool  # True when this call built it, False when it was reused
     seconds: float = 0.0
+    mtime: float = 0.0  # when the artifact was published (seconds since the epoch)
+
+
+class Store(Protocol):
+    """What the chain needs of a store, local folder or object store alike."""
+
+    uri: str
+
+    def get_or_build(self, kind: str, key: str, suffix: str, build: Callable[[Path], None]) -> Fetched: ...
+    def exists(self, kind: str, key: str, suffix: str) -> bool: ...
+    def remove(self, kind: str, key: str, suffix: str) -> None: ...
+    def exclusive(self, name: str) -> contextlib.AbstractContextManager: ...
+    def check(self) -> None: ...
+
+
+def open_store(location: str | os.PathLike) -> Store:
+    """The artifact store at `location`: a local or shared folder (`ArtifactStore`), or an
+    object-store URI such as `s3://bucket/prefix` (`sall.object_store.ObjectStore`). An unknown
+    scheme is one error naming it."""
+    text = str(location)
+    scheme = text.split("://", 1)[0] if "://" in text else ""
+    if scheme in ("", "file"):
+        return ArtifactStore(text[len("file://") :] if scheme == "file" else text)
+    from sall.object_store import SCHEMES, ObjectStore
+
+    if scheme not in SCHEMES:
+        raise SallError(
+            f"cache '{text}' has an unsupported scheme '{scheme}://'; expected a folder path, "
+            f"file://, {', '.join(s + '://' for s in SCHEMES)}"
+        )
+    return ObjectStore(text)
 
 
 class ArtifactStore:
@@ -96,6 +128,22 @@ class ArtifactStore:
 
     def path(self, kind: str, key: str, suffix: str) -> Path:
         return self.root / kind / f"{key}{suffix}"
+
+    @property
+    def uri(self) -> str:
+        return str(self.root)
+
+    def check(self) -> None:
+        """Writable: checked when the store is opened."""
+
+    def exclusive(self, name: str) -> FileLock:
+        """At most one holder across processes (and nodes on a shared folder with working flock)."""
+        return self.lock(name)
+
+    def remove(self, kind: str, key: str, suffix: str) -> None:
+        p = self.path(kind, key, suffix)
+        p.with_name(p.name + ".sha256").unlink(missing_ok=True)
+        p.unlink(missing_ok=True)
 
     def lock(self, name: str) -> FileLock:
         """A lock file in the store: holds across processes, and across nodes on a shared FS."""
@@ -136,12 +184,12 @@ class ArtifactStore:
         """
         final = self.path(kind, key, suffix)
         if self.is_valid(final):
-            return Fetched(final, built=False)
+            return Fetched(final, built=False, mtime=final.stat().st_mtime)
         try:
             _mkdir(final.parent)
             with self.lock(f"{kind}-{key}"):
                 if self.is_valid(final):  # another process built it while we waited
-                    return Fetched(final, built=False)
+                    return Fetched(final, built=False, mtime=final.stat().st_mtime)
                 t0 = time.time()
                 tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
                 side = final.with_name(final.name + ".sha256")
@@ -159,7 +207,7 @@ class ArtifactStore:
                 finally:  # a kill -9 can still leave these; they are never read, only the final name is
                     tmp.unlink(missing_ok=True)
                     side_tmp.unlink(missing_ok=True)
-                return Fetched(final, built=True, seconds=time.time() - t0)
+                return Fetched(final, built=True, seconds=time.time() - t0, mtime=final.stat().st_mtime)
         except OSError as e:
             if e.errno not in _FULL:
                 raise

@@ -219,6 +219,60 @@ def init_ray(args: argparse.Namespace) -> None:
         ray.init(**quiet)
 
 
+def check_cluster(uri: str, locations: dict[str, str]) -> None:
+    """On a cluster of several nodes: the tracking store must be a server every node reaches, and a
+    local folder given for a store must be the same folder on every node (a shared disk). Checked
+    once Ray is up, before any trial: otherwise each node writes its own copy, and trains its own
+    teachers."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    if not uri.startswith(("http://", "https://", "databricks")):
+        raise SallError(
+            f"--mlflow-uri {uri} is a file on this node, but the cluster has {len(nodes)} nodes: each would log "
+            "to its own copy; expected a tracking server every node reaches, e.g. `mlflow server --host 0.0.0.0 "
+            "--backend-store-uri postgresql+psycopg2://USER:PASS@DBHOST/mlflow` and --mlflow-uri http://HOST:5000"
+        )
+    for flag, where in locations.items():
+        if "://" not in where:
+            _check_shared(flag, where, nodes)
+
+
+def _check_shared(flag: str, folder: str, nodes: list[dict]) -> None:
+    """A marker written here must be visible on every node: one Ray task pinned to each node looks."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    marker = Path(folder) / f".shared-check-{uuid.uuid4().hex}"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("ok")
+
+    def sees(path: str) -> bool:
+        return os.path.exists(path)
+
+    look = ray.remote(num_cpus=0)(sees)
+    try:
+        refs = {
+            n["NodeID"]: look.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(str(marker))
+            for n in nodes
+        }
+        blind = [node for node, ref in refs.items() if not ray.get(ref, timeout=60)]
+    finally:
+        marker.unlink(missing_ok=True)
+    if blind:
+        raise SallError(
+            f"{flag} {folder} is not shared: {len(blind)} of {len(nodes)} nodes do not see a file written to it "
+            f"here (node {blind[0][:12]}); expected a folder every node mounts, or an object store such as "
+            "s3://bucket/prefix"
+        )
+
+
 def say(line: str) -> None:
     """A progress line for the person at the terminal: stderr, at once (stdout is for results)."""
     print(line, file=sys.stderr, flush=True)
@@ -308,7 +362,9 @@ def dry_run(trials: list[Trial], cache_dir: str) -> None:
     """Print the trial grid and, per trial, the teachers it needs: cached, to train, or trained by
     an earlier trial of this sweep."""
     from sall.chain import needs_teachers, preflight, teacher_key
+    from sall.store import open_store
 
+    store = open_store(cache_dir)
     plan: dict[str, str] = {}
     print(f"{'#':>3}  {'setting':<24} {'fold':>4} {'seed':>4}  {'config':<12}  teachers")
     for i, t in enumerate(trials):
@@ -317,7 +373,7 @@ def dry_run(trials: list[Trial], cache_dir: str) -> None:
         for task in needs_teachers(t.cfg):
             k = teacher_key(t.cfg, task, data.fingerprint)
             if k not in plan:
-                cached = (Path(cache_dir) / "teachers" / f"{k}.pt").exists()
+                cached = store.exists("teachers", k, ".pt")
                 plan[k] = "cached" if cached else "train"
                 notes.append(f"{k} [{plan[k]}]")
             else:
@@ -357,6 +413,7 @@ def _run(sweep: str, args: argparse.Namespace, grid_fn: GridFn, smoke_grid) -> i
         dry_run(trials, cache_dir)
         return 0
     with ray_session(args):
+        check_cluster(uri, {"--cache-dir": cache_dir, "--storage-path": args.storage_path})
         return tune_trials(sweep, args, trials, uri, cache_dir)
 
 
@@ -390,13 +447,43 @@ def check_trials(trials: list[Trial], args: argparse.Namespace) -> str:
     for t in trials:
         t.cfg.validate()
     from sall.chain import preflight
-    from sall.store import ArtifactStore
 
-    cache_dir = local_path(args.cache_dir, "--cache-dir")
-    ArtifactStore(cache_dir)  # writable?
+    cache_dir = store_location(args.cache_dir, "--cache-dir")
+    if getattr(args, "no_teacher_reuse", False) and "://" in cache_dir:
+        raise ConfigError("--no-teacher-reuse gives each trial a private folder; expected a local --cache-dir")
+    if not args.dry_run:
+        check_storage_path(args.storage_path)
     for t in trials:
         preflight(t.cfg)
     return cache_dir
+
+
+def store_location(text: str, flag: str) -> str:
+    """A store flag as an absolute folder path or an object-store URI, checked writable (an object
+    store by a probe object): an unknown scheme, an unreachable endpoint, a missing bucket or
+    refused credentials are one line here, before anything starts."""
+    from sall.store import open_store
+
+    if text.startswith("file://"):
+        text = text[len("file://") :]
+    where = text if "://" in text else local_path(text, flag)
+    try:
+        open_store(where).check()
+    except SallError as e:
+        raise SallError(f"{flag} {e}") from None
+    return where
+
+
+def check_storage_path(text: str) -> None:
+    """--storage-path: a folder, or an object-store URI Ray Tune can write through pyarrow."""
+    if "://" not in text:
+        return
+    scheme = text.split("://", 1)[0]
+    if scheme not in ("s3", "gs", "file"):
+        raise SallError(
+            f"--storage-path '{text}' has an unsupported scheme '{scheme}://'; expected a folder, s3:// or gs://"
+        )
+    store_location(text, "--storage-path")
 
 
 @contextlib.contextmanager
@@ -545,6 +632,10 @@ def tune_trials(sweep: str, args: argparse.Namespace, trials: list[Trial], uri: 
         trial_dirname_creator=_trial_name,
     )
     t0 = time.time()
+    if not args.no_teacher_reuse:  # with private caches every trial trains its own, on purpose
+        from sweeps.teachers import run_stage
+
+        run_stage(run, [t.cfg for t in trials], args.cpus_per_trial, args.gpus_per_trial, say)
     results = fit_tuner(
         run, args, _trainable, space, [make_progress(len(trials), tuple(args.tasks.split(",")))], tune_config
     )

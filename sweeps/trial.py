@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from sall.config import TrialConfig, config_from_dict, param_strings
-from sall.store import ArtifactStore
+from sall.store import Store, open_store
 from sweeps import schema as sc
 from sweeps import tracking as tr
 from sweeps.tracking import retry
 
 
 def teacher_run(
-    uri: str, experiment_id: str, parent_id: str, sweep: str, store: ArtifactStore, teacher, cfg: TrialConfig
+    uri: str, experiment_id: str, parent_id: str, sweep: str, store: Store, teacher, cfg: TrialConfig
 ) -> str:
     """The MLflow run of a teacher in this experiment: created once (under a lock in the shared
     cache, so concurrent trials on any node agree), then pointed to by every trial that uses it.
@@ -29,7 +29,7 @@ def teacher_run(
     spans the teacher's training (the run is made afterwards; a made-up span of milliseconds
     would read as broken beside the trials). Its params are `cfg`'s teacher fields in the same
     string form as a trial's params."""
-    with store.lock(f"mlflow-teacher-{experiment_id}-{teacher.key}"):
+    with store.exclusive(f"mlflow-teacher-{experiment_id}-{teacher.key}"):
         mine = f"tags.`{sc.TAG_TEACHER_KEY}` = '{teacher.key}' and tags.`{sc.TAG_STAGE}` = '{sc.STAGE_TEACHER}'"
         if found := _first_run_id(uri, experiment_id, mine):
             return found
@@ -55,7 +55,7 @@ def teacher_run(
         rid = run.info.run_id
         _log_teacher(uri, rid, teacher, cfg)
         retry(c.set_terminated, rid, "FINISHED", end_time=end_ms)
-        with store.lock(f"mlflow-teachers-{parent_id}"):  # one writer, so no later end is lost
+        with store.exclusive(f"mlflow-teachers-{parent_id}"):  # one writer, so no later end is lost
             _stretch_to(uri, group, end_ms)
         return rid
 
@@ -81,15 +81,15 @@ def _teacher_span(teacher) -> tuple[int, int]:
     """(start, end) of the teacher's training in ms since the epoch: it ended when its cache file
     was written (a rename keeps that time), `seconds` (training and test) before. Holds for a
     teacher trained now and for one a cluster node trained earlier."""
-    end = teacher.fetched.path.stat().st_mtime
+    end = teacher.fetched.mtime
     return int(1000 * (end - float(teacher.info["seconds"]))), int(1000 * end)
 
 
-def _teachers_run(uri: str, experiment_id: str, parent_id: str, sweep: str, store: ArtifactStore, start_ms: int) -> str:
+def _teachers_run(uri: str, experiment_id: str, parent_id: str, sweep: str, store: Store, start_ms: int) -> str:
     """The sweep run's one `teachers` child (made by the first teacher, whichever node trains it).
     It starts with the sweep, or with an earlier teacher: a run's start cannot be moved later, and
     a teacher that finishes second may have started first."""
-    with store.lock(f"mlflow-teachers-{parent_id}"):
+    with store.exclusive(f"mlflow-teachers-{parent_id}"):
         mine = f"tags.`{sc.TAG_STAGE}` = '{sc.STAGE_TEACHERS}' and tags.`{sc.TAG_PARENT}` = '{parent_id}'"
         if found := _first_run_id(uri, experiment_id, mine):
             return found
@@ -208,7 +208,7 @@ def teacher_hook(sw: dict[str, Any], cfg: TrialConfig, run_id: str) -> Callable[
     run points to it."""
     uri, exp_id, parent_id = sw["mlflow_uri"], sw["experiment_id"], sw["parent_run_id"]
     c = tr.client(uri)
-    store = ArtifactStore(sw["cache_dir"])
+    store = open_store(sw["cache_dir"])
 
     def teacher_ready(teacher) -> None:
         rid = teacher_run(uri, exp_id, parent_id, sw["sweep"], store, teacher, cfg)

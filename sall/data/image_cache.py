@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from sall.data.images import load_image
-from sall.store import ArtifactStore
+from sall.store import Store
 
 
 def _progress(msg: str) -> None:
@@ -103,7 +103,7 @@ def image_array(
     manifest: pd.DataFrame,
     fingerprint: str,
     size: int,
-    store: ArtifactStore,
+    store: Store,
     tasks: tuple[str, ...] | list[str] | None = None,
 ) -> TaskImages:
     """The manifest's images at `size`, indexed by manifest row: the rows of `tasks` (default: all

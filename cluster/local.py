@@ -2,6 +2,8 @@
 """A local multi-node Ray cluster plus an MLflow tracking server, on ONE machine.
 
     python cluster/local.py up [--workers 2] [--cpus-per-node 1] [--mlflow-port P] [--dir D]
+                               [--isolate] [--services]
+    python cluster/local.py exec [--dir D] -- CMD...   # run a driver on the head node
     python cluster/local.py status [--dir D] [--json]
     python cluster/local.py env [--dir D]          # the export lines, for `eval "$(...)"`
     python cluster/local.py kill-worker [--index I] [--dir D]   # fault injection
@@ -26,6 +28,15 @@ How several raylets share one host:
   start a worker node; cluster/_ray_start.py runs Ray's own CLI with that single guard
   lifted. Drivers must carry the same variable (see `env`), or they try the LAN IP.
 
+Nodes that share nothing but the network (`--isolate`, `--services`): with --isolate, every node
+runs in its own private mount namespace (`unshare -m`) with its own tmpfs on /tmp, HOME on it,
+and the repository read-only, so no node can see another's files or write to a shared folder;
+a driver then runs on the head node (`exec`). With --services, cluster/services.py starts
+PostgreSQL and a Ceph RADOS Gateway (a real S3 server) on 127.0.0.1; MLflow keeps its runs in
+PostgreSQL and its artifacts in S3, and every node gets the S3 endpoint and keys, so
+`--cache-dir s3://...` and `--storage-path s3://...` work on every node. The nodes then share
+only loopback traffic: Ray's, MLflow's HTTP and S3's HTTP.
+
 Only its own processes: each component is started with start_new_session=True, so it leads
 its own session; `down`/`kill-worker` signal exactly the processes in the recorded
 sessions (plus any process whose environment carries this cluster's marker variable,
@@ -38,9 +49,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -324,9 +337,29 @@ def _new_node(state: dict, name: str, index: int, num_cpus: int, taken: set[int]
     }
 
 
+NODE_HOME = "/tmp/home"
+NODE_TOKEN = "/tmp/.sall-ray-auth-token"
+
+
+def _isolated(cmd: list[str]) -> list[str]:
+    """`cmd` in a private mount namespace: its own tmpfs on /tmp (with HOME on it) and the
+    repository read-only. The Ray token is read before /tmp is hidden and put on the new one."""
+    repo = shlex.quote(str(HERE.parent))
+    script = (
+        'set -e; tok=\'\'; [ -n "${RAY_AUTH_TOKEN_PATH:-}" ] && tok=$(cat "$RAY_AUTH_TOKEN_PATH"); '
+        "mount -t tmpfs -o size=4g,mode=1777 sall-node-tmp /tmp; "
+        f"mount --bind {repo} {repo}; mount -o remount,bind,ro {repo}; "
+        f"mkdir -p {NODE_HOME}; export HOME={NODE_HOME}; "
+        f'if [ -n "$tok" ]; then umask 077; printf %s "$tok" > {NODE_TOKEN}; export RAY_AUTH_TOKEN_PATH={NODE_TOKEN}; fi; '
+        'exec "$@"'
+    )
+    return ["unshare", "-m", "--propagation", "private", "--", "sh", "-c", script, "sall-node", *cmd]
+
+
 def _start_node(state: dict, node: dict, head: bool) -> subprocess.Popen:
+    cmd = _ray_start_cmd(state, node, head)
     proc = _spawn(
-        _ray_start_cmd(state, node, head),
+        _isolated(cmd) if state.get("isolate") else cmd,
         Path(node["log"]),
         _child_env(state),
         Path(state["dir"]),
@@ -388,6 +421,8 @@ def up(
     temp_dir: str | None = None,
     timeout: float = 120.0,
     quiet: bool = False,
+    isolate: bool = False,
+    services: bool = False,
 ) -> dict:
     """Start a head, `workers` worker nodes and (with `mlflow`) an MLflow server; return the state
     written to <directory>/cluster.json once every node is alive and MLflow answers, all within
@@ -399,6 +434,7 @@ def up(
     temp_root = _temp_root(temp_dir, d)
     taken: set[int] = set()
     state = _new_state(d, host, temp_root, taken, dashboard, auth, object_store_mb)
+    state["isolate"] = isolate
     shutil.rmtree(temp_root, ignore_errors=True)
     if auth:
         _write_token(d / "ray_auth_token")
@@ -407,6 +443,8 @@ def up(
     deadline = time.monotonic() + timeout
     procs: dict[str, subprocess.Popen] = {}
     try:
+        if services:
+            _start_services(state)
         procs["sall-head"] = _start_node(state, head, head=True)
         save_state(state)
         ml_proc = _start_mlflow(state, mlflow_port or _free_ports(host, 1, taken)[0]) if mlflow else None
@@ -482,6 +520,22 @@ def _write_token(token_file: Path) -> None:
         f.write(secrets.token_hex(32))
 
 
+def _services_module():
+    spec = importlib.util.spec_from_file_location("sall_cluster_services", HERE / "services.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _start_services(state: dict) -> None:
+    """PostgreSQL and Ceph's S3 gateway (cluster/services.py), recorded in the state; every node
+    and driver gets the S3 endpoint and keys."""
+    svc = _services_module()
+    state["services"] = svc.up(str(Path(state["dir"]) / "services"))
+    state["env"].update(svc.env_for_s3(state["services"]))
+    save_state(state)
+
+
 def _start_mlflow(state: dict, port: int) -> subprocess.Popen:
     """Start `mlflow server` (SQLite and artifacts in the cluster dir) and record it in the state."""
     d, host = Path(state["dir"]), state["host"]
@@ -502,6 +556,11 @@ def _start_mlflow(state: dict, port: int) -> subprocess.Popen:
         "--artifacts-destination", ml["artifacts_destination"],
         "--workers", "1",
     ]  # fmt: skip
+    if state.get("services"):  # runs in PostgreSQL, artifacts in S3
+        svc = _services_module()
+        cmd = svc.mlflow_server_args(state["services"], host, port)
+        ml["backend_store_uri"] = "postgresql (cluster/services.py)"
+        ml["artifacts_destination"] = f"s3://{state['services']['s3']['bucket']}/mlartifacts"
     proc = _spawn(cmd, Path(ml["log"]), _child_env(state), d)
     ml["pid"] = proc.pid
     state["mlflow"] = ml
@@ -534,6 +593,7 @@ def _wait_mlflow(ml: dict, proc: subprocess.Popen, deadline: float) -> None:
 def _abort_up(state: dict, d: Path) -> None:
     """Undo a failed `up`: stop what started, drop its temp dirs and its state file."""
     stop_sessions(all_sids_partial(state), state["marker"], grace=5)
+    _stop_services(state)
     shutil.rmtree(state["temp_root"], ignore_errors=True)
     with contextlib.suppress(OSError):
         state_path(d).unlink()
@@ -547,6 +607,27 @@ def all_sids_partial(state: dict) -> list[int]:
     if state.get("mlflow") and state["mlflow"].get("pid"):
         sids.append(state["mlflow"]["pid"])
     return sids
+
+
+def _stop_services(state: dict) -> None:
+    if state.get("services"):
+        _services_module().down(str(Path(state["dir"]) / "services"))
+
+
+def exec_on_head(cmd: list[str], directory: str = DEFAULT_DIR) -> int:
+    """Run `cmd` as a driver on the head node: in its mount namespace when the nodes are isolated
+    (only there are the head's Ray sockets and private /tmp), with the cluster's environment."""
+    state = load_state(directory)
+    env = _child_env(state)
+    env.pop(MARKER_ENV)  # a driver is not part of the cluster: `down` must not kill it
+    env["RAY_ADDRESS"] = state["address"]
+    if state.get("mlflow"):
+        env["MLFLOW_TRACKING_URI"] = state["mlflow"]["uri"]
+    if state.get("isolate"):
+        env.update(HOME=NODE_HOME, **({"RAY_AUTH_TOKEN_PATH": NODE_TOKEN} if "RAY_AUTH_TOKEN_PATH" in env else {}))
+        cd = ["sh", "-c", 'cd "$1" && shift && exec "$@"', "sall-driver", os.getcwd()]  # nsenter starts in /
+        cmd = ["nsenter", "-t", str(state["head"]["pid"]), "-m", "--", *cd, *cmd]
+    return subprocess.call(cmd, env=env)
 
 
 def env_lines(state: dict) -> list[str]:
@@ -679,6 +760,7 @@ def down(directory: str = DEFAULT_DIR, grace: float = 10.0, keep_temp: bool = Fa
         left += stop_sessions([state["mlflow"]["pid"]], None, grace=grace)
     # Safety net: anything that left its session but still carries our marker.
     left = stop_sessions(all_sids(state), marker, grace=2) if (left or session_members([], marker)) else []
+    _stop_services(state)
     if left:
         raise ClusterError(f"processes still alive after down: {left}")
     if not keep_temp:
@@ -712,6 +794,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--object-store-mb", type=int, default=256, help="object store per node (default 256)")
     p.add_argument("--temp-dir", default=None, help="root of the nodes' Ray temp dirs (short path)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for everything (default 120)")
+    p.add_argument("--isolate", action="store_true", help="each node in its own mount namespace: private /tmp")
+    p.add_argument("--services", action="store_true", help="PostgreSQL + Ceph S3 (cluster/services.py) for MLflow")
+    p = with_dir(sub.add_parser("exec", help="run a command as a driver on the head node"))
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
 
     p = with_dir(sub.add_parser("status", help="what runs"))
     p.add_argument("--json", action="store_true")
@@ -755,7 +841,11 @@ def main(argv=None) -> int:
                 object_store_mb=a.object_store_mb,
                 temp_dir=a.temp_dir,
                 timeout=a.timeout,
+                isolate=a.isolate,
+                services=a.services,
             )
+        elif a.cmd == "exec":
+            return exec_on_head(a.command[1:] if a.command[:1] == ["--"] else a.command, a.dir)
         elif a.cmd == "status":
             st = status(a.dir)
             if a.json:

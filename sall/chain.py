@@ -364,7 +364,9 @@ def build_teacher(cfg: TrialConfig, task: str, on_tasks: list[str], cache_dir: s
     for other in on_tasks:
         get_logits(cfg, teacher, data, store, rt, other)
     f = teacher.fetched
-    return dict(task=task, key=teacher.key, built=f.built, seconds=f.seconds, mtime=f.mtime, info=teacher.info)
+    return dict(
+        task=task, key=teacher.key, built=f.built, seconds=f.seconds, mtime=f.mtime, sha256=f.sha256, info=teacher.info
+    )
 
 
 def reuse_teacher(

@@ -161,7 +161,7 @@ class ObjectStore:
         expected = self._read(obj + ".sha256").decode().strip()
         local = self._local(kind, key, suffix)
         if local.exists() and _sidecar(local) == expected:
-            return Fetched(local, built=False, mtime=side.mtime.timestamp())
+            return Fetched(local, built=False, mtime=side.mtime.timestamp(), sha256=expected)
         local.parent.mkdir(parents=True, exist_ok=True)
         tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex}.tmp")
         try:
@@ -176,7 +176,7 @@ class ObjectStore:
             return None
         finally:
             tmp.unlink(missing_ok=True)
-        return Fetched(local, built=False, mtime=side.mtime.timestamp())
+        return Fetched(local, built=False, mtime=side.mtime.timestamp(), sha256=expected)
 
     def _publish(self, kind: str, key: str, suffix: str, built: Path) -> Fetched:
         """Object first, then its checksum: a reader never sees a half-written artifact."""
@@ -187,7 +187,7 @@ class ObjectStore:
         local = self._local(kind, key, suffix)
         local.with_name(local.name + ".sha256").write_text(digest + "\n")
         os.replace(built, local)
-        return Fetched(local, built=True, mtime=time.time())
+        return Fetched(local, built=True, mtime=time.time(), sha256=digest)
 
     def get_or_build(self, kind: str, key: str, suffix: str, build: Callable[[Path], None]) -> Fetched:
         """The artifact, built once across every node that uses this store (under a lease)."""
@@ -208,6 +208,22 @@ class ObjectStore:
             got.seconds = time.time() - t0
             return got
 
+    def fetch(self, kind: str, key: str, suffix: str) -> Fetched | None:
+        """The published, verified artifact (as a local copy), or None."""
+        return self._fetch(kind, key, suffix)
+
+    def put(self, kind: str, key: str, suffix: str, write: Callable[[Path], None]) -> Fetched:
+        """Publish or replace an artifact, without a lease: for data one writer owns (a checkpoint)."""
+        local = self._local(kind, key, suffix)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            write(tmp)
+            self.remove(kind, key, suffix)  # unpublished while it is replaced
+            return self._publish(kind, key, suffix, tmp)
+        finally:
+            tmp.unlink(missing_ok=True)
+
     # ------------------------------------------------------------------------------ leases
     @contextlib.contextmanager
     def exclusive(self, name: str) -> Iterator[None]:
@@ -227,7 +243,15 @@ class ObjectStore:
             self._s3 = boto3.client(
                 "s3",
                 endpoint_url=self.endpoint,
-                config=Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 3}),
+                config=Config(
+                    connect_timeout=5,
+                    read_timeout=30,
+                    retries={"max_attempts": 3},
+                    # checksums only where the API requires them: S3-compatible stores such as Ceph 16
+                    # reject the CRC trailers boto3 sends by default
+                    request_checksum_calculation="when_required",
+                    response_checksum_validation="when_required",
+                ),
             )
         return self._s3
 

@@ -60,6 +60,7 @@ class Fetched:
     built: bool  # True when this call built it, False when it was reused
     seconds: float = 0.0
     mtime: float = 0.0  # when the artifact was published (seconds since the epoch)
+    sha256: str = ""  # its checksum, as published
 
 
 class Store(Protocol):
@@ -72,6 +73,8 @@ class Store(Protocol):
     def remove(self, kind: str, key: str, suffix: str) -> None: ...
     def exclusive(self, name: str) -> contextlib.AbstractContextManager: ...
     def check(self) -> None: ...
+    def fetch(self, kind: str, key: str, suffix: str) -> Fetched | None: ...
+    def put(self, kind: str, key: str, suffix: str, write: Callable[[Path], None]) -> Fetched: ...
 
 
 def open_store(location: str | os.PathLike) -> Store:
@@ -177,6 +180,11 @@ class ArtifactStore:
         p = self.path(kind, key, suffix)
         return p.exists() and p.with_name(p.name + ".sha256").exists()
 
+    @staticmethod
+    def _fetched(final: Path, built: bool, seconds: float = 0.0) -> Fetched:
+        digest = final.with_name(final.name + ".sha256").read_text().strip()
+        return Fetched(final, built=built, seconds=seconds, mtime=final.stat().st_mtime, sha256=digest)
+
     def get_or_build(self, kind: str, key: str, suffix: str, build: Callable[[Path], None]) -> Fetched:
         """Return the artifact, building it (once, under a lock) if it is absent or corrupt.
 
@@ -184,30 +192,55 @@ class ArtifactStore:
         """
         final = self.path(kind, key, suffix)
         if self.is_valid(final):
-            return Fetched(final, built=False, mtime=final.stat().st_mtime)
-        try:
+            return self._fetched(final, built=False)
+        with self._disk_errors(kind, key, suffix):
             _mkdir(final.parent)
             with self.lock(f"{kind}-{key}"):
                 if self.is_valid(final):  # another process built it while we waited
-                    return Fetched(final, built=False, mtime=final.stat().st_mtime)
+                    return self._fetched(final, built=False)
                 t0 = time.time()
-                tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
-                side = final.with_name(final.name + ".sha256")
-                side_tmp = side.with_name(f".{side.name}.{uuid.uuid4().hex}.tmp")
-                try:
-                    build(tmp)
-                    side_tmp.write_text(sha256_file(tmp) + "\n")
-                    if _BEFORE_RENAME is not None:
-                        _BEFORE_RENAME(tmp)
-                    os.replace(side_tmp, side)
-                    os.replace(tmp, final)
-                except BaseException:
-                    side.unlink(missing_ok=True)  # never a sidecar without its artifact
-                    raise
-                finally:  # a kill -9 can still leave these; they are never read, only the final name is
-                    tmp.unlink(missing_ok=True)
-                    side_tmp.unlink(missing_ok=True)
-                return Fetched(final, built=True, seconds=time.time() - t0, mtime=final.stat().st_mtime)
+                self._write_atomic(final, build)
+                return self._fetched(final, built=True, seconds=time.time() - t0)
+
+    def fetch(self, kind: str, key: str, suffix: str) -> Fetched | None:
+        """The published, verified artifact, or None."""
+        final = self.path(kind, key, suffix)
+        return self._fetched(final, built=False) if self.is_valid(final) else None
+
+    def put(self, kind: str, key: str, suffix: str, write: Callable[[Path], None]) -> Fetched:
+        """Publish or replace an artifact atomically, without a lock: for data one writer owns (a
+        training's checkpoint)."""
+        final = self.path(kind, key, suffix)
+        with self._disk_errors(kind, key, suffix):
+            _mkdir(final.parent)
+            self._write_atomic(final, write)
+        return self._fetched(final, built=True)
+
+    @staticmethod
+    def _write_atomic(final: Path, build: Callable[[Path], None]) -> None:
+        """`build` into a temporary file, its checksum beside, both renamed into place."""
+        tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
+        side = final.with_name(final.name + ".sha256")
+        side_tmp = side.with_name(f".{side.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            build(tmp)
+            side_tmp.write_text(sha256_file(tmp) + "\n")
+            if _BEFORE_RENAME is not None:
+                _BEFORE_RENAME(tmp)
+            os.replace(side_tmp, side)
+            os.replace(tmp, final)
+        except BaseException:
+            side.unlink(missing_ok=True)  # never a sidecar without its artifact
+            raise
+        finally:  # a kill -9 can still leave these; they are never read, only the final name is
+            tmp.unlink(missing_ok=True)
+            side_tmp.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def _disk_errors(self, kind: str, key: str, suffix: str):
+        """A full disk, a quota or a file-size limit: one clear error instead of a traceback."""
+        try:
+            yield
         except OSError as e:
             if e.errno not in _FULL:
                 raise

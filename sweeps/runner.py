@@ -646,9 +646,15 @@ def close_sweep(run: SweepRun, results: Any, t0: float) -> int:
     """End the parent run, print the outcome and which trials failed; the exit code."""
     errors = [r for r in results if r.error is not None]
     ok = len(results) - len(errors)
-    tr.end_run(run.uri, run.parent, "FINISHED" if not errors else "FAILED")
     wall = time.time() - t0
-    tr.log_metrics(run.uri, run.parent, {"trials_finished": ok, "trials_failed": len(errors), "wall_seconds": wall})
+    try:
+        tr.end_run(run.uri, run.parent, "FINISHED" if not errors else "FAILED")
+        tr.log_metrics(run.uri, run.parent, {"trials_finished": ok, "trials_failed": len(errors), "wall_seconds": wall})
+    except Exception as e:  # the tracking server died during the sweep: what finished is kept
+        raise SallError(
+            f"MLflow at {run.uri} stopped answering ({str(e).strip().splitlines()[0][:200]}); {ok}/{len(results)} "
+            "trials finished and are kept; rerun the same command once the tracking server is back"
+        ) from None
     from sweeps.review import review_sweep  # the analysis on the sweep run; warns, never raises
 
     review_sweep(run.uri, run.experiment_id, run.parent)

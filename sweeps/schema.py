@@ -44,6 +44,7 @@ TAG_ERROR = "sall.error"  # the exception of a failed attempt
 TAG_NODE = "sall.node"  # the Ray node of the latest attempt
 TAG_HOST = "sall.host"
 TAG_TEACHER_RUN = "sall.teacher"  # on a student, one per task: `sall.teacher.<task>` = the teacher's run id
+TAG_TEACHER_SHA = "sall.teacher_sha256"  # on a student, one per task: the checksum of the teacher it learnt from
 TAG_TEACHERS_TRAINED = "sall.teachers_trained"  # the tasks whose teacher this trial trained, or "none"
 TAG_TASK = "sall.task"  # a teacher's task
 TAG_TRAINED_NOW = "sall.trained_now"  # a teacher: trained by this sweep, not found in the cache

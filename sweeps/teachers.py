@@ -100,7 +100,7 @@ def run_stage(sweep: Any, cfgs: list[TrialConfig], cpus: float, gpus: float, say
         except Exception as e:  # noqa: BLE001 (any failure of one teacher: its trials will show it)
             say(f"[teachers] {job.name} failed ({str(e).strip().splitlines()[-1][:200]}); its trials will retry it")
             continue
-        fetched = Fetched(Path(), built=out["built"], seconds=out["seconds"], mtime=out["mtime"])
+        fetched = Fetched(Path(), out["built"], out["seconds"], out["mtime"], out["sha256"])
         teacher = Teacher(job.task, out["key"], fetched, out["info"])
         teacher_run(sweep.uri, sweep.experiment_id, sweep.parent, sweep.sweep, store, teacher, job.cfg)
         what = f"trained in {out['seconds']:.0f}s" if out["built"] else "found in the cache"

@@ -50,6 +50,7 @@ def teacher_run(
                 sc.TAG_PARENT: group,
                 sc.TAG_TASK: teacher.task,
                 sc.TAG_TRAINED_NOW: str(teacher.fetched.built),
+                sc.TAG_TEACHER_SHA: teacher.fetched.sha256,
             },
         )
         rid = run.info.run_id
@@ -214,6 +215,7 @@ def teacher_hook(sw: dict[str, Any], cfg: TrialConfig, run_id: str) -> Callable[
         rid = teacher_run(uri, exp_id, parent_id, sw["sweep"], store, teacher, cfg)
         retry(c.set_tag, run_id, sc.per_task(sc.TAG_TEACHER_RUN, teacher.task), rid)
         retry(c.set_tag, run_id, sc.per_task(sc.TAG_TEACHER_KEY, teacher.task), teacher.key)
+        retry(c.set_tag, run_id, sc.per_task(sc.TAG_TEACHER_SHA, teacher.task), teacher.fetched.sha256)
 
     return teacher_ready
 

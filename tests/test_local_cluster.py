@@ -91,6 +91,10 @@ class LocalCluster:
         """Live processes belonging to this cluster."""
         return local.session_members(self.sessions, self.state["marker"])
 
+    def on_head(self, cmd: list[str]) -> list[str]:
+        """`cmd` as a driver on the head node (in its mount namespace when the nodes are isolated)."""
+        return [sys.executable, str(LOCAL_PY), "exec", "--dir", str(self.dir), "--", *cmd]
+
     def refresh(self) -> dict:
         path = local.state_path(self.dir)
         if path.exists():
@@ -121,9 +125,18 @@ class LocalCluster:
 
 @contextlib.contextmanager
 def start_local_cluster(
-    directory: Path, workers: int = 2, cpus_per_node: int = 1, mlflow: bool = True, head_cpus: int | None = None
+    directory: Path,
+    workers: int = 2,
+    cpus_per_node: int = 1,
+    mlflow: bool = True,
+    head_cpus: int | None = None,
+    deployment: bool = False,
 ):
+    """`local.py up`; with `deployment`, nodes that share nothing but the network (--isolate) and
+    MLflow on PostgreSQL with artifacts in Ceph's S3 (--services)."""
     args = ["up", "--dir", str(directory), "--workers", str(workers), "--cpus-per-node", str(cpus_per_node)]
+    if deployment:
+        args += ["--isolate", "--services"]
     if head_cpus is not None:
         args += ["--head-cpus", str(head_cpus)]
     if not mlflow:
@@ -168,7 +181,7 @@ DRIVER = textwrap.dedent(
 
 def _run_driver(cluster: LocalCluster, timeout: float = 90) -> dict:
     p = subprocess.run(
-        [sys.executable, "-c", DRIVER, cluster.address],
+        cluster.on_head([sys.executable, "-c", DRIVER, cluster.address]),
         env=cluster.env,
         capture_output=True,
         text=True,
@@ -223,24 +236,48 @@ def _wait_bystander(proc, log: Path, timeout: float = 60) -> list[int]:
     raise AssertionError(f"bystander Ray did not come up:\n{log.read_text()[-3000:]}")
 
 
+def s3_client(state: dict):
+    """boto3 on the cluster's S3 (Ceph radosgw), from the environment its nodes got."""
+    import boto3
+
+    env = state["env"]
+    return boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
+    )
+
+
+def s3_keys(state: dict, prefix: str) -> list[str]:
+    bucket = state["services"]["s3"]["bucket"]
+    pages = s3_client(state).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
 def sweep_on(cluster: LocalCluster, *extra: str, experiment: str = "sall-temperature") -> list[str]:
-    """`python sweeps/temperature.py --smoke` on the cluster, into its MLflow server."""
-    return [
-        sys.executable,
-        str(ROOT / "sweeps" / "temperature.py"),
-        "--address",
-        "auto",
-        "--smoke",
-        "--mlflow-uri",
-        cluster.mlflow_uri,
-        "--experiment",
-        experiment,
-        "--storage-path",
-        str(cluster.dir / "ray_results"),
-        "--cache-dir",
-        str(cluster.dir / "sall-cache"),
-        *extra,
-    ]
+    """`python sweeps/temperature.py --smoke` on the cluster, run on its head node, with the cache
+    and Tune's results in its object store and the runs in its MLflow server."""
+    bucket = cluster.state["services"]["s3"]["bucket"]
+    return cluster.on_head(
+        [
+            sys.executable,
+            str(ROOT / "sweeps" / "temperature.py"),
+            "--address",
+            "auto",
+            "--smoke",
+            "--mlflow-uri",
+            cluster.mlflow_uri,
+            "--experiment",
+            experiment,
+            "--storage-path",
+            f"s3://{bucket}/ray_results",
+            "--cache-dir",
+            f"s3://{bucket}/sall-cache",
+            *extra,
+        ]
+    )
 
 
 def server_runs(uri: str, experiment: str = "sall-temperature") -> list:
@@ -251,117 +288,126 @@ def server_runs(uri: str, experiment: str = "sall-temperature") -> list:
     return [] if exp is None else c.search_runs([exp.experiment_id], max_results=1000)
 
 
-def _killed_worker_costs_a_retry_not_the_trial(c: LocalCluster) -> dict:
-    """The sweep on the cluster, logging to its MLflow server: a long trial (the head has no CPU,
-    so it runs on a worker node); SIGKILL that node while it trains; the trial is retried on the
-    other worker and finishes, so the sweep used both workers. Returns the killed worker."""
-    exp = "sall-cluster-kill"
-    workers = {w["node_id"]: i + 1 for i, w in enumerate(c.state["workers"])}
-    cmd = sweep_on(
-        c,
-        "--folds",
-        "0",
-        "--temperatures",
-        "3",
-        "--no-baseline",
-        "--student-epochs",
-        "60",
-        "--max-failures",
-        "3",
-        experiment=exp,
-    )
-    proc = subprocess.Popen(cmd, env=c.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    victim, deadline = None, time.time() + 300
-    while time.time() < deadline and victim is None:
-        for r in server_runs(c.mlflow_uri, exp):
-            if (
-                r.data.tags.get("sall.stage") == "student"
-                and r.info.status == "RUNNING"
-                and "train/dr/loss" in r.data.metrics
-                and r.data.tags.get("sall.node") in workers
-            ):
-                victim = r
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
+def _kill_a_busy_worker(c: LocalCluster, proc: subprocess.Popen, exp: str, workers: dict) -> dict:
+    """SIGKILL a worker node that has finished a trial and is training another one now."""
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        students = [r for r in server_runs(c.mlflow_uri, exp) if r.data.tags.get("sall.stage") == "student"]
+        done = {r.data.tags.get("sall.node") for r in students if r.info.status == "FINISHED"}
+        for r in students:
+            node = r.data.tags.get("sall.node")
+            if r.info.status == "RUNNING" and "train/dr/loss" in r.data.metrics and node in workers and node in done:
+                return c.kill_worker(workers[node])
+        assert proc.poll() is None, "the sweep ended before a worker could be killed mid-trial"
         time.sleep(1)
-    assert victim is not None, "no trial reached a worker node in time"
-    killed = c.kill_worker(workers[victim.data.tags["sall.node"]])
+    raise AssertionError("no worker node was busy with its second trial in time")
+
+
+def _sweep_with_a_worker_killed_then_rerun(c: LocalCluster) -> tuple[dict, list]:
+    """The smoke sweep over two folds (6 trials, 4 teachers) on the two worker nodes (the head has no
+    CPU); a worker node is killed while it trains its second trial; then the same command again.
+    Returns the killed worker and the experiment's runs."""
+    exp = "sall-deployment"
+    workers = {w["node_id"]: w["index"] for w in c.state["workers"]}
+    cmd = sweep_on(c, "--folds", "0,1", "--student-epochs", "40", "--max-failures", "3", experiment=exp)
+    proc = subprocess.Popen(cmd, env=c.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = _kill_a_busy_worker(c, proc, exp, workers)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
-    runs = server_runs(c.mlflow_uri, exp)
+    again = subprocess.run(cmd, env=c.env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[teachers]" not in again.stderr  # every teacher is in the store and has its run
+    return killed, server_runs(c.mlflow_uri, exp)
+
+
+def _check_exactly_once(c: LocalCluster, runs: list, killed: dict) -> None:
+    """Every trial finished once, on both workers; each teacher trained once across the cluster and
+    every student learnt from that one published copy; the cache lives in S3 only."""
     stages = Counter((r.data.tags["sall.stage"], r.info.status) for r in runs)
     assert stages == Counter(
-        {("student", "FINISHED"): 1, ("teacher", "FINISHED"): 2, ("teachers", "FINISHED"): 1, ("sweep", "FINISHED"): 1}
-    )  # all of it in the server, each once
-    rs = [r for r in runs if r.data.tags["sall.stage"] == "student"]
-    assert int(rs[0].data.tags["sall.attempts"]) >= 2
-    assert rs[0].data.tags["sall.node"] != victim.data.tags["sall.node"]
-    return killed
+        {("student", "FINISHED"): 6, ("teacher", "FINISHED"): 4, ("teachers", "FINISHED"): 1, ("sweep", "FINISHED"): 1}
+    ), stages
+    students = [r for r in runs if r.data.tags["sall.stage"] == "student"]
+    assert len({r.data.tags["sall.config_key"] for r in students}) == 6
+    assert any(int(r.data.tags["sall.attempts"]) >= 2 for r in students)  # the killed trial, retried
+    nodes = {r.data.tags["sall.node"] for r in students}
+    assert nodes == {w["node_id"] for w in c.state["workers"]}, nodes  # trials ran on both workers
+    assert killed["node_id"] in nodes
+    teachers = {r.data.tags["sall.teacher_key"]: r for r in runs if r.data.tags["sall.stage"] == "teacher"}
+    assert len(teachers) == 4 and all(t.data.tags["sall.trained_now"] == "True" for t in teachers.values())
+    assert all(r.data.tags["sall.teachers_trained"] == "none" for r in students)  # the teacher stage did
+    for r in students:
+        for task in ("dr", "amd"):
+            if f"sall.teacher_key.{task}" in r.data.tags:
+                t = teachers[r.data.tags[f"sall.teacher_key.{task}"]]
+                assert r.data.tags[f"sall.teacher_sha256.{task}"] == t.data.tags["sall.teacher_sha256"]
+    # one training per teacher, counted from the store: each was built under exactly one lease
+    leases = Counter(k.split("/")[2] for k in s3_keys(c.state, "sall-cache/leases/teachers-"))
+    assert len(leases) == 4 and set(leases.values()) == {1}, leases
+    assert len([k for k in s3_keys(c.state, "sall-cache/teachers/") if k.endswith(".pt")]) == 4
+    assert s3_keys(c.state, "ray_results/")  # Tune's state is in the object store too
 
 
 # --------------------------------------------------------------------------- tests
 
 
-def test_local_cluster_end_to_end(tmp_path):
+def test_deployment_on_nodes_that_share_only_the_network(tmp_path):
+    """PostgreSQL, Ceph's S3, MLflow on both, a head and two workers each in its own mount
+    namespace (private /tmp, the repository read-only): the smoke sweep with a worker killed
+    mid-trial, then rerun; `down` leaves no process, mount or temp folder, and spares a Ray it
+    did not start."""
     mlflow = pytest.importorskip("mlflow")
     t0 = time.monotonic()
     with _bystander_ray(tmp_path) as (bystander, bystander_log):
-        # the head has no CPU: trials and tasks run on the worker nodes, one of which is killed
-        with start_local_cluster(tmp_path / "cluster", workers=2, cpus_per_node=1, head_cpus=0) as c:
+        with start_local_cluster(tmp_path / "cluster", workers=2, cpus_per_node=1, head_cpus=0, deployment=True) as c:
             t_up = time.monotonic() - t0
             bystander_pids = _wait_bystander(bystander, bystander_log)  # started alongside `up`
             assert c.address.startswith("127.0.0.1:") and c.mlflow_uri.startswith("http://127.0.0.1:")
-            assert c.dir == (tmp_path / "cluster").resolve()
-            assert (c.dir / "cluster.json").exists()
             st = c.status()
             assert [r["component"] for r in st["components"]] == [
                 "sall-head", "sall-worker-1", "sall-worker-2", "mlflow"
             ]  # fmt: skip
             assert all(r["running"] for r in st["components"])
             assert all(r["gcs_alive"] for r in st["components"] if r["component"] != "mlflow")
+            assert _node_tmps() == 3  # a private /tmp per node
 
             # Ray: 3 alive nodes, 2 CPUs (the workers'), and the tasks spread over both workers
             info = _run_driver(c)
-            assert info["alive"] == 3, info
-            assert info["cpus"] == 2, info
-            assert len(info["used"]) > 1, info
-            assert set(info["used"]) <= set(info["node_ids"])
+            assert info["alive"] == 3 and info["cpus"] == 2 and len(info["used"]) > 1, info
             recorded = {n["node_id"] for n in [c.state["head"], *c.state["workers"]]}
             assert set(info["node_ids"]) == recorded
 
-            # MLflow: a run logged through the server (artifact proxied too) reads back
+            # MLflow: a run and its artifact through the server, into PostgreSQL and S3
             client = mlflow.MlflowClient(tracking_uri=c.mlflow_uri)
-            exp = client.create_experiment("sall-cluster-test")
-            run = client.create_run(exp, tags={"sall.stage": "student"})
-            client.log_param(run.info.run_id, "temperature", "3")
+            run = client.create_run(client.create_experiment("sall-cluster-test"))
             client.log_metric(run.info.run_id, "test/dr/acc", 0.75)
-            art = tmp_path / "metrics.json"
-            art.write_text('{"acc": 0.75}')
-            client.log_artifact(run.info.run_id, str(art))
-            client.set_terminated(run.info.run_id)
-            got = client.get_run(run.info.run_id)
-            assert got.data.params["temperature"] == "3"
-            assert got.data.metrics["test/dr/acc"] == 0.75
-            assert got.data.tags["sall.stage"] == "student"
-            assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["metrics.json"]
-            assert any((c.dir / "mlartifacts").rglob("metrics.json")), "artifact not on the server's store"
-            assert (c.dir / "mlflow.db").exists()
+            (tmp_path / "metrics.json").write_text('{"acc": 0.75}')
+            client.log_artifact(run.info.run_id, str(tmp_path / "metrics.json"))
+            assert client.get_run(run.info.run_id).data.metrics["test/dr/acc"] == 0.75
+            assert any(k.endswith("/metrics.json") for k in s3_keys(c.state, "mlartifacts/"))
+            assert not (c.dir / "mlflow.db").exists() and not (c.dir / "mlartifacts").exists()
 
-            # a sweep on it, with a worker node killed mid-trial
-            w = _killed_worker_costs_a_retry_not_the_trial(c)
-            assert w["name"] in ("sall-worker-1", "sall-worker-2")
-            assert local.session_members([w["pid"]]) == []  # the killed node left no process
-            assert local.pid_alive(c.state["head"]["pid"])
-
+            killed, runs = _sweep_with_a_worker_killed_then_rerun(c)
+            _check_exactly_once(c, runs, killed)
+            assert not list(tmp_path.rglob("*.pt")) and not list(ROOT.rglob("sall-cache"))  # no local cache
             sessions = c.sessions
-            assert local.session_members(sessions, c.state["marker"])
             c.down()
 
-        # nothing of the cluster is left, and the temp dirs are gone ...
         assert local.session_members(sessions, c.state["marker"]) == []
         assert not any(local.pid_alive(p) for p in sessions)
-        assert not Path(c.state["temp_root"]).exists()
+        assert _node_tmps() == 0  # the namespaces and their mounts went with their processes
         assert not (c.dir / "cluster.json").exists()
-        # ... while the Ray started independently before it survives
         assert bystander.poll() is None, "down killed a Ray it did not start"
         assert all(local.pid_alive(p) for p in bystander_pids), "down killed a Ray it did not start"
-    print(f"\nlocal cluster: up {t_up:.1f}s, whole test {time.monotonic() - t0:.1f}s")
+    print(f"\ndeployment: up {t_up:.1f}s, whole test {time.monotonic() - t0:.1f}s")
+
+
+def _node_tmps() -> int:
+    """How many mount namespaces on the machine have an isolated node's private /tmp."""
+    spaces = set()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            with contextlib.suppress(OSError):
+                if "sall-node-tmp /tmp" in Path(f"/proc/{pid}/mounts").read_text():
+                    spaces.add(os.readlink(f"/proc/{pid}/ns/mnt"))
+    return len(spaces)

@@ -162,7 +162,12 @@ def test_two_trials_needing_one_teacher_train_it_once(failed_then_rerun):
     a, b = both["baseline"], both["T=1"]  # both need the dr and amd teachers of fold 0
     assert a.info.start_time < b.info.end_time and b.info.start_time < a.info.end_time  # concurrent
     students = [r for r in runs(d, "sall-temperature") if r.data.tags["sall.stage"] == "student"]
-    trained = Counter(t for r in students for t in r.data.tags["sall.teachers_trained"].split(",") if t != "none")
-    assert trained == Counter({"dr": 1, "amd": 1})
+    teachers = [r for r in runs(d, "sall-temperature") if r.data.tags["sall.stage"] == "teacher"]
+    # the sweep's teacher stage trained each once, before the trials, which only load them
+    assert Counter(r.data.tags["sall.task"] for r in teachers) == Counter({"dr": 1, "amd": 1})
+    assert all(r.data.tags["sall.trained_now"] == "True" for r in teachers)
+    assert all(r.data.tags["sall.teachers_trained"] == "none" for r in students)
     assert len(list((d / "cache" / "teachers").glob("*.pt"))) == 2
-    assert sum(r.data.tags["sall.stage"] == "teacher" for r in runs(d, "sall-temperature")) == 2
+    for task in ("dr", "amd"):  # every student learnt from the one published copy
+        shas = {r.data.tags[f"sall.teacher_sha256.{task}"] for r in students if r.data.tags["sall.label"] != "baseline"}
+        assert shas == {next(t.data.tags["sall.teacher_sha256"] for t in teachers if t.data.tags["sall.task"] == task)}

@@ -625,7 +625,8 @@ def exec_on_head(cmd: list[str], directory: str = DEFAULT_DIR) -> int:
         env["MLFLOW_TRACKING_URI"] = state["mlflow"]["uri"]
     if state.get("isolate"):
         env.update(HOME=NODE_HOME, **({"RAY_AUTH_TOKEN_PATH": NODE_TOKEN} if "RAY_AUTH_TOKEN_PATH" in env else {}))
-        cd = ["sh", "-c", 'cd "$1" && shift && exec "$@"', "sall-driver", os.getcwd()]  # nsenter starts in /
+        # nsenter starts in /: the caller's folder where the head sees it, else the head's HOME
+        cd = ["sh", "-c", 'cd "$1" 2>/dev/null || cd "$HOME"; shift; exec "$@"', "sall-driver", os.getcwd()]
         cmd = ["nsenter", "-t", str(state["head"]["pid"]), "-m", "--", *cd, *cmd]
     return subprocess.call(cmd, env=env)
 

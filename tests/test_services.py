@@ -200,6 +200,7 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+@pytest.mark.slow  # its own PostgreSQL: about 3 s idle, 6 s on a loaded 2-core machine
 def test_cli_up_status_down_leaves_nothing(tmp_path):
     """PostgreSQL through the CLI: up answers on 127.0.0.1 only, status says so, down leaves no
     process of it (its children call setsid), no open port and no data folder outside --dir."""
@@ -240,6 +241,7 @@ def _hex_addr(addr: str) -> str:
     return socket.inet_ntop(socket.AF_INET6, b"".join(words))
 
 
+@pytest.mark.slow  # its own PostgreSQL: about 3 s idle, 6 s on a loaded 2-core machine
 def test_postgres_that_cannot_bind_fails_in_one_line_and_stops(tmp_path):
     """A port already taken on 127.0.0.1: one line naming PostgreSQL, its log and the reason from
     the log; nothing of it keeps running."""

@@ -28,6 +28,7 @@ Use from Python (importlib by path, like cluster/local.py):
     state["s3"]["endpoint"], state["s3"]["bucket"], state["s3"]["access_key"], ...
     env_for_s3(state)                   # AWS_* / MLFLOW_S3_ENDPOINT_URL for boto3, pyarrow, MLflow
     mlflow_server_args(state, "127.0.0.1", port)   # argv of `mlflow server` on PG, artifacts in S3
+    mlflow_server_env(state)            # ... and the variables to run it with
     down(d)                             # stops every process it started; raises if one survives
 
 Only its own processes: each daemon leads its own session (start_new_session=True) and carries a
@@ -309,14 +310,14 @@ def _pg_root(d: Path, user) -> tuple[Path, bool]:
     return root, True
 
 
-def _pg_prepare(d: Path, user) -> dict:
+def _pg_prepare(d: Path, user, port: int | None = None) -> dict:
     """Folders and passwords of a new cluster (nothing started yet)."""
     root, outside = _pg_root(d, user)
     data = root / "data"
     data.mkdir(mode=0o700)
     if user:
         os.chown(data, user.pw_uid, user.pw_gid)
-    port, password = free_port(), secrets.token_hex(12)
+    port, password = port or free_port(), secrets.token_hex(12)
     return {
         "root": str(root),
         "root_outside_dir": outside,
@@ -386,11 +387,11 @@ def _pg_create_db(pg: dict) -> None:
     _run("PostgreSQL", [*psql, "-v", "ON_ERROR_STOP=1", "-q", *(x for s in sql for x in ("-c", s))], 30, env=env)
 
 
-def start_postgres(state: dict, deadline: float) -> None:
+def start_postgres(state: dict, deadline: float, port: int | None = None) -> None:
     """initdb, start, wait, create the `mlflow` role and database; record all in state['postgres']."""
     t0 = time.monotonic()
     user = _pg_user()
-    pg = _pg_prepare(Path(state["dir"]), user)
+    pg = _pg_prepare(Path(state["dir"]), user, port)
     state["postgres"] = pg
     save_state(state)
     _pg_initdb(pg, user)
@@ -596,10 +597,18 @@ def _refuse_running(d: Path) -> None:
             raise ServiceError(f"services from {d} are already running; run `down --dir {d}` first")
 
 
-def up(directory=DEFAULT_DIR, postgres: bool = True, ceph: bool = True, bucket: str = DEFAULT_BUCKET, timeout=120.0):
+def up(
+    directory=DEFAULT_DIR,
+    postgres: bool = True,
+    ceph: bool = True,
+    bucket: str = DEFAULT_BUCKET,
+    timeout: float = 120.0,
+    pg_port: int | None = None,
+):
     """Start PostgreSQL and/or Ceph (radosgw) on 127.0.0.1 with state in `directory`; return the state
-    once every service answers, within `timeout` s. On failure, stop what started and raise
-    ServiceError (one line naming the component and its log tail)."""
+    once every service answers, within `timeout` s. Ports are free ones (PostgreSQL's is `pg_port`
+    if given). On failure, stop what started and raise ServiceError (one line naming the component
+    and its log's gist)."""
     d = Path(directory).resolve()
     d.mkdir(parents=True, exist_ok=True)
     _refuse_running(d)
@@ -609,7 +618,7 @@ def up(directory=DEFAULT_DIR, postgres: bool = True, ceph: bool = True, bucket: 
     deadline = time.monotonic() + timeout
     try:
         if postgres:
-            start_postgres(state, deadline)
+            start_postgres(state, deadline, pg_port)
         if ceph:
             start_ceph(state, deadline, bucket)
     except BaseException:
@@ -675,6 +684,13 @@ def env_for_s3(state: dict) -> dict[str, str]:
     }
 
 
+def mlflow_server_env(state: dict) -> dict[str, str]:
+    """Variables for the `mlflow server` process of mlflow_server_args: the S3 ones, and MLflow 3's
+    GenAI job runner off (eight extra worker processes that sweeps never use; with them the server
+    took 104 s instead of 34-39 s to answer /health on this 2-core machine under load)."""
+    return {**env_for_s3(state), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 def s3_uri(state: dict, path: str = "") -> str:
     """s3://<bucket>/<path> in this radosgw (reached through env_for_s3's endpoint)."""
     return f"s3://{state['s3']['bucket']}/{path.lstrip('/')}"
@@ -682,7 +698,7 @@ def s3_uri(state: dict, path: str = "") -> str:
 
 def mlflow_server_args(state: dict, host: str = HOST, port: int = 5000, workers: int = 1) -> list[str]:
     """argv of `mlflow server` with its runs in this PostgreSQL and its artifacts proxied to
-    s3://<bucket>/mlartifacts; run it with env_for_s3(state) in its environment."""
+    s3://<bucket>/mlartifacts; run it with mlflow_server_env(state) added to its environment."""
     return [
         sys.executable, "-m", "mlflow", "server",
         "--host", host,

@@ -7,12 +7,14 @@ the same parent and never logs a finished trial twice.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import socket
 import tempfile
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
@@ -71,37 +73,24 @@ def resolve_uri(uri: str) -> str:
     return uri
 
 
+DB_DEFAULT_PORTS = {"postgresql": 5432}
+
+
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     """Fail within seconds, naming the URI, when the tracking store cannot be reached or written."""
     try:
         parsed = urllib.parse.urlparse(uri)
-        port = parsed.port if parsed.scheme in ("http", "https") else None
+        base = parsed.scheme.split("+")[0]
+        port = parsed.port if parsed.scheme in ("http", "https") or base in DB_DEFAULT_PORTS else None
     except ValueError as e:  # "Invalid IPv6 URL", "Port out of range 0-65535", a port that is not a number
         raise SallError(
-            f"MLflow tracking URI '{uri}' is malformed ({e}); expected e.g. http://HOST:5000 or "
+            f"MLflow tracking URI '{_redact(uri)}' is malformed ({e}); expected e.g. http://HOST:5000 or "
             "sqlite:///mlflow.db (--mlflow-uri)"
         ) from None
     if parsed.scheme in ("http", "https"):
-        host, port = parsed.hostname, port or (443 if parsed.scheme == "https" else 80)
-        if not host:
-            raise SallError(f"MLflow tracking URI '{uri}' names no host; expected e.g. http://HOST:5000 (--mlflow-uri)")
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                pass
-        except OSError as e:
-            raise SallError(
-                f"MLflow tracking server {uri} cannot be reached ({e.strerror or e}); "
-                "expected a running `mlflow server` at that address (--mlflow-uri)"
-            ) from None
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
-                if r.status != 200:
-                    raise OSError(f"HTTP {r.status}")
-        except OSError as e:
-            raise SallError(
-                f"MLflow tracking server {uri} did not answer /health ({e}); expected a "
-                "running `mlflow server` (--mlflow-uri)"
-            ) from None
+        _check_http(uri, parsed, port, timeout)
+    elif base in DB_DEFAULT_PORTS:
+        _check_database(uri, parsed.hostname or "localhost", port or DB_DEFAULT_PORTS[base], timeout)
     elif parsed.scheme == "sqlite":
         path = Path(uri[len("sqlite:///") :])
         folder = path.parent
@@ -116,6 +105,79 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
             folder = folder.parent
         if not os.access(folder, os.W_OK):
             raise SallError(f"MLflow tracking URI {uri} cannot be written; expected a writable folder")
+
+
+def _redact(uri: str) -> str:
+    """The URI with its password (if any) replaced by ***, for error messages."""
+    with contextlib.suppress(ValueError):
+        parsed = urllib.parse.urlparse(uri)
+        if parsed.password:
+            return uri.replace(f":{parsed.password}@", ":***@", 1)
+    return uri
+
+
+def _check_http(uri: str, parsed: urllib.parse.ParseResult, port: int | None, timeout: float) -> None:
+    """A tracking server: its port accepts connections and /health answers 200."""
+    host, port = parsed.hostname, port or (443 if parsed.scheme == "https" else 80)
+    if not host:
+        raise SallError(f"MLflow tracking URI '{uri}' names no host; expected e.g. http://HOST:5000 (--mlflow-uri)")
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as e:
+        raise SallError(
+            f"MLflow tracking server {uri} cannot be reached ({e.strerror or e}); "
+            "expected a running `mlflow server` at that address (--mlflow-uri)"
+        ) from None
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            if r.status != 200:
+                raise OSError(f"HTTP {r.status}")
+    except urllib.error.HTTPError as e:
+        raise SallError(
+            f"MLflow tracking server {uri} is unhealthy: /health answered HTTP {e.code} {e.reason}; expected "
+            "200 from a running `mlflow server` (see its log: its database or artifact store may be down) "
+            "(--mlflow-uri)"
+        ) from None
+    except OSError as e:
+        raise SallError(
+            f"MLflow tracking server {uri} did not answer /health ({e}); expected a "
+            "running `mlflow server` (--mlflow-uri)"
+        ) from None
+
+
+def _check_database(uri: str, host: str, port: int, timeout: float) -> None:
+    """A database backend (MLflow without a server): the port accepts connections, the driver the URI
+    names is installed, and the user, password and database of the URI let us in."""
+    shown = _redact(uri)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as e:
+        raise SallError(
+            f"MLflow backend database {host}:{port} ({shown}) cannot be reached ({e.strerror or e}); expected "
+            "a running PostgreSQL server accepting connections there (--mlflow-uri)"
+        ) from None
+    from sqlalchemy import create_engine, exc, pool, text
+
+    try:
+        engine = create_engine(uri, poolclass=pool.NullPool, connect_args={"connect_timeout": max(1, int(timeout))})
+    except (ImportError, exc.NoSuchModuleError, exc.ArgumentError) as e:
+        raise SallError(
+            f"MLflow tracking URI {shown}: its database driver cannot be loaded ({e}); expected "
+            "postgresql+psycopg2:// with psycopg2-binary installed (--mlflow-uri)"
+        ) from None
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except exc.DBAPIError as e:
+        reason = str(e.orig).strip().splitlines()[0] if e.orig else type(e).__name__
+        raise SallError(
+            f"MLflow backend database {host}:{port} refused the connection ({reason}); expected the user, "
+            f"password and database of {shown} to exist (--mlflow-uri)"
+        ) from None
+    finally:
+        engine.dispose()
 
 
 def client(uri: str):

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from service_fixtures import pg_database, postgres_service, s3_bucket, s3_service  # noqa: F401 (fixtures)
 
 from sall.tasks import TASKS
 

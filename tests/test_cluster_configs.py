@@ -136,7 +136,9 @@ def test_aws_head_runs_mlflow_with_s3_artifacts(aws):
     assert flags["--port"] == "5000"
     assert "--serve-artifacts" in flags
     assert flags["--artifacts-destination"].startswith("s3://")
-    assert flags["--backend-store-uri"].startswith(("postgresql://", "sqlite:///"))
+    # the driver named: to SQLAlchemy 2 a plain postgresql:// means psycopg 3, which the head lacks (it
+    # installs psycopg2-binary), and the server would exit at start (tests/test_services.py starts it)
+    assert flags["--backend-store-uri"].startswith(("postgresql+psycopg2://", "sqlite:///"))
     start = "\n".join(aws["head_start_ray_commands"])
     assert "systemctl restart mlflow" in start
     assert "ray start --head" in start and "--dashboard-host=127.0.0.1" in start
@@ -279,6 +281,10 @@ def test_mlflow_service_matches_the_uri_the_sweep_uses(kube):
             assert ("PersistentVolumeClaim", v["persistentVolumeClaim"]["claimName"]) in kube
     db = args["--backend-store-uri"]
     assert db.startswith("sqlite:///") and any(db[len("sqlite:///") :].startswith(p) for p in mounts.values())
+    # the PostgreSQL alternative the header suggests names the driver the image installs
+    text = (KUBE / "mlflow.yaml").read_text()
+    hints = re.findall(r"--backend-store-uri[= ](postgres\S*)", text)
+    assert hints and all(h.startswith("postgresql+psycopg2://") for h in hints), hints
 
 
 def test_shared_volume_mounted_where_the_sweep_writes(kube):

@@ -254,7 +254,8 @@ def tasks(sets: list[Setting]) -> list[str]:
 
 
 def score(s: Setting) -> float:
-    """What "the best setting" maximises: its mean test accuracy over its tasks (-1: none)."""
+    """A setting's mean test accuracy over its tasks (-1: none): a measurement, never what chooses a
+    setting (that is validation, analysis/gain.py)."""
     v = [s.mean(sc.metric(sc.TEST, t, "acc")) for t in s.config.tasks]
     v = [x for x in v if not math.isnan(x)]
     return sum(v) / len(v) if v else -1.0
@@ -283,23 +284,39 @@ def sweep_name(uri: str, exp_id: str, runs: list[TrialRun]) -> str | None:
 
 
 def load_sweep(
-    uri: str, experiment: str, parent: str | None = None, folds: tuple[int, ...] | None = None
+    uri: str,
+    experiment: str,
+    parent: str | None = None,
+    folds: tuple[int, ...] | None = None,
+    confirm_seeds: tuple[int, ...] = (),
+    confirming: bool = False,
 ) -> tuple[str, list[Setting], str | None]:
-    """(experiment id, settings, sweep name) of an experiment; raises SallError when empty."""
+    """(experiment id, settings, sweep name) of an experiment; raises SallError when empty. Runs of
+    the `confirm_seeds` are left out, or with `confirming` they are the only ones kept: the
+    replicates that confirm a choice never mix with those that made it."""
     uri = open_store(uri)
     exp_id = experiment_id(uri, experiment)
-    runs = student_runs(uri, exp_id, parent)
+    runs = [r for r in student_runs(uri, exp_id, parent) if (r.seed in confirm_seeds) == confirming]
     if not runs:
         raise SallError(
             f"experiment '{experiment}' has no trial runs (tag {sc.TAG_STAGE}={sc.STAGE_STUDENT})"
             + (f" under parent run {parent}" if parent else "")
+            + (f" with seeds {','.join(map(str, confirm_seeds))}" if confirming else "")
             + "; expected a finished sweep"
         )
     log(
-        f"[analysis] {experiment}: {len(runs)} trial runs "
+        f"[analysis] {experiment}: {len(runs)} trial runs{' (confirming)' if confirming else ''} "
         f"({sum(r.ok for r in runs)} finished, {sum(not r.ok for r in runs)} failed or unfinished)"
     )
     return exp_id, settings(runs, folds), sweep_name(uri, exp_id, runs)
+
+
+def confirm_seeds(uri: str, parent: str | None) -> tuple[int, ...]:
+    """The seeds that confirm the sweep run's choice (its `sall.confirm_seeds` tag); () when none."""
+    if not parent:
+        return ()
+    text = tr.retry(client(uri).get_run, parent).data.tags.get(sc.TAG_CONFIRM_SEEDS, "")
+    return tuple(int(x) for x in text.split(",") if x.strip())
 
 
 def parse_folds(text: str | None) -> tuple[int, ...] | None:

@@ -78,7 +78,7 @@ def student_epochs(uri: str, experiment: str) -> int:
 
 
 def table(uri: str, experiment: str) -> tb.Table:
-    """Table IV of an experiment with its paired tests and pooled floors (no image bootstrap)."""
+    """Table IV of an experiment with its gain tests over folds (no image bootstrap)."""
     _, sets, _ = cm.load_sweep(uri, experiment)
     t = tb.build("IV", sets, ["acc"])[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,7 +110,11 @@ def compare(uri: str, metric: str) -> dict[str, Any]:
     answers twice: its best on test (as the paper's table reads; optimistic, since the same test
     split then scores it) and its best on validation (the search's own rule, `search.answer`)."""
     grid_t, search_t = table(uri, GRID), table(uri, SEARCH)
-    best = tb._best(grid_t)
+    best = max(  # the grid's best on test: the optimistic reading this bench contrasts
+        (r for r in grid_t.rows if r.ref is not None and r.setting and r.setting.finished),
+        key=lambda r: cm.score(r.setting),
+        default=None,
+    )
     found = se.answer(uri, tr.ensure_experiment(uri, SEARCH), sall_temperatures(search_t), metric)
     grid_val = se.answer(uri, tr.ensure_experiment(uri, GRID), sall_temperatures(grid_t), metric)
     if best is None or found is None or grid_val is None:
@@ -118,10 +122,10 @@ def compare(uri: str, metric: str) -> dict[str, Any]:
     grid_label, grid_acc = test_acc(grid_t, best.setting.first.config.temperature)
     val_label, val_acc = test_acc(grid_t, grid_val[0])
     search_label, search_acc = test_acc(search_t, found[0])
-    floor = {task: grid_t.floors.get((next(r.label for r in grid_t.rows if r.reference), task)) for task in grid_acc}
+    half = {g["task"]: (g["hi"] - g["lo"]) / 2 for g in grid_t.gains if g["row"] is best}
     tasks = {}
     for task, g in grid_acc.items():
-        f = floor[task].floor if floor[task] is not None else math.nan
+        f = half.get(task, math.nan)  # the half-width of the grid best's corrected 95 % CI
         tasks[task] = dict(
             search=search_acc[task],
             grid=g,

@@ -5,11 +5,13 @@ answer needs `python analysis/tables.py` by hand. `review_sweep` runs that analy
 for the sweep's own trials and puts on the sweep run:
 
 * the description (`mlflow.note.content`, rendered as Markdown on the run page): the headline
-  first (the best setting against the baseline and the noise floor), then the paper table, its
+  first (per task the setting chosen on validation, its gain and verdict, confirmed on fresh
+  seeds when the sweep ran them), then the paper table, its
   noise and "Is the gain real?", as much as fits in a tag;
 * artifacts: everything tables.py writes (`analysis/tables/`: tables.md, .tex, CSVs) and the
   figures of analysis/figures.py but Grad-CAM (`analysis/figures/`);
-* metrics `best/<task>/<name>` (see BEST_METRICS) and a tag `sall.best.<task>` naming the setting.
+* metrics `best/<task>/<name>` (see BEST_METRICS), a tag `sall.best.<task>` naming the setting
+  chosen on validation and `sall.verdict.<task>` its verdict (analysis/gain.py's words).
 
 Only MLflow's client is used, as by the analysis scripts, so it works wherever the sweep logged:
 a local SQLite file or a cluster's tracking server. It must never fail the sweep: whatever goes
@@ -33,16 +35,22 @@ NOTE_LIMIT = 8000  # MLflow's longest tag value (mlflow.utils.validation.MAX_TAG
 METRICS = ["acc", "conf", "err"]  # the paper's columns, as tables.py prints by default
 BOOTSTRAP = 10000  # tables.py's default: the multinomial bootstrap costs well under a second
 
-# The sweep run's best-setting metrics, per task: best/<task>/<name>. The best setting of a task
-# is the one with the largest mean accuracy gain over its reference (the baseline).
+# The sweep run's best-setting metrics, per task: best/<task>/<name>. The best setting of a task is
+# the one with the best validation accuracy; its figures come from the replicates that confirmed
+# it (fresh seeds) when the sweep ran them, else from those that chose it (`confirmed` says which).
 BEST_METRICS = {
-    "temperature": "T of the best setting",
-    "delta_pp": "its mean accuracy difference to the reference, pp, paired over fold x seed",
-    "ci_low_pp": "lower end of that difference's 95 % CI: delta - the pooled noise floor",
-    "ci_high_pp": "upper end: delta + the pooled noise floor (the floor the verdicts use)",
-    "boot_low_pp": "bootstrap 95 % CI of the difference over test images, lower end",
+    "temperature": "T of the setting chosen on validation",
+    "val_acc_pct": "its mean validation accuracy over the choosing replicates, %",
+    "delta_pp": "its mean test accuracy difference to the reference over folds, pp",
+    "ci_low_pp": "lower end of that difference's 95 % CI (corrected resampled t over folds)",
+    "ci_high_pp": "upper end of that CI",
+    "p": "the corrected t's two-sided p",
+    "p_holm": "p adjusted by Holm over the family: the confirmed tasks, else the table's comparisons",
+    "n_folds": "the folds (independent replicates of the test) the figures rest on",
+    "confirmed": "1: the figures come from fresh seeds that played no part in the choice; 0: from the choosing ones",
+    "boot_low_pp": "bootstrap 95 % CI over the choosing replicates' test images, lower end (test-set sampling only)",
     "boot_high_pp": "the same, upper end",
-    "acc_pct": "the best setting's mean test accuracy, %",
+    "acc_pct": "the chosen setting's mean test accuracy over the same replicates as delta, %",
 }
 
 
@@ -108,8 +116,8 @@ def _review(uri: str, experiment: str, parent_id: str, folds: str | None, n_boot
     from analysis import tables as tb
     from sweeps import tracking as tr
 
-    _, sets, sweep = cm.load_sweep(uri, experiment, parent_id, cm.parse_folds(folds))
-    tables = tb.analyse(uri, sets, tb.SWEEP_TABLES[sweep], METRICS, n_boot)
+    _, sets, confirming, sweep = tb.load(uri, experiment, parent_id, cm.parse_folds(folds))
+    tables = tb.analyse(uri, sets, tb.SWEEP_TABLES[sweep], METRICS, n_boot, confirming=confirming)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         tb.write_outputs(tables, experiment, out / "tables")
@@ -127,6 +135,7 @@ def _review(uri: str, experiment: str, parent_id: str, folds: str | None, n_boot
     )
     for task, m in best.items():
         tr.retry(client.set_tag, parent_id, sc.per_task(sc.TAG_BEST, task), m["setting"])
+        tr.retry(client.set_tag, parent_id, sc.per_task(sc.TAG_VERDICT, task), m["verdict"])
     heads = [tb.headline(t) for t in tables if tb.headline(t)]
     return heads[0].replace("**", "") if heads else "no reference setting, so no gain tests"
 
@@ -155,25 +164,31 @@ def note(tables: list, experiment: str, parent_id: str, limit: int = NOTE_LIMIT)
 
 
 def best_settings(tables: list) -> dict[str, dict[str, Any]]:
-    """Per task, the compared setting with the largest mean gain, as BEST_METRICS (+ `setting`)."""
+    """Per task, the setting chosen on validation and its figures, as BEST_METRICS (+ `setting`,
+    `verdict`): from its confirmation when there is one, else from the table's gain entry."""
     from analysis import tables as tb
 
     best: dict[str, dict[str, Any]] = {}
     for t in tables:
-        for g in t.gains:
-            ft, row = g["folds"], g["row"]
-            old = best.get(g["task"])
-            if math.isnan(ft.mean) or (old is not None and old["delta_pp"] >= 100 * ft.mean):
+        for task, ch in t.chosen.items():
+            g, c = tb.gain_of(t, task), t.confirmed.get(task)
+            shown = c if c is not None else g
+            if task in best or shown is None:
                 continue
-            floor = tb.floor_of(g)
-            best[g["task"]] = {
-                "setting": row.label,
-                "temperature": row.setting.config.temperature,
-                "delta_pp": 100 * ft.mean,
-                "ci_low_pp": 100 * (ft.mean - floor),
-                "ci_high_pp": 100 * (ft.mean + floor),
-                "boot_low_pp": 100 * g["boot"].lo,
-                "boot_high_pp": 100 * g["boot"].hi,
-                "acc_pct": 100 * row.setting.mean(sc.metric(sc.TEST, g["task"], "acc")),
+            best[task] = {
+                "setting": ch.row.label,
+                "verdict": shown["verdict"],
+                "temperature": ch.row.setting.config.temperature,
+                "val_acc_pct": 100 * ch.val,
+                "delta_pp": 100 * shown["mean"],
+                "ci_low_pp": 100 * shown["lo"],
+                "ci_high_pp": 100 * shown["hi"],
+                "p": shown["p"],
+                "p_holm": shown["p_holm"],
+                "n_folds": shown["n"],
+                "confirmed": int(c is not None),
+                "boot_low_pp": 100 * g["boot"].lo if g else math.nan,
+                "boot_high_pp": 100 * g["boot"].hi if g else math.nan,
+                "acc_pct": 100 * shown["acc"],
             }
     return best

@@ -27,6 +27,8 @@ from sweeps import tracking as tr
 
 Grid = list[tuple[str, TrialConfig]]  # (label, config at fold 0)
 GridFn = Callable[[argparse.Namespace, TrialConfig], Grid]
+# After the grid, inside its Ray session: (args, the grid's trials, uri, cache dir, its exit code) -> exit code
+ThenFn = Callable[[argparse.Namespace, list, str, str, int], int]
 
 
 def parse_floats(text: str, flag: str) -> list[float]:
@@ -133,8 +135,10 @@ def build_parser(
 
 
 def grid_overridden(args: argparse.Namespace, parser: argparse.ArgumentParser) -> bool:
-    """Did the user set any of the sweep's own grid flags?"""
-    return any(getattr(args, d) != parser.get_default(d) for d in getattr(args, "_grid_dests", []))
+    """Did the user set any of the sweep's own grid flags (but those a sweep marks as leaving the
+    grid alone, in `_not_grid`)?"""
+    dests = set(getattr(args, "_grid_dests", [])) - set(getattr(args, "_not_grid", ()))
+    return any(getattr(args, d) != parser.get_default(d) for d in dests)
 
 
 @dataclass
@@ -393,16 +397,18 @@ def run_sweep(
     add_args: Callable[[argparse.ArgumentParser], None] | None = None,
     smoke_grid: Callable[[Grid], Grid] | None = None,
     argv: list[str] | None = None,
+    then: ThenFn | None = None,
 ) -> int:
-    """Parse flags, check everything, then run (or resume) the sweep. Returns the exit code."""
+    """Parse flags, check everything, then run (or resume) the sweep, and `then` after it (also
+    called with --dry-run, to print its plan). Returns the exit code."""
     parser = build_parser(sweep, description, add_args)
     args = parser.parse_args(argv)
     if grid_overridden(args, parser):
         smoke_grid = None  # --smoke trims only the default grid, never one the user chose
-    return guarded(lambda: _run(sweep, args, grid_fn, smoke_grid), args.debug)
+    return guarded(lambda: _run(sweep, args, grid_fn, smoke_grid, then), args.debug)
 
 
-def _run(sweep: str, args: argparse.Namespace, grid_fn: GridFn, smoke_grid) -> int:
+def _run(sweep: str, args: argparse.Namespace, grid_fn: GridFn, smoke_grid, then: ThenFn | None = None) -> int:
     uri, base = sweep_setup(args)
     grid = grid_fn(args, base)
     if args.smoke and smoke_grid is not None:
@@ -411,10 +417,11 @@ def _run(sweep: str, args: argparse.Namespace, grid_fn: GridFn, smoke_grid) -> i
     cache_dir = check_trials(trials, args)
     if args.dry_run:
         dry_run(trials, cache_dir)
-        return 0
+        return then(args, trials, uri, cache_dir, 0) if then else 0
     with ray_session(args):
         check_cluster(uri, {"--cache-dir": cache_dir, "--storage-path": args.storage_path})
-        return tune_trials(sweep, args, trials, uri, cache_dir)
+        code = tune_trials(sweep, args, trials, uri, cache_dir)
+        return then(args, trials, uri, cache_dir, code) if then else code
 
 
 def sweep_setup(args: argparse.Namespace) -> tuple[str, TrialConfig]:
@@ -608,8 +615,6 @@ def make_sweep_id(sweep: str, trials: list[Trial], uri: str, cache_dir: str, exp
 
 def tune_trials(sweep: str, args: argparse.Namespace, trials: list[Trial], uri: str, cache_dir: str) -> int:
     """Run (or resume) a grid of trials under one parent run; the exit code."""
-    from ray import tune
-
     sweep_id = make_sweep_id(sweep, trials, uri, cache_dir, args.experiment)
     run = open_sweep(sweep, sweep_id, args, uri, cache_dir, {"trials": len(trials)})
     print(
@@ -618,6 +623,19 @@ def tune_trials(sweep: str, args: argparse.Namespace, trials: list[Trial], uri: 
         file=sys.stderr,
         flush=True,
     )
+    t0 = time.time()
+    results = fit_trials(run, args, trials)
+    return close_sweep(run, results, t0)
+
+
+def fit_trials(run: SweepRun, args: argparse.Namespace, trials: list[Trial]) -> Any:
+    """The teacher stage, then the trials as one Tune experiment (resumed if it ran before)."""
+    from ray import tune
+
+    if not args.no_teacher_reuse:  # with private caches every trial trains its own, on purpose
+        from sweeps.teachers import run_stage
+
+        run_stage(run, [t.cfg for t in trials], args.cpus_per_trial, args.gpus_per_trial, say)
     space = {
         "trial": tune.grid_search([{"label": t.label, "cfg": dataclasses.asdict(t.cfg)} for t in trials]),
         "sweep": run.settings(),
@@ -631,15 +649,8 @@ def tune_trials(sweep: str, args: argparse.Namespace, trials: list[Trial], uri: 
         trial_name_creator=_trial_name,
         trial_dirname_creator=_trial_name,
     )
-    t0 = time.time()
-    if not args.no_teacher_reuse:  # with private caches every trial trains its own, on purpose
-        from sweeps.teachers import run_stage
-
-        run_stage(run, [t.cfg for t in trials], args.cpus_per_trial, args.gpus_per_trial, say)
-    results = fit_tuner(
-        run, args, _trainable, space, [make_progress(len(trials), tuple(args.tasks.split(",")))], tune_config
-    )
-    return close_sweep(run, results, t0)
+    progress = make_progress(len(trials), tuple(args.tasks.split(",")))
+    return fit_tuner(run, args, _trainable, space, [progress], tune_config)
 
 
 def close_sweep(run: SweepRun, results: Any, t0: float) -> int:
@@ -691,3 +702,33 @@ def _trainable(config: dict) -> None:
             os.makedirs(os.path.join(shared, "images"), exist_ok=True)
             os.symlink(os.path.join(shared, "images"), images)
     run_trial({"cfg": trial["cfg"], "label": trial["label"], "sweep": sw})
+
+
+def more_trials(
+    sweep: str, args: argparse.Namespace, grid: list[Trial], trials: list[Trial], uri: str, cache_dir: str, stage: str
+) -> int:
+    """Run `trials` after the grid `grid` as a Tune experiment of their own (resumable like the
+    grid) whose runs log under the grid's sweep run, then review that run again, so its answer
+    includes them. Used by the temperature sweep's confirmation on fresh seeds."""
+    grid_id = make_sweep_id(sweep, grid, uri, cache_dir, args.experiment)
+    exp_id = tr.ensure_experiment(uri, args.experiment)
+    found = tr.find_runs(uri, exp_id, tr.sweep_filter(grid_id))
+    if not found:
+        raise SallError(f"no sweep run of {grid_id} in {uri}; expected the grid to have run first")
+    storage = local_path(args.storage_path, "--storage-path") if "://" not in args.storage_path else args.storage_path
+    sweep_id = f"{grid_id}-{stage}-" + stable_hash(sorted(t.cfg.key() for t in trials))
+    run = SweepRun(sweep, sweep_id, uri, exp_id, found[0].info.run_id, storage, cache_dir)
+    if args.fresh and os.path.isdir(run.exp_dir):
+        shutil.rmtree(run.exp_dir)
+    say(f"[sweep] {stage}: {len(trials)} trials under sweep run {run.parent} · Tune {run.exp_dir}")
+    t0 = time.time()
+    results = fit_trials(run, args, trials)
+    errors = [r for r in results if r.error is not None]
+    tr.log_metrics(
+        uri, run.parent, {f"{stage}_trials_finished": len(results) - len(errors), f"{stage}_seconds": time.time() - t0}
+    )
+    from sweeps.review import review_sweep
+
+    review_sweep(uri, exp_id, run.parent)
+    say(f"[sweep] {stage}: {len(results) - len(errors)}/{len(results)} trials finished in {_fmt(time.time() - t0)}")
+    return 1 if errors else 0

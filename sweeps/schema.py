@@ -59,6 +59,8 @@ TAG_PICKED = "sall.picked"  # on the search run: the temperatures it confirms
 
 # ---- the analysis -----------------------------------------------------------------------------
 TAG_BEST = "sall.best"  # on a sweep run, one per task: `sall.best.<task>` = the best setting
+TAG_VERDICT = "sall.verdict"  # on a sweep run, one per task: `sall.verdict.<task>` = the best setting's verdict
+TAG_CONFIRM_SEEDS = "sall.confirm_seeds"  # on a sweep run: the seeds that confirm its choice ("1,2")
 TAG_EVALUATED_RUN = "sall.evaluated_run"  # on an external run: the student run it evaluated
 TAG_EXTERNAL_DATASET = "sall.external_dataset"
 

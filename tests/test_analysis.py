@@ -30,20 +30,6 @@ EXP = "sall-temperature"
 
 # ---------------------------------------------------------------------------------------------
 # fast: statistics and the paper's data
-def test_sign_test_exact():
-    assert stats.sign_test(np.array([1.0, 2.0, 3.0])) == pytest.approx(0.25)  # 3 folds: never below 0.25
-    assert stats.sign_test(np.array([1.0, -1.0])) == 1.0
-    assert stats.sign_test(np.zeros(3)) == 1.0
-
-
-def test_paired_folds_uses_only_common_folds():
-    ft = stats.paired_folds({0: 0.6, 1: 0.7, 2: 0.8}, {0: 0.5, 1: 0.5})
-    assert list(ft.diffs) == [0, 1]
-    assert ft.mean == pytest.approx(0.15)
-    assert 0 < ft.p < 1 and ft.test == "paired t"
-    assert math.isnan(stats.paired_folds({0: 0.5}, {1: 0.5}).mean)
-
-
 def test_paired_bootstrap_is_paired_and_pooled():
     rng = np.random.default_rng(1)
     same = rng.random(200) < 0.6
@@ -128,10 +114,12 @@ def test_tables_from_a_real_sweep(store):
     # the missing fold is named
     assert "n=2 of 3, fold 2 missing" in t8 and "fold 2 missing" in rows["baseline"]
     # the gain section: paired over folds and bootstrapped over test images
-    assert "Is the gain real?" in md and "paired t, n=2" in md and "images, 2 folds" in md
-    # the noise kept apart, and each gain set against the smallest difference the run can detect
-    assert "### Noise (IV)" in md and "**Noise.** baseline sd over folds" in md
-    assert "within noise" in md or "beyond noise" in md
+    assert "Is the gain real?" in md and "corrected t" in md and "images, 2 folds" in md
+    # the noise kept apart, the answer chosen on validation, and a verdict word on every gain row
+    assert "### Noise (IV)" in md and "**The answer.**" in md and "chosen on validation (folds 0,1 × seed 0)" in md
+    gain_lines = [x for x in md.split("### Is the gain real? (IV)")[1].split("_")[0].splitlines() if x.count("|") > 9]
+    assert all(any(w in x for w in ("established", "suggestive", "not distinguished")) for x in gain_lines[2:])
+    assert "beyond noise" not in md and "within noise" not in md
     # outputs on disk and on the parent run
     files = Path(store / "analysis_out" / EXP)
     for name in ("tables.md", "tables.tex", "table_IV.csv", "table_V.csv", "gain_IV.csv"):
@@ -150,7 +138,9 @@ def test_tables_show_failed_trials(failed_store, tmp_path, capsys):
     assert "n=1 of 3, FAILED (fold 1), fold 2 missing" in t8
     acc0 = student(failed_store, "T=8", 0).data.metrics["test/dr/acc"]
     assert f"| {100 * acc0:.1f} (1) | 78.77 |" in t8  # fold 0 only: the failed fold is not averaged in
-    assert "paired t, n=1" not in md and "n=1)" in md
+    assert "n=1)" in md
+    t8_gain = next(x for x in md.split("### Is the gain real?")[1].splitlines() if x.startswith("| T=8 |"))
+    assert "| n/a | n/a |" in t8_gain and "not distinguished" in t8_gain  # one fold: no test, no claim
 
 
 @pytest.mark.slow
@@ -161,7 +151,7 @@ def test_tables_override_and_csv(failed_store, tmp_path, capsys):
     )
     md = capsys.readouterr().out
     assert "Table III" in md and "DR kappa" in md
-    # --bootstrap 0 skips the resampling over images, never the paired tests and their noise floor
+    # --bootstrap 0 skips the resampling over images, never the tests over folds
     assert "Is the gain real?" in md and "bootstrap skipped (--bootstrap 0)" in md
     import csv
 
@@ -258,23 +248,6 @@ def test_noise_split_into_folds_and_seeds():
     assert math.isnan(stats.noise({(0, 0): 0.5, (1, 0): 0.6}).seed_sd)  # one seed: no seed spread
 
 
-def test_detectable_difference_is_the_t_half_width():
-    from scipy import stats as sps
-
-    ft = stats.paired_folds(
-        {(f, s): 0.6 + 0.01 * f * s for f in range(3) for s in range(2)},
-        {(f, s): 0.5 for f in range(3) for s in range(2)},
-    )
-    d = np.array([0.01 * f * s for f in range(3) for s in range(2)]) + 0.1
-    assert ft.n == 6 and ft.sd == pytest.approx(d.std(ddof=1))
-    assert ft.floor == pytest.approx(sps.t.ppf(0.975, 5) * d.std(ddof=1) / math.sqrt(6))
-    # pooling two settings of equal sd keeps the sd and doubles the degrees of freedom
-    pooled = stats.pooled_floor([ft, ft])
-    assert pooled.sd == pytest.approx(ft.sd) and pooled.df == 10 and pooled.n == 6
-    assert pooled.floor == pytest.approx(sps.t.ppf(0.975, 10) * ft.sd / math.sqrt(6))
-    assert pooled.floor < ft.floor
-
-
 def test_bootstrap_counts_an_image_once_over_seeds():
     rng = np.random.default_rng(0)
     ours = rng.random((2, 400)) < 0.7  # two seeds on the same 400 images
@@ -284,14 +257,17 @@ def test_bootstrap_counts_an_image_once_over_seeds():
     assert b.lo < b.diff < b.hi
 
 
-def _hand_store(d: Path, acc: dict[tuple[str, int, int], float]) -> str:
-    """An MLflow store with one student run per (setting, fold, seed) and the tags a sweep writes."""
+def _hand_store(d: Path, acc: dict[tuple[str, int, int], float], val: dict | None = None, confirm: str = "") -> str:
+    """An MLflow store with one student run per (setting, fold, seed) and the tags a sweep writes;
+    the validation accuracy is the test one unless `val` gives it; `confirm` tags the sweep run's
+    confirming seeds."""
     from sall.config import from_preset
 
     u = f"sqlite:///{d / 'mlflow.db'}"
     c = cm.client(u)
     exp = c.create_experiment(EXP)
-    parent = c.create_run(exp, tags={sc.TAG_STAGE: sc.STAGE_SWEEP, sc.TAG_SWEEP: "temperature"}).info.run_id
+    tags = {sc.TAG_STAGE: sc.STAGE_SWEEP, sc.TAG_SWEEP: "temperature"}
+    parent = c.create_run(exp, tags={**tags, **({sc.TAG_CONFIRM_SEEDS: confirm} if confirm else {})}).info.run_id
     for (label, fold, seed), a in acc.items():
         base = from_preset("cpu", fold=fold, seed=seed)
         cfg = (
@@ -316,11 +292,18 @@ def _hand_store(d: Path, acc: dict[tuple[str, int, int], float]) -> str:
             c.log_param(rid, k, v)
         for task, offset in (("dr", 0.0), ("amd", 0.2)):
             c.log_metric(rid, f"test/{task}/acc", a + offset)
+            c.log_metric(rid, f"val_best/{task}/acc", (val or {}).get((label, fold, seed), a) + offset)
         c.set_terminated(rid, "FINISHED")
     return u
 
 
-def test_table_with_seeds_reports_fold_and_seed_spread_and_the_floor(tmp_path, capsys):
+def _tables(u: str, tmp_path: Path, capsys) -> str:
+    argv = ["--experiment", EXP, "--mlflow-uri", u, "--out", str(tmp_path / "out"), "--bootstrap", "0"]
+    assert tb.main([*argv, "--no-log", "--table", "IV"]) == 0
+    return capsys.readouterr().out
+
+
+def test_table_with_seeds_tests_the_fold_means_not_the_pairs(tmp_path, capsys):
     # baseline: fold means .50/.52/.54, seeds +-.005; T=4: +.04 on every pair but one (+.03)
     acc = {}
     for f in range(3):
@@ -328,35 +311,49 @@ def test_table_with_seeds_reports_fold_and_seed_spread_and_the_floor(tmp_path, c
             b = 0.50 + 0.02 * f + (0.005 if s else -0.005)
             acc[("baseline", f, s)] = b
             acc[("T=4", f, s)] = b + (0.03 if (f, s) == (2, 1) else 0.04)
-    u = _hand_store(tmp_path, acc)
-    assert (
-        tb.main(
-            [
-                "--experiment",
-                EXP,
-                "--mlflow-uri",
-                u,
-                "--out",
-                str(tmp_path / "out"),
-                "--bootstrap",
-                "0",
-                "--no-log",
-                "--table",
-                "IV",
-            ]
-        )
-        == 0
-    )
-    md = capsys.readouterr().out
+    md = _tables(_hand_store(tmp_path, acc), tmp_path, capsys)
     base = next(line for line in md.split("### Noise")[0].splitlines() if line.startswith("| baseline |"))
     assert "52.0 ± 2.0 (6)" in base and "6 of 6 (3 folds × 2 seeds)" in base
     noise = next(line for line in md.split("### Noise")[1].splitlines() if line.startswith("| baseline |"))
     assert "| 2.0 | 0.7 |" in noise  # DR: sd over folds 2.0 pp, over seeds 0.71 pp
-    # the gain is 3.83 pp with a paired sd of 0.41 pp over 6 pairs: far beyond its floor
-    d = np.array([4, 4, 4, 4, 4, 3]) / 100
+    # the unit is the fold: D_f = 4, 4, 3.5 pp; the corrected t over those 3 values, 2 df
+    d = np.array([4, 4, 3.5]) / 100
     from scipy import stats as sps
 
-    floor = sps.t.ppf(0.975, 5) * d.std(ddof=1) / math.sqrt(6)
+    se = math.sqrt(1 / 3 + 0.5) * d.std(ddof=1)
+    p = 2 * sps.t.sf(d.mean() / se, 2)
     gain = next(line for line in md.split("### Is the gain real?")[1].splitlines() if "| dr |" in line)
-    assert "+3.83" in gain and f"{100 * floor:.1f} / {100 * floor:.1f}" in gain
-    assert f"gain beyond noise (floor {100 * floor:.1f})" in gain
+    assert "+3.8 [+4.0, +4.0, +3.5]" in gain and f"| {p:.3f} |" in gain
+    # the family is DR and AMD (both +3.83 pp): Holm doubles the smaller p
+    assert f"| {min(1, 2 * p):.3f} |" in gain
+    word = "established" if 2 * p < 0.05 else "suggestive" if p < 0.05 else "not distinguished"
+    assert (
+        f"| {word} |" in gain and "| 0.3 / 0.4 |" in gain
+    )  # sd of D over folds / over seeds (0.71 on one fold, pooled over 3)
+
+
+def test_the_best_is_chosen_on_validation_and_confirmed_on_fresh_seeds(tmp_path, capsys):
+    # seed 0 chooses: T=2 wins on validation, T=4 on test; seeds 1 and 2 confirm T=2 only
+    acc, val = {}, {}
+    for f in range(3):
+        b = 0.50 + 0.02 * f
+        acc[("baseline", f, 0)], acc[("T=2", f, 0)], acc[("T=4", f, 0)] = b, b + 0.01, b + 0.05
+        val[("baseline", f, 0)], val[("T=2", f, 0)], val[("T=4", f, 0)] = b, b + 0.06, b + 0.02 + 0.002 * f
+        for s in (1, 2):
+            acc[("baseline", f, s)] = b + 0.001 * s
+            acc[("T=2", f, s)] = b + 0.03 + 0.002 * f + 0.001 * s
+    u = _hand_store(tmp_path, acc, val, confirm="1,2")
+    md = _tables(u, tmp_path, capsys)
+    answer = next(x for x in md.splitlines() if x.startswith("**The answer.**"))
+    assert "**DR: T=2**, chosen on validation (folds 0,1,2 × seed 0)" in answer
+    assert "confirmed on folds 0,1,2 × seeds 1,2 (test split)" in answer and "rests on 3 folds" in answer
+    d = np.array([3.0, 3.2, 3.4]) / 100
+    from scipy import stats as sps
+
+    p = 2 * sps.t.sf(d.mean() / (math.sqrt(1 / 3 + 0.5) * d.std(ddof=1)), 2)
+    assert "+3.2 pp" in answer and f"p = {p:.3f}, Holm p = {min(1, 2 * p):.3f}" in answer
+    assert "Not distinguished from it on validation: T=4" not in answer  # T=4 is 3.6-4 pp behind on every fold
+    assert "### Confirmed on fresh replicates (IV)" in md
+    # the confirming runs never enter the grid's table: its rows hold seed 0 only
+    base = next(line for line in md.split("### Noise")[0].splitlines() if line.startswith("| baseline |"))
+    assert "3 of 3" in base

@@ -33,13 +33,16 @@ def test_params_have_one_form_across_run_kinds_and_no_blanks():
 # fast: the review on a hand-made store
 @pytest.fixture(scope="module")
 def gain_store(tmp_path_factory) -> tuple[str, str]:
-    """Baseline and T=4 on 3 folds, T=4 ahead by 4 pp (3 pp on fold 2): (uri, parent run)."""
+    """Baseline and T=4 on 3 folds, T=4 ahead by 4 pp (3 pp on fold 2) with seed 0; seed 1 confirms
+    it, ahead by 2, 3 and 4 pp: (uri, parent run)."""
     d = tmp_path_factory.mktemp("gain")
     acc = {}
     for f in range(3):
         acc[("baseline", f, 0)] = 0.5 + 0.02 * f
         acc[("T=4", f, 0)] = 0.5 + 0.02 * f + (0.03 if f == 2 else 0.04)
-    u = _hand_store(d, acc)
+        acc[("baseline", f, 1)] = 0.51 + 0.02 * f
+        acc[("T=4", f, 1)] = 0.51 + 0.02 * f + 0.02 + 0.01 * f
+    u = _hand_store(d, acc, confirm="1")
     return u, cm.latest_parent(u, cm.experiment_id(u, EXP))
 
 
@@ -51,14 +54,24 @@ def test_review_puts_the_answer_on_the_sweep_run(gain_store, capsys):
     assert len(err.strip().splitlines()) == 1  # the analysis' own progress stays quiet
     run_ = cm.client(u).get_run(parent)
     text = run_.data.tags[sc.TAG_NOTE]
-    assert text.index("Best setting: T=4") < text.index("| baseline |")  # the answer first
+    assert text.index("**DR: T=4**, chosen on validation (folds 0,1,2 × seed 0)") < text.index("| baseline |")
+    assert "confirmed on folds 0,1,2 × seed 1" in text and "rests on 3 folds" in text
     assert "Table IV" in text and "### Noise (IV)" in text and "Is the gain real?" in text
     m = run_.data.metrics
-    assert m["best/dr/temperature"] == 4 and m["best/dr/delta_pp"] == pytest.approx(11 / 3)
-    assert m["best/dr/ci_low_pp"] < m["best/dr/delta_pp"] < m["best/dr/ci_high_pp"]
-    assert m["best/amd/acc_pct"] == pytest.approx(100 * (0.72 + 0.11 / 3))
+    # the answer's figures are the confirmation's: D_f = 2, 3, 4 pp on seed 1, not seed 0's 11/3
+    from scipy import stats as sps
+
+    se = (1 / 3 + 0.5) ** 0.5 * 1.0
+    assert m["best/dr/temperature"] == 4 and m["best/dr/delta_pp"] == pytest.approx(3.0)
+    assert m["best/dr/confirmed"] == 1 and m["best/dr/n_folds"] == 3
+    assert m["best/dr/ci_high_pp"] - 3.0 == pytest.approx(sps.t.ppf(0.975, 2) * se)
+    assert m["best/dr/p"] == pytest.approx(2 * sps.t.sf(3.0 / se, 2))
+    assert m["best/dr/p_holm"] == pytest.approx(min(1.0, 2 * m["best/dr/p"]))  # Holm over DR and AMD
+    assert m["best/amd/acc_pct"] == pytest.approx(100 * (0.51 + 0.2 + 0.02 + 0.03))  # seed 1, mean over folds
     assert "best/dr/boot_low_pp" not in m  # no bootstrap: nothing made up
     assert run_.data.tags[sc.per_task(sc.TAG_BEST, "dr")] == "T=4"
+    word = run_.data.tags[sc.per_task(sc.TAG_VERDICT, "dr")]
+    assert word == ("suggestive" if m["best/dr/p"] < 0.05 <= m["best/dr/p_holm"] else "not distinguished")
     arts = {a.path for p in ("analysis/tables", "analysis/figures") for a in cm.client(u).list_artifacts(parent, p)}
     assert {
         "analysis/tables/tables.md",
@@ -71,12 +84,12 @@ def test_review_puts_the_answer_on_the_sweep_run(gain_store, capsys):
 
 def test_note_keeps_to_the_tag_limit_and_names_what_it_leaves_out(gain_store):
     u, parent = gain_store
-    _, sets, _ = cm.load_sweep(u, EXP, parent)
-    tables = tb.analyse(u, sets, ["IV"], ["acc", "conf", "err"], 0)
+    _, sets, confirming, _ = tb.load(u, EXP, parent, None)
+    tables = tb.analyse(u, sets, ["IV"], ["acc", "conf", "err"], 0, confirming=confirming)
     full = note(tables, EXP, parent)
-    short = note(tables, EXP, parent, limit=1500)
-    assert len(short) <= 1500 < len(full)
-    assert "Best setting: T=4" in short and "Not shown here for want of room" in short
+    short = note(tables, EXP, parent, limit=2500)
+    assert len(short) <= 2500 < len(full)
+    assert "**DR: T=4**" in short and "Not shown here for want of room" in short
     assert "Is the gain real? (IV)" in short.split("Not shown here")[1]
 
 
@@ -122,11 +135,13 @@ def test_smoke_sweep_run_shows_the_answer(smoke):
     out, rs, _ = smoke
     (parent,) = _stage(rs, sc.STAGE_SWEEP)
     text = parent.data.tags[sc.TAG_NOTE]
-    assert "**Best setting:" in text and "| baseline |" in text and "| T=8 |" in text
+    assert "**The answer.**" in text and "chosen on validation" in text and "| baseline |" in text
+    assert "| T=8 |" in text
     assert {
         "best/dr/temperature",
         "best/dr/delta_pp",
         "best/dr/ci_low_pp",
+        "best/dr/p_holm",
         "best/dr/boot_high_pp",
         "review_seconds",
     } <= set(parent.data.metrics)

@@ -496,11 +496,14 @@ def _start_mon(c: dict, marker: str) -> subprocess.Popen:
 
 
 def _start_osd(c: dict, marker: str) -> subprocess.Popen:
-    """Register OSD 0 with the monitor (which waits for the monitor), mkfs it, start it."""
-    osd_id = _ceph_cli(c, "osd", "create").strip()
+    """Register OSD 0 with the monitor (which waits for the monitor) under a uuid of our own, mkfs it
+    with that uuid, start it. (Without one, the OSD sometimes booted with a uuid the monitor had not
+    recorded and exited on 'wrong fsid'.)"""
+    osd_uuid = str(uuid.uuid4())
+    osd_id = _ceph_cli(c, "osd", "create", osd_uuid).strip()
     if osd_id != "0":
         raise ServiceError(f"Ceph osd: the monitor gave OSD id {osd_id!r}, expected 0 on a new cluster")
-    _run("Ceph osd", ["ceph-osd", "-c", c["conf"], "-i", "0", "--mkfs"], 60)
+    _run("Ceph osd", ["ceph-osd", "-c", c["conf"], "-i", "0", "--mkfs", "--osd-uuid", osd_uuid], 60)
     proc = _spawn(["ceph-osd", "-c", c["conf"], "-i", "0", "-f"], Path(_ceph_log(c, "osd")), marker)
     c["pids"]["osd"] = proc.pid
     return proc
@@ -512,12 +515,30 @@ def _start_rgw(c: dict, marker: str) -> subprocess.Popen:
     return proc
 
 
-def _wait_rgw(c: dict, procs: dict[str, subprocess.Popen], deadline: float) -> None:
+def _osd_lost_boot_race(c: dict) -> bool:
+    """The OSD exited on 'wrong fsid': it asked the monitor before it had the cluster's id (a race in
+    Ceph 16's OSD start, seen about one start in three under load); starting it again works."""
+    return "'wrong fsid'" in Path(_ceph_log(c, "osd")).read_text(errors="replace")
+
+
+def _spawn_osd(c: dict, cmd: list[str], marker: str) -> subprocess.Popen:
+    Path(_ceph_log(c, "osd")).write_text("")  # the next start's words only
+    proc = _spawn(cmd, Path(_ceph_log(c, "osd")), marker)
+    c["pids"]["osd"] = proc.pid
+    return proc
+
+
+def _wait_rgw(c: dict, procs: dict[str, subprocess.Popen], deadline: float, marker: str) -> None:
     """Until radosgw answers S3 on its port (it first creates its pools, which needs the OSD up);
     fail fast, naming the daemon and its log, if any of the three exits."""
     url = f"http://{HOST}:{c['rgw_port']}/"
+    restarts = 0
     while _http_status(url, timeout=1.0) != 200:
         for name, p in procs.items():
+            if name == "osd" and p.poll() is not None and restarts < 3 and _osd_lost_boot_race(c):
+                restarts += 1  # Ceph 16 sometimes boots the OSD before it has the monitor's map
+                procs["osd"] = _spawn_osd(c, procs["osd"].args, marker)
+                continue
             if p.poll() is not None:
                 raise _fail(f"Ceph {name}", f"exited with code {p.returncode}", _ceph_log(c, name))
         if time.monotonic() > deadline:
@@ -576,7 +597,7 @@ def start_ceph(state: dict, deadline: float, bucket: str = DEFAULT_BUCKET) -> No
     procs["osd"] = _start_osd(c, state["marker"])
     procs["rgw"] = _start_rgw(c, state["marker"])
     save_state(state)
-    _wait_rgw(c, procs, deadline)
+    _wait_rgw(c, procs, deadline, state["marker"])
     access, secret = _rgw_user(c)
     endpoint = f"http://{HOST}:{c['rgw_port']}"
     state["s3"] = {"endpoint": endpoint, "access_key": access, "secret_key": secret, "bucket": bucket}

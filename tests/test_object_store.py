@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from service_fixtures import services
 
 from sall.errors import SallError
 from sall.object_store import ObjectStore
@@ -55,12 +56,12 @@ def _hold_lease_forever(uri: str, env: dict, mirror: str, name: str, ready: str)
 
 
 @pytest.fixture
-def s3(ceph_services, monkeypatch):
-    """(a fresh prefix in the test bucket, the S3 environment, also set in this process)."""
-    env = ceph_services.s3_env
+def s3(s3_bucket, monkeypatch):
+    """(a prefix in a new bucket of the real S3 server, its environment, also set in this process)."""
+    env = services.env_for_s3(s3_bucket)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    return f"s3://{ceph_services.bucket}/t-{uuid.uuid4().hex[:8]}", env
+    return f"s3://{s3_bucket['s3']['bucket']}/t-{uuid.uuid4().hex[:8]}", env
 
 
 @pytest.mark.slow
@@ -149,15 +150,15 @@ def _one_line_error(tmp_path: Path, cache: str, env: dict) -> str:
 
 
 @pytest.mark.slow
-def test_a_bucket_that_does_not_exist_is_one_line(ceph_services, tmp_path):
-    line = _one_line_error(tmp_path, "s3://no-such-bucket-here/cache", ceph_services.s3_env)
+def test_a_bucket_that_does_not_exist_is_one_line(s3_service, tmp_path):
+    line = _one_line_error(tmp_path, "s3://no-such-bucket-here/cache", services.env_for_s3(s3_service))
     assert "--cache-dir" in line and "bucket that does not exist" in line
 
 
 @pytest.mark.slow
-def test_wrong_credentials_are_one_line(ceph_services, tmp_path):
-    env = {**ceph_services.s3_env, "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
-    line = _one_line_error(tmp_path, f"s3://{ceph_services.bucket}/cache", env)
+def test_wrong_credentials_are_one_line(s3_service, tmp_path):
+    env = {**services.env_for_s3(s3_service), "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
+    line = _one_line_error(tmp_path, f"s3://{s3_service['s3']['bucket']}/cache", env)
     assert "--cache-dir" in line and "refused the credentials" in line
 
 

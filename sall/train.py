@@ -253,6 +253,7 @@ def fit(
     ck = Checkpointer(checkpoints, name, model, opt, sched, batches)
     loop = _Loop(model, step_model, images, batches, opt, sched, targets, masks, val, temperature, epochs, cfg, rt, ck)
     fresh = Progress(best_state=state_dict_cpu(model), prof={"data_s": 0.0, "step_s": 0.0, "eval_s": 0.0})
+    fresh.data_rng = data_rng_state(batches)
     p = ck.resume(fresh)
     if p is not fresh:
         set_data_rng_state(batches, p.data_rng)
@@ -272,8 +273,6 @@ def _epoch(loop: _Loop, p: Progress) -> None:
     leaves `p` at the start of the next epoch with the epoch's metrics in `p.history`."""
     cfg, epoch = loop.cfg, p.epoch
     t_epoch = time.time()
-    if p.batch == 0:
-        p.data_rng = data_rng_state(loop.batches)
     loop.model.train()
     _train_epoch(loop, p)
     t3 = time.perf_counter()
@@ -290,6 +289,7 @@ def _epoch(loop: _Loop, p: Progress) -> None:
     metrics["epoch_s"] = time.time() - t_epoch
     p.history.append({"epoch": epoch, **metrics})
     p.epoch, p.batch, p.sums = epoch + 1, 0, {}
+    p.data_rng = data_rng_state(loop.batches)  # where the next epoch's data order starts
 
 
 def _report(name: str, epochs: int, h: dict[str, float], on_epoch: EpochCallback | None) -> None:

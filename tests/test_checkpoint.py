@@ -3,7 +3,6 @@ preemption signal ends it as preempted with a checkpoint written, and bad settin
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -14,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from checkpoint_helpers import summary, train
 
 from sall.checkpoint import KIND, Preempted, StoreCheckpoints, preempt_signals, unpack
@@ -123,3 +123,26 @@ def test_bad_settings_are_one_line(tmp_path, monkeypatch, name, value, expected)
 def test_signal_names_are_read_with_or_without_sig(monkeypatch):
     monkeypatch.setenv("SALL_PREEMPT_SIGNALS", "sigterm, USR2")
     assert preempt_signals() == [signal.SIGTERM, signal.SIGUSR2]
+
+
+def test_a_chain_preempted_in_its_student_continues_to_the_unbroken_student(tmp_path):
+    """The student is preempted after its first epoch; the rerun reuses the teachers, resumes the
+    student, stores the same weights as a chain without a break, and leaves no checkpoint behind."""
+    from sall.chain import Hooks, load_student, run_chain
+    from sall.checkpoint import request_preemption
+    from sall.config import from_preset
+
+    cfg = from_preset("cpu", smoke=True, threads=1)
+    stop = Hooks(student_epoch=lambda epoch, _m: request_preemption() if epoch == 1 else None)
+    with pytest.raises(Preempted, match="student preempted at epoch 2, batch 0"):
+        run_chain(cfg, tmp_path / "a", stop)
+    assert any((tmp_path / "a" / KIND).glob("student-*.ckpt"))
+    resumed = run_chain(cfg, tmp_path / "a")
+    unbroken = run_chain(cfg, tmp_path / "b")
+    assert not any(t["built"] for t in resumed.teachers.values())
+    assert resumed.costs["resumes"] == 1 and unbroken.costs["resumes"] == 0
+    assert [h["train/dr/loss"] for h in resumed.history] == [h["train/dr/loss"] for h in unbroken.history]
+    a, b = load_student(resumed.student_path)[1]["dr"], load_student(unbroken.student_path)[1]["dr"]
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    for cache in ("a", "b"):
+        assert not any(p.is_file() for p in (tmp_path / cache / KIND).iterdir())

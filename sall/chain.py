@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from sall.checkpoint import CheckpointSink, StoreCheckpoints
 from sall.config import TrialConfig, stable_hash
 from sall.data.folds import SPLIT_VERSION, fold_splits
 from sall.data.image_cache import TaskImages, image_array
@@ -210,6 +211,7 @@ def get_teacher(cfg: TrialConfig, task: str, data: Data, store: Store, rt: Runti
             rt=rt,
             name=f"teacher {task}",
             seed=cfg.seed,
+            checkpoints=StoreCheckpoints(store, f"teacher-{key}"),
         )
         info = dict(
             task=task,
@@ -220,11 +222,13 @@ def get_teacher(cfg: TrialConfig, task: str, data: Data, store: Store, rt: Runti
             seconds=time.time() - t0,
             test=evaluate(model, task, data, "test", 1.0, rt),
             fields={k: str(v) for k, v in cfg.teacher_fields(task).items()},
+            **fit_costs(res),
         )
         _save({"state": res.state, "info_json": _json(info)}, tmp)
 
     fetched = store.get_or_build("teachers", key, ".pt", build)
     if fetched.built:  # logits of an earlier (e.g. corrupt, rebuilt) teacher of this key are stale
+        StoreCheckpoints(store, f"teacher-{key}").clear()  # the teacher is kept: its checkpoint is done with
         for other in TASKS:
             store.remove("logits", logits_key(key, other), ".pt")
     else:
@@ -233,6 +237,11 @@ def get_teacher(cfg: TrialConfig, task: str, data: Data, store: Store, rt: Runti
 
     info = json.loads(load_artifact(fetched.path)["info_json"])
     return Teacher(task, key, fetched, info)
+
+
+def fit_costs(res: FitResult) -> dict[str, float]:
+    """What a training cost across its attempts: resumes, the work a kill lost, the seconds spent."""
+    return dict(resumes=res.resumes, epochs_lost=res.epochs_lost, lost_s=res.lost_s, spent_s=res.spent_s)
 
 
 def logits_key(teacher_key: str, on_task: str) -> str:
@@ -304,6 +313,8 @@ class ChainResult:
     reused_teacher_as_baseline: list[str] = field(default_factory=list)
     # task -> {rows, labels, probs} of its test split, per image (for paired bootstraps)
     predictions: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    # the students' training across attempts (`fit_costs`, summed over their models)
+    costs: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         from sall.metrics import scalar_metrics, to_jsonable
@@ -410,12 +421,17 @@ def run_chain(cfg: TrialConfig, cache_dir: str | Path, hooks: Hooks | None = Non
     history: dict[int, dict[str, float]] = {}
     reused: list[str] = []
     predictions: dict[str, dict[str, np.ndarray]] = {}
+    # named like the teachers by the data and split too: a renderer or split change is a new student
+    student_key = stable_hash([cfg.key(), data.fingerprint, code_versions(cfg)])
+    sinks = [StoreCheckpoints(store, f"student-{student_key}-{g}") for g in range(len(groups))]
+    costs = dict.fromkeys(("resumes", "epochs_lost", "lost_s", "spent_s"), 0.0)
     for g, heads in enumerate(groups):
         if len(heads) == 1 and baseline_is_teacher(cfg, heads[0]):
             model = reuse_teacher(cfg, teachers[heads[0]], rt, hooks, history)
             reused.append(heads[0])
         else:
-            model, res = train_student(cfg, data, rows, row_tasks, heads, soft, rt, hooks, seed=cfg.seed + 1 + g)
+            model, res = train_student(cfg, data, rows, row_tasks, heads, soft, rt, hooks, cfg.seed + 1 + g, sinks[g])
+            costs = {k: costs[k] + v for k, v in fit_costs(res).items()}
             for h in res.history:
                 history.setdefault(int(h["epoch"]), {}).update({k: v for k, v in h.items() if "/" in k})
             for k, v in res.profile.items():
@@ -433,14 +449,14 @@ def run_chain(cfg: TrialConfig, cache_dir: str | Path, hooks: Hooks | None = Non
         if len(other):
             stats[task] = soft_label_stats(s[other])
 
-    # named like the teachers by the data and split too: a renderer or split change is a new student
-    student_key = stable_hash([cfg.key(), data.fingerprint, code_versions(cfg)])
     student_path = store.get_or_build(
         "students",
         student_key,
         ".pt",
         lambda tmp: _save({"state": states, "groups_json": _json(groups), "config_json": cfg.to_json()}, tmp),
     ).path
+    for sink in sinks:  # the student is kept: its checkpoints are done with
+        sink.clear()
     return ChainResult(
         config=cfg,
         test=test,
@@ -458,6 +474,7 @@ def run_chain(cfg: TrialConfig, cache_dir: str | Path, hooks: Hooks | None = Non
         seconds=time.time() - t_start,
         reused_teacher_as_baseline=reused,
         predictions=predictions,
+        costs=costs,
     )
 
 
@@ -471,9 +488,11 @@ def train_student(
     rt: Runtime,
     hooks: Hooks,
     seed: int,
+    checkpoints: CheckpointSink | None = None,
 ) -> tuple[MultiHeadNet, FitResult]:
     """One student model with `heads`. Each row trains the head of its own task with its true
-    grade, and (with sa_labels) every other head with that head's teacher's soft label."""
+    grade, and (with sa_labels) every other head with that head's teacher's soft label. With
+    `checkpoints`, its training checkpoints there and resumes from what it finds."""
     if cfg.sa_labels:
         mine = rows  # images of the other tasks come in with soft labels
     else:
@@ -513,6 +532,7 @@ def train_student(
         name=name,
         seed=seed,
         on_epoch=hooks.student_epoch,
+        checkpoints=checkpoints,
     )
     return model, res
 

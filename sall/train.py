@@ -19,6 +19,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from sall.checkpoint import (
+    Checkpointer,
+    CheckpointSink,
+    Progress,
+    data_rng_state,
+    preemption_signals,
+    set_data_rng_state,
+)
 from sall.config import TrialConfig
 from sall.data.loader import Batches
 from sall.losses import sall_loss
@@ -75,25 +83,47 @@ class FitResult:
     best_epoch: int
     history: list[dict[str, float]]
     profile: dict[str, float] = field(default_factory=dict)
+    resumes: int = 0  # times this training continued from a checkpoint
+    epochs_lost: float = 0.0  # work redone after kills, in epochs (a graceful preemption loses none)
+    lost_s: float = 0.0  # the seconds of that work
+    spent_s: float = 0.0  # training seconds over every attempt, the lost ones included
 
 
-def _train_epoch(
-    step_model: torch.nn.Module,
-    batches: Batches,
-    opt: torch.optim.Optimizer,
-    sched: torch.optim.lr_scheduler.LRScheduler,
-    targets: dict[str, torch.Tensor],
-    masks: dict[str, torch.Tensor],
-    temperature: float,
-    rt: Runtime,
-    prof: dict[str, float],
-) -> tuple[dict[str, float], int]:
-    """One pass over the shuffled training batches: the summed loss of each head and the number
-    of batches; the time spent waiting for data and stepping is added to `prof`."""
-    heads = list(targets)
-    sums = {t: 0.0 for t in heads}
-    nb = 0
-    it = iter(batches)
+@dataclass
+class _Loop:
+    """What every epoch of one `fit` works with."""
+
+    model: torch.nn.Module
+    step_model: torch.nn.Module  # the model, or its compiled form
+    images: np.ndarray
+    batches: Batches
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    targets: dict[str, torch.Tensor]
+    masks: dict[str, torch.Tensor]
+    val: dict[str, tuple[np.ndarray, np.ndarray]]
+    temperature: float
+    epochs: int
+    cfg: TrialConfig
+    rt: Runtime
+    ck: Checkpointer
+
+
+def _train_epoch(loop: _Loop, p: Progress) -> None:
+    """One pass over the shuffled training batches, from batch `p.batch` on (the ones before are
+    drawn and dropped, so the data order and augmentation match an unbroken epoch)."""
+    p.sums = {t: p.sums.get(t, 0.0) for t in loop.targets}
+    with contextlib.closing(iter(loop.batches)) as it:  # a stop mid-epoch ends the prefetching thread
+        for _ in range(p.batch):
+            next(it)
+        _steps(loop, it, p)
+
+
+def _steps(loop: _Loop, it, p: Progress) -> None:
+    """Train on the rest of `it`: the summed loss of each head goes into `p.sums`, the time spent
+    waiting for data and stepping into `p.prof`, and the checkpointer may write (or stop) after
+    each batch."""
+    rt, heads = loop.rt, list(loop.targets)
     while True:
         t0 = time.perf_counter()
         try:
@@ -104,22 +134,25 @@ def _train_epoch(
         t1 = time.perf_counter()
         pos_t = torch.from_numpy(pos).to(rt.device)
         with rt.autocast():
-            logits = step_model(x)
+            logits = loop.step_model(x)
         loss, parts = sall_loss(
-            logits, {t: targets[t][pos_t] for t in heads}, {t: masks[t][pos_t] for t in heads}, temperature
+            logits,
+            {t: loop.targets[t][pos_t] for t in heads},
+            {t: loop.masks[t][pos_t] for t in heads},
+            loop.temperature,
         )
-        opt.zero_grad(set_to_none=True)
+        loop.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        sched.step()
+        loop.opt.step()
+        loop.sched.step()
         rt.sync()
         t2 = time.perf_counter()
-        prof["data_s"] += t1 - t0
-        prof["step_s"] += t2 - t1
+        p.prof["data_s"] += t1 - t0
+        p.prof["step_s"] += t2 - t1
         for t in heads:
-            sums[t] += parts[t]
-        nb += 1
-    return sums, nb
+            p.sums[t] += parts[t]
+        p.batch += 1
+        loop.ck.at_batch(p)
 
 
 def _val_accuracy(
@@ -183,6 +216,7 @@ def fit(
     name: str,
     seed: int,
     on_epoch: EpochCallback | None = None,
+    checkpoints: CheckpointSink | None = None,
 ) -> FitResult:
     """Train for `epochs`; keep the best epoch by mean validation accuracy over the heads, or
     the last one (`cfg.checkpoint`).
@@ -190,6 +224,11 @@ def fit(
     `val` maps a head to (rows, labels) of its own task's validation images. It is measured after
     every epoch with checkpoint=best, and only after the last with checkpoint=last, where it
     chooses nothing.
+
+    With `checkpoints`, the training writes its state there (sall/checkpoint.py) and starts from
+    the one it finds: the epochs it restores are passed to `on_epoch` again, so a caller that logs
+    them keeps no hole (and, logging each step once, no duplicate). The caller clears the sink once
+    the model is kept. A preemption signal stops it with `Preempted` after a checkpoint.
     """
     model.to(rt.device)
     if rt.channels_last:
@@ -211,29 +250,52 @@ def fit(
         drop_last=True,
     )
     sched = make_scheduler(opt, cfg, epochs * len(batches))
-    prof = {"data_s": 0.0, "step_s": 0.0, "eval_s": 0.0}
-    best_score, best_epoch, best_state = -np.inf, 0, state_dict_cpu(model)
-    history: list[dict[str, float]] = []
-    for epoch in range(1, epochs + 1):
-        t_epoch = time.time()
-        model.train()
-        sums, nb = _train_epoch(step_model, batches, opt, sched, targets, masks, temperature, rt, prof)
-        t3 = time.perf_counter()
-        metrics: dict[str, float] = {f"train/{t}/loss": sums[t] / max(nb, 1) for t in heads}
-        # with checkpoint=last the validation split chooses nothing: measure it once, at the end
-        validate = cfg.checkpoint != "last" or epoch == epochs or cfg.validate_every_epoch
-        accs = _val_accuracy(model, images, val, rt) if validate else {}
-        metrics.update({f"val/{t}/acc": acc for t, acc in accs.items()})
-        prof["eval_s"] += time.perf_counter() - t3
-        score = float(np.mean(list(accs.values()))) if accs else -float(sum(sums.values()))
-        keep = epoch == epochs if cfg.checkpoint == "last" else score > best_score
-        if keep:
-            best_score, best_epoch, best_state = score, epoch, state_dict_cpu(model)
-        metrics["epoch_s"] = time.time() - t_epoch
-        history.append({"epoch": epoch, **metrics})
-        shown = " ".join(f"{k.split('/')[1]} {k.split('/')[0]} {v:.3f}" for k, v in metrics.items() if "/" in k)
-        print(f"[{name}] epoch {epoch}/{epochs} {shown} ({metrics['epoch_s']:.1f}s)", file=sys.stderr, flush=True)
-        if on_epoch is not None:
-            on_epoch(epoch, metrics)
-    model.load_state_dict(best_state)
-    return FitResult(best_state, best_epoch, history, prof)
+    ck = Checkpointer(checkpoints, name, model, opt, sched, batches)
+    loop = _Loop(model, step_model, images, batches, opt, sched, targets, masks, val, temperature, epochs, cfg, rt, ck)
+    fresh = Progress(best_state=state_dict_cpu(model), prof={"data_s": 0.0, "step_s": 0.0, "eval_s": 0.0})
+    fresh.data_rng = data_rng_state(batches)
+    p = ck.resume(fresh)
+    if p is not fresh:
+        set_data_rng_state(batches, p.data_rng)
+        for h in p.history if on_epoch is not None else ():
+            on_epoch(int(h["epoch"]), {k: v for k, v in h.items() if k != "epoch"})
+    with preemption_signals():
+        while p.epoch <= epochs:
+            _epoch(loop, p)
+            _report(name, epochs, p.history[-1], on_epoch)
+            ck.at_epoch_end(p)
+    model.load_state_dict(p.best_state)
+    return FitResult(p.best_state, p.best_epoch, p.history, p.prof, p.resumes, p.epochs_lost, p.lost_s, ck.spent(p))
+
+
+def _epoch(loop: _Loop, p: Progress) -> None:
+    """Epoch `p.epoch` from batch `p.batch`: train, validate where it chooses, keep the best so far;
+    leaves `p` at the start of the next epoch with the epoch's metrics in `p.history`."""
+    cfg, epoch = loop.cfg, p.epoch
+    t_epoch = time.time()
+    loop.model.train()
+    _train_epoch(loop, p)
+    t3 = time.perf_counter()
+    metrics: dict[str, float] = {f"train/{t}/loss": p.sums[t] / max(p.batch, 1) for t in loop.targets}
+    # with checkpoint=last the validation split chooses nothing: measure it once, at the end
+    validate = cfg.checkpoint != "last" or epoch == loop.epochs or cfg.validate_every_epoch
+    accs = _val_accuracy(loop.model, loop.images, loop.val, loop.rt) if validate else {}
+    metrics.update({f"val/{t}/acc": acc for t, acc in accs.items()})
+    p.prof["eval_s"] += time.perf_counter() - t3
+    score = float(np.mean(list(accs.values()))) if accs else -float(sum(p.sums.values()))
+    keep = epoch == loop.epochs if cfg.checkpoint == "last" else score > p.best_score
+    if keep:
+        p.best_score, p.best_epoch, p.best_state = score, epoch, state_dict_cpu(loop.model)
+    metrics["epoch_s"] = time.time() - t_epoch
+    p.history.append({"epoch": epoch, **metrics})
+    p.epoch, p.batch, p.sums = epoch + 1, 0, {}
+    p.data_rng = data_rng_state(loop.batches)  # where the next epoch's data order starts
+
+
+def _report(name: str, epochs: int, h: dict[str, float], on_epoch: EpochCallback | None) -> None:
+    """An epoch's line on stderr, and its metrics to the caller."""
+    metrics = {k: v for k, v in h.items() if k != "epoch"}
+    shown = " ".join(f"{k.split('/')[1]} {k.split('/')[0]} {v:.3f}" for k, v in metrics.items() if "/" in k)
+    print(f"[{name}] epoch {int(h['epoch'])}/{epochs} {shown} ({metrics['epoch_s']:.1f}s)", file=sys.stderr, flush=True)
+    if on_epoch is not None:
+        on_epoch(int(h["epoch"]), metrics)

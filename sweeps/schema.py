@@ -48,6 +48,10 @@ TAG_TEACHER_SHA = "sall.teacher_sha256"  # on a student, one per task: the check
 TAG_TEACHERS_TRAINED = "sall.teachers_trained"  # the tasks whose teacher this trial trained, or "none"
 TAG_TASK = "sall.task"  # a teacher's task
 TAG_TRAINED_NOW = "sall.trained_now"  # a teacher: trained by this sweep, not found in the cache
+TAG_PREEMPTED = "sall.preempted"  # a preemption signal stopped an attempt (the run is KILLED until resumed)
+TAG_RESUMES = "sall.resumes"  # how many times its training continued from a checkpoint
+TAG_EPOCHS_LOST = "sall.epochs_lost"  # work redone after kills, in epochs (<= 1 per kill)
+STATUS_PREEMPTED = "KILLED"  # MLflow's status for a preempted attempt: not FAILED
 
 # ---- the temperature search -----------------------------------------------------------------
 TAG_CANDIDATE = "sall.candidate"  # the Tune trial id: finds the run again after a restore
@@ -82,6 +86,8 @@ EXTERNAL = "external"
 BEST = "best"  # on a sweep run: best/<task>/<name> (sweeps/review.py)
 PROFILE = "profile"  # profile/<stage>: seconds, with --profile
 SEARCH = "search"  # search/score, search/final_epoch: a candidate as the search booked it
+COST = "cost"  # cost/<name>: the training's seconds over every attempt (COST_NAMES)
+COST_NAMES = ("spent_s", "lost_s", "epochs_lost", "resumes")  # sall.chain.fit_costs's keys
 
 
 def metric(prefix: str, task: str, name: str) -> str:

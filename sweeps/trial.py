@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sall.checkpoint import Preempted
 from sall.config import TrialConfig, config_from_dict, param_strings
 from sall.store import Store, open_store
 from sweeps import schema as sc
@@ -76,6 +77,18 @@ def _log_teacher(uri: str, run_id: str, teacher, cfg: TrialConfig) -> None:
     test = {sc.metric(sc.TEST, teacher.task, k): v for k, v in info["test"].items() if isinstance(v, (int, float))}
     tr.log_metrics(uri, run_id, test)
     tr.log_metrics(uri, run_id, {"best_epoch": info["best_epoch"], "train_seconds": info["seconds"]})
+    log_costs(uri, run_id, info)
+
+
+def log_costs(uri: str, run_id: str, costs: dict[str, float]) -> None:
+    """A training's cost across attempts as `cost/*` metrics, and its resumes and lost epochs as tags
+    (absent from teachers trained before checkpoints existed: nothing is logged then)."""
+    if "spent_s" not in costs:
+        return
+    tr.log_metrics(uri, run_id, {f"{sc.COST}/{k}": float(costs[k]) for k in sc.COST_NAMES})
+    c = tr.client(uri)
+    retry(c.set_tag, run_id, sc.TAG_RESUMES, str(int(costs["resumes"])))
+    retry(c.set_tag, run_id, sc.TAG_EPOCHS_LOST, f"{float(costs['epochs_lost']):.3f}")
 
 
 def _teacher_span(teacher) -> tuple[int, int]:
@@ -232,6 +245,36 @@ def fail_run(uri: str, run_id: str, e: BaseException) -> None:
     tr.end_run(uri, run_id, "FAILED")
 
 
+def preempt_run(uri: str, run_id: str, e: BaseException) -> None:
+    """Mark a run preempted (a signal stopped it after a checkpoint; a rerun continues it): status
+    KILLED and tag `sall.preempted`, not FAILED."""
+    retry(tr.client(uri).set_tag, run_id, sc.TAG_PREEMPTED, str(e)[:5000])
+    tr.end_run(uri, run_id, sc.STATUS_PREEMPTED)
+
+
+def logged_steps(uri: str, run: Any) -> dict[str, int]:
+    """The last step of each per-epoch metric an earlier attempt of `run` logged (none for a new run)."""
+    if run is None:
+        return {}
+    c = tr.client(uri)
+    keys = [k for k in run.data.metrics if k.startswith((f"{sc.TRAIN}/", f"{sc.VAL}/"))]
+    return {k: max(m.step for m in retry(c.get_metric_history, run.info.run_id, k)) for k in keys}
+
+
+def epoch_logger(uri: str, run_id: str, logged: dict[str, int], spent: list[float]) -> Callable:
+    """The student's per-epoch hook: each metric logged once per step, so the epochs a resumed
+    training passes again (`fit` replays the ones it restored) fill holes and duplicate nothing."""
+
+    def student_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        t0 = time.perf_counter()
+        new = {k: v for k, v in metrics.items() if "/" in k and logged.get(k, 0) < epoch}
+        tr.log_metrics(uri, run_id, new, step=epoch)
+        logged.update(dict.fromkeys(new, epoch))
+        spent[0] += time.perf_counter() - t0
+
+    return student_epoch
+
+
 def run_trial(config: dict[str, Any]) -> None:
     """Tune entry point. `config` holds the trial's TrialConfig (`cfg`), its label and the sweep's
     settings (`sweep`: tracking URI, experiment, parent run, cache dir, threads)."""
@@ -259,17 +302,13 @@ def run_trial(config: dict[str, Any]) -> None:
     teacher_ready = teacher_hook(sw, cfg, run_id)
 
     logging_s = [0.0]  # time spent talking to MLflow, for --profile
-
-    def student_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        t0 = time.perf_counter()
-        tr.log_metrics(uri, run_id, {k: v for k, v in metrics.items() if "/" in k}, step=epoch)
-        logging_s[0] += time.perf_counter() - t0
-
+    student_epoch = epoch_logger(uri, run_id, logged_steps(uri, existing), logging_s)
     try:
         res = run_chain(cfg, sw["cache_dir"], Hooks(teacher_ready=teacher_ready, student_epoch=student_epoch))
         final = _final_metrics(res)
         t0 = time.perf_counter()
         tr.log_metrics(uri, run_id, final)
+        log_costs(uri, run_id, res.costs)
         _log_artifacts(uri, run_id, res, config["label"])
         logging_s[0] += time.perf_counter() - t0
         if cfg.profile:
@@ -282,6 +321,9 @@ def run_trial(config: dict[str, Any]) -> None:
             sc.TAG_TEACHERS_TRAINED,
             ",".join(t for t, d in res.teachers.items() if d["built"]) or "none",
         )
+    except Preempted as e:
+        preempt_run(uri, run_id, e)
+        raise
     except BaseException as e:
         fail_run(uri, run_id, e)
         raise

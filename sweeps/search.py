@@ -423,7 +423,9 @@ def _log_search(uri: str, parent: str, rows: list[dict[str, Any]], plan: Plan) -
 def confirm_trials(args: argparse.Namespace, base: TrialConfig, temps: list[float]) -> list[rn.Trial]:
     """The confirmation: the baseline and the picked temperatures on every fold, built by the
     temperature sweep's own grid, so tables and figures treat them like its trials."""
-    ns = argparse.Namespace(temperatures=",".join(f"{t:g}" for t in temps), no_baseline=args.no_baseline)
+    ns = argparse.Namespace(
+        temperatures=",".join(f"{t:g}" for t in temps), no_baseline=args.no_baseline, confirm_seeds="none"
+    )
     return rn.expand(temperature.grid(ns, base), rn.parse_folds(args.folds), rn.sweep_seeds(args))
 
 

@@ -41,10 +41,10 @@ def add_args(g: argparse.ArgumentParser) -> None:
 
 def confirm_seeds(args: argparse.Namespace) -> list[int]:
     """The confirming seeds of --confirm-seeds; never one the grid runs, and none without a baseline."""
-    grid_seeds = rn.sweep_seeds(args)
     text = args.confirm_seeds.strip()
     if text == "none":
         return []
+    grid_seeds = rn.sweep_seeds(args)
     if text == "auto":
         auto = not args.smoke and args.dataset == "synthetic" and not args.no_baseline
         return [max(grid_seeds) + 1] if auto else []

@@ -340,6 +340,9 @@ def _odir_table(data_root: str) -> tuple[str, str, pd.DataFrame]:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as e:
         raise DataError(f"{table}: not a readable CSV file ({' '.join(str(e).split())[:160]})") from None
     raw.columns = [str(c).strip() for c in raw.columns]
+    twice = sorted({c for c in raw.columns if list(raw.columns).count(c) > 1})
+    if twice:
+        raise DataError(f"{table}: column '{twice[0]}' appears twice (spaces trimmed); expected each column once")
     missing = [c for c in _ODIR_COLUMNS if c not in raw.columns]
     if missing:
         raise DataError(

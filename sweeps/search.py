@@ -478,6 +478,7 @@ def run(args: argparse.Namespace) -> int:
         rn.dry_run([searching, *later], cache_dir)
         return 0
     with rn.ray_session(args):
+        rn.check_cluster(uri, {"--cache-dir": cache_dir, "--storage-path": args.storage_path})
         rows, code = search(args, plan, search_base, uri, cache_dir)
         if code or not rows:
             return code or 1

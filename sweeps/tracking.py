@@ -144,6 +144,30 @@ def _check_http(uri: str, parsed: urllib.parse.ParseResult, port: int | None, ti
             f"MLflow tracking server {uri} did not answer /health ({e}); expected a "
             "running `mlflow server` (--mlflow-uri)"
         ) from None
+    _check_store_behind(uri, timeout)
+
+
+def _check_store_behind(uri: str, timeout: float) -> None:
+    """/health answers without touching the server's database: one real read does, so a server whose
+    PostgreSQL is down is one line now, not an error from deep inside the first run's creation."""
+    url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
+    wait = max(timeout, 30)
+    try:
+        with urllib.request.urlopen(url, timeout=wait):
+            pass
+    except urllib.error.HTTPError as e:
+        if e.code < 500:
+            return  # an auth layer or an old server: not what this check is about
+        detail = " ".join(e.read().decode(errors="replace").split())[:200]
+        raise SallError(
+            f"MLflow tracking server {uri} cannot read its backend store (HTTP {e.code}: {detail}); expected its "
+            "backend database (e.g. PostgreSQL) to be up (--mlflow-uri)"
+        ) from None
+    except OSError as e:  # a server whose PostgreSQL is down waits on it: a timeout
+        raise SallError(
+            f"MLflow tracking server {uri} answers /health but not a search within {wait:g} s ({e}); expected its "
+            "backend database (e.g. PostgreSQL) to be up (--mlflow-uri)"
+        ) from None
 
 
 def _check_database(uri: str, host: str, port: int, timeout: float) -> None:

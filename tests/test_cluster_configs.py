@@ -314,7 +314,7 @@ def _load_local():
     return mod
 
 
-@pytest.mark.parametrize("cmd", ["status", "env", "kill-worker", "add-worker", "down"])
+@pytest.mark.parametrize("cmd", ["status", "env", "kill-worker", "add-worker", "exec", "down"])
 def test_local_cluster_commands_without_a_cluster(tmp_path, capsys, cmd):
     """Each command the README and the tests use exists and, with no cluster in --dir, says so in one
     line and exits non-zero, touching nothing (no state, no process; `down` kills nothing)."""

@@ -68,14 +68,15 @@ class SlurmError(RuntimeError):
 
 
 def check_binaries() -> None:
-    """Fail with one line if a Slurm/munge binary is missing (a fresh machine has none)."""
-    missing = [b for b in BINARIES if shutil.which(b) is None and not Path("/usr/sbin", b).exists()]
+    """Fail with one line if a Slurm/munge binary is not on PATH (a fresh machine has none; the
+    daemons live in /usr/sbin, which root's PATH has)."""
+    missing = [b for b in BINARIES if shutil.which(b) is None]
     if missing:
         raise SlurmError(f"missing {', '.join(missing)}: {INSTALL_HINT}")
 
 
 def _which(name: str) -> str:
-    return shutil.which(name) or str(Path("/usr/sbin", name))
+    return shutil.which(name) or name
 
 
 def _runtime_root(d: Path) -> Path:

@@ -308,3 +308,80 @@ def test_sweep_in_a_two_node_slurm_job(tmp_path, sweep_uris):
         assert used == set(nodes), (used, nodes)  # trials ran on both Ray nodes of the job
     assert slurm.processes(st) == []  # the job's Ray nodes and the daemons are gone
     print(f"\nslurm sweep: slurm up {st['up_s']:.1f}s, sbatch --wait {t_job:.1f}s, test {time.monotonic() - t0:.1f}s")
+
+
+def _wait_for(predicate, timeout: float, what: str, poll: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def finished_students(uri: str, experiment: str) -> dict[str, str]:
+    """run name -> run id of the student runs FINISHED so far."""
+    runs = sweep_runs(uri, experiment)
+    return {
+        r.info.run_name: r.info.run_id
+        for r in runs
+        if r.data.tags.get("sall.stage") == "student" and r.info.status == "FINISHED"
+    }
+
+
+def job_field(env: dict, job_id: str, field: str) -> str:
+    r = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True, timeout=10)
+    m = re.search(rf"\b{field}=(\S+)", r.stdout)
+    return m.group(1) if m else ""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("SALL_SLURM_SWEEP") != "1", reason="on demand: cluster/slurm/test-local.sh (SALL_SLURM_SWEEP=1)"
+)
+def test_time_limit_signal_requeues_the_job_and_the_rerun_resumes(tmp_path, sweep_uris):
+    """The --signal=B:USR1 path, as Slurm takes it 5 minutes before the time limit: the job
+    interrupts the sweep after its first trial (the others mid-training: 20 student epochs),
+    stops Ray and requeues itself; the requeued run finishes the sweep without rerunning the
+    finished trial, and every trial ends with one MLflow run."""
+    t0 = time.monotonic()
+    exp, out_file = "sall-slurm-requeue", tmp_path / "job.out"
+    with local_slurm(tmp_path / "slurm") as st:
+        env = slurm_env(
+            st, **sweep_uris, **one_host_env(tmp_path), SALL_SWEEP_ARGS=f"--smoke --folds 0 --experiment {exp}"
+        )
+        cmd = ["sbatch", "--parsable", "--nodes=2", "--cpus-per-task=1", "--gpus-per-task=0"]
+        job = subprocess.run(
+            [*cmd, "--time=20:00", f"--output={out_file}", str(SBATCH)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=ROOT,
+        ).stdout.strip()
+        assert job.isdigit(), job
+        text = lambda: out_file.read_text() if out_file.exists() else ""  # noqa: E731
+        _wait_for(lambda: "[trial]" in text(), 400, "the first finished trial")
+        first = finished_students(sweep_uris["SALL_MLFLOW_URI"], exp)
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, check=True, timeout=10)
+        _wait_for(lambda: job_field(env, job, "Restarts") == "1", 300, "the job to requeue itself")
+        assert len(finished_students(sweep_uris["SALL_MLFLOW_URI"], exp)) < 3  # something is left to resume
+        # Slurm holds a requeued job back for about 2 minutes (BeginTime); a test need not wait.
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, timeout=10)
+        _wait_for(lambda: job_field(env, job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 600, "the job's end")
+        out = text()
+        print(out[-6000:])
+        assert job_field(env, job, "JobState") == "COMPLETED", out[-4000:]
+        assert job_field(env, job, "Restarts") == "1", out[-4000:]
+        assert "time limit near: interrupting the sweep and requeueing" in out
+        assert len(re.findall(r"sall\.sbatch: sweep exited with code", out)) == 2, out[-4000:]
+        students = [
+            r for r in sweep_runs(sweep_uris["SALL_MLFLOW_URI"], exp) if r.data.tags.get("sall.stage") == "student"
+        ]
+        assert Counter((r.info.run_name, r.info.status) for r in students) == Counter(
+            {("baseline fold0", "FINISHED"): 1, ("T=1 fold0", "FINISHED"): 1, ("T=8 fold0", "FINISHED"): 1}
+        )  # one run per trial: the interrupted ones were resumed, not logged again
+        assert first and set(first.items()) <= {(r.info.run_name, r.info.run_id) for r in students}  # not rerun
+    assert slurm.processes(st) == []
+    print(f"\nslurm requeue: test {time.monotonic() - t0:.1f}s")

@@ -17,4 +17,7 @@ fi
 py="${py:-python3}"
 cd "$repo"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
-SALL_SLURM_SWEEP=1 exec "$py" -m pytest -q -s tests/test_slurm.py "$@"
+# Its own pytest folder, which other pytest runs on the machine do not rotate away: the jobs'
+# output (job.out), the Slurm logs and the MLflow database stay there for a look afterwards.
+base="${SALL_SLURM_TEST_DIR:-/tmp/sall-slurm-test}"
+SALL_SLURM_SWEEP=1 exec "$py" -m pytest -q -s -p no:cacheprovider --basetemp "$base" tests/test_slurm.py "$@"

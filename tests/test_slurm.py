@@ -349,7 +349,10 @@ def test_time_limit_signal_requeues_the_job_and_the_rerun_resumes(tmp_path, swee
     exp, out_file = "sall-slurm-requeue", tmp_path / "job.out"
     with local_slurm(tmp_path / "slurm") as st:
         env = slurm_env(
-            st, **sweep_uris, **one_host_env(tmp_path), SALL_SWEEP_ARGS=f"--smoke --folds 0 --experiment {exp}"
+            st,
+            **sweep_uris,
+            **one_host_env(tmp_path),
+            SALL_SWEEP_ARGS=f"--smoke --folds 0 --student-epochs 20 --experiment {exp}",
         )
         cmd = ["sbatch", "--parsable", "--nodes=2", "--cpus-per-task=1", "--gpus-per-task=0"]
         job = subprocess.run(
@@ -363,8 +366,8 @@ def test_time_limit_signal_requeues_the_job_and_the_rerun_resumes(tmp_path, swee
         assert job.isdigit(), job
         text = lambda: out_file.read_text() if out_file.exists() else ""  # noqa: E731
         _wait_for(lambda: "[trial]" in text(), 400, "the first finished trial")
-        first = finished_students(sweep_uris["SALL_MLFLOW_URI"], exp)
         subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, check=True, timeout=10)
+        first = finished_students(sweep_uris["SALL_MLFLOW_URI"], exp)
         _wait_for(lambda: job_field(env, job, "Restarts") == "1", 300, "the job to requeue itself")
         assert len(finished_students(sweep_uris["SALL_MLFLOW_URI"], exp)) < 3  # something is left to resume
         # Slurm holds a requeued job back for about 2 minutes (BeginTime); a test need not wait.

@@ -101,7 +101,8 @@ def slurm_conf(state: dict) -> str:
         "SlurmdUser=root",
         "AuthType=auth/munge",
         "CredType=cred/munge",
-        f"AuthInfo=socket={state['munge_socket']}",
+        # cred_expire: also how long a requeued job waits before it starts again (default 120 s)
+        f"AuthInfo=socket={state['munge_socket']},cred_expire=30",
         "CommunicationParameters=NoCtldInAddrAny,NoInAddrAny",
         f"StateSaveLocation={d}/ctld",
         f"SlurmdSpoolDir={d}/spool/%n",

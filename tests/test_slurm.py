@@ -23,6 +23,7 @@ import ipaddress
 import os
 import re
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -241,19 +242,23 @@ def sweep_uris(tmp_path):
         }
 
 
-def one_host_env(tmp_path: Path) -> dict[str, str]:
+@pytest.fixture
+def one_host_env():
     """The template's knobs for two Ray nodes on one host, loopback only: every node on
-    127.0.0.1 with its own temp dir and free ports, token auth, the shim's loopback variable."""
-    return {
+    127.0.0.1 with its own temp dir and free ports, the shim's loopback variable. The nodes'
+    temp dirs (Ray's session logs) are removed afterwards."""
+    temp_root = f"/tmp/sall-sj-{secrets.token_hex(3)}"  # short: Ray's Unix socket paths live under it
+    yield {
         "SALL_PYTHON": sys.executable,
         "SALL_RAY_PORT": str(proc.free_port("127.0.0.1")),
         "SALL_RAY_NODE_IP": "127.0.0.1",
-        "SALL_RAY_TEMP_ROOT": f"/tmp/sall-sj-{secrets.token_hex(3)}",  # short: Unix socket paths
+        "SALL_RAY_TEMP_ROOT": temp_root,
         "SALL_RAY_SHARED_HOST": "1",
         "SALL_RAY_HEAD_ARGS": "--include-dashboard false --object-store-memory 268435456",
         "SALL_RAY_NODE_ARGS": "--object-store-memory 268435456",
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     }
+    shutil.rmtree(temp_root, ignore_errors=True)
 
 
 def sweep_runs(uri: str, experiment: str) -> list:
@@ -273,14 +278,14 @@ def job_ray_nodes(out: str) -> dict[str, str]:
 @pytest.mark.skipif(
     os.environ.get("SALL_SLURM_SWEEP") != "1", reason="on demand: cluster/slurm/test-local.sh (SALL_SLURM_SWEEP=1)"
 )
-def test_sweep_in_a_two_node_slurm_job(tmp_path, sweep_uris):
+def test_sweep_in_a_two_node_slurm_job(tmp_path, sweep_uris, one_host_env):
     t0 = time.monotonic()
     exp = "sall-slurm"
     with local_slurm(tmp_path / "slurm") as st:
         env = slurm_env(
             st,
             **sweep_uris,
-            **one_host_env(tmp_path),
+            **one_host_env,
             SALL_SWEEP_ARGS=f"--smoke --folds 0 --experiment {exp}",
         )
         cmd = ["sbatch", "--nodes=2", "--wait", "--cpus-per-task=1", "--gpus-per-task=0"]
@@ -340,7 +345,7 @@ def job_field(env: dict, job_id: str, field: str) -> str:
 @pytest.mark.skipif(
     os.environ.get("SALL_SLURM_SWEEP") != "1", reason="on demand: cluster/slurm/test-local.sh (SALL_SLURM_SWEEP=1)"
 )
-def test_time_limit_signal_requeues_the_job_and_the_rerun_resumes(tmp_path, sweep_uris):
+def test_time_limit_signal_requeues_the_job_and_the_rerun_resumes(tmp_path, sweep_uris, one_host_env):
     """The --signal=B:USR1 path, as Slurm takes it 5 minutes before the time limit: the job
     interrupts the sweep after its first trial (the others mid-training: 150 student epochs),
     stops Ray and requeues itself; the requeued run finishes the sweep without rerunning the
@@ -351,7 +356,7 @@ def test_time_limit_signal_requeues_the_job_and_the_rerun_resumes(tmp_path, swee
         env = slurm_env(
             st,
             **sweep_uris,
-            **one_host_env(tmp_path),
+            **one_host_env,
             SALL_SWEEP_ARGS=f"--smoke --folds 0 --student-epochs 150 --experiment {exp}",
         )
         cmd = ["sbatch", "--parsable", "--nodes=2", "--cpus-per-task=1", "--gpus-per-task=0"]

@@ -656,8 +656,14 @@ def fit_trials(run: SweepRun, args: argparse.Namespace, trials: list[Trial]) -> 
 def close_sweep(run: SweepRun, results: Any, t0: float) -> int:
     """End the parent run, print the outcome and which trials failed; the exit code."""
     errors = [r for r in results if r.error is not None]
-    ok = len(results) - len(errors)
+    unreported = [r for r in results if r.error is None and not r.metrics]  # Tune was interrupted
+    ok = len(results) - len(errors) - len(unreported)
     wall = time.time() - t0
+    if unreported:
+        with contextlib.suppress(Exception):  # the answer waits for the rerun that finishes the rest
+            tr.end_run(run.uri, run.parent, "KILLED")
+        say(f"[sweep] interrupted: {ok}/{len(results)} trials finished; rerun the same command to resume")
+        return 130
     try:
         tr.end_run(run.uri, run.parent, "FINISHED" if not errors else "FAILED")
         tr.log_metrics(run.uri, run.parent, {"trials_finished": ok, "trials_failed": len(errors), "wall_seconds": wall})

@@ -3,7 +3,7 @@
     python analysis/calibration.py [--sweeps 4000] [--effect-pp 3] [--seeds 1]
 
 Simulates whole sweeps: settings x tasks x folds x seeds of test accuracies with the noise the
-default run measured (README, "Where the noise comes from"), then runs them through
+default run measured (docs/results-synthetic.md), then runs them through
 `gain.family`, the code that gives every table row its verdict. Per task and fold, an effect that
 all settings share (the data split); per setting and fold, one they do not (which test images and
 training images suit it); per run, the training noise of its seed. Folds are independent here, so
@@ -35,7 +35,7 @@ from analysis import gain as gn  # noqa: E402
 class Noise:
     """Sds in accuracy units, per task (DR, AMD), set to the default run's measurements: the
     baseline's sd over folds (1.1 / 1.0 pp), and the paired difference's sd over folds with one
-    seed (1.1 / 1.8 pp: the README's pooled floors of 1.3 / 2.1 pp at 24 df and 3 folds), split
+    seed (1.1 / 1.8 pp: the pooled floors in docs/results-synthetic.md of 1.3 / 2.1 pp at 24 df and 3 folds), split
     between a setting's own luck with a fold's images and its seed's training noise. Under the null
     the verdicts' error rate does not depend on these sds (the t is scale-free); the power does."""
 

@@ -1,7 +1,7 @@
 """How much a setting's accuracy moves with the seed alone: the single-task baseline of one task on
 one fold, trained once per seed (its model is the task's teacher), with preset overrides.
 
-This is the measurement behind the cpu preset's choices (README "The default run as evidence"):
+This is the measurement behind the cpu preset's choices (docs/results-synthetic.md, "The default run as evidence"):
 the seed changes the initialisation and the batch order, nothing else, so the spread over seeds
 is the training noise that no test-set size removes. Each seed trains one model (about 15 s at
 8 epochs on one core); an image cache in --cache-dir is reused across calls.

@@ -22,7 +22,7 @@ N_FOLDS = 3
 # one preset's settings in a few lines, as a table (the formatter would put one per line)
 # fmt: off
 PRESETS: dict[str, dict[str, Any]] = {
-    # cpu: chosen by measurement on 2 cores (README "The default run as evidence"): no augmentation
+    # cpu: chosen by measurement on 2 cores (docs/results-synthetic.md, "The default run as evidence"): no augmentation
     # and a cosine decay to the last epoch learn far more steadily in a few epochs than the paper's
     # augmentation with the best of a noisy validation curve; 8 epochs, because at 6 the AMD model
     # is still mid-way through learning and its accuracy depends on the initialisation (seeds 0-4,
@@ -39,7 +39,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # real photographs on a CPU: ImageNet-initialised EfficientNet-Lite0 from an installed package
     # (sall/pretrained.py, no network); values chosen on ODIR's validation split over 3 folds
-    # (README): 160 px over 128 (AMD validation kappa 0.53 vs 0.47; DR equal) at 1.5x the time
+    # (docs/results-odir.md, "How `cpu-real` was chosen"): 160 px over 128 (AMD validation kappa 0.53 vs 0.47; DR equal) at 1.5x the time
     "cpu-real": dict(
         backbone="tf_efficientnet_lite0", image_size=160, pretrained=True, lr=1e-3, batch_size=32,
         teacher_epochs=5, student_epochs=5, synthetic_n=800, schedule="cosine",

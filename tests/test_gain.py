@@ -55,7 +55,7 @@ def test_corrected_t_matches_the_formula_and_reduces_to_the_plain_t():
 
 
 def test_the_fold_is_the_unit_odir_amd_at_t8():
-    """The README's three-seed ODIR AMD result at T = 8: 9 (fold, seed) pairs gave p = 0.003; the
+    """The three-seed ODIR AMD result (docs/results-odir.md) at T = 8: 9 (fold, seed) pairs gave p = 0.003; the
     per-fold means over seeds are +2.5, +5.9, +5.5, and over them the plain t gives p = 0.05 and a
     CI of +0.0 to +9.3 pp. With the split's overlap corrected it is not even suggestive."""
     ours = {(f, s): 0.0 for f in range(3) for s in range(3)}

@@ -10,7 +10,7 @@ accuracies were:
     DR  (majority 0.343): 0.644, 0.654, 0.610, 0.630, 0.649   mean 0.637, sd 0.017
     AMD (majority 0.342): 0.833, 0.850, 0.842, 0.728, 0.850   mean 0.821, sd 0.052
 
-(AMD's sd comes from one slow initialisation, seed 3's; README "The default run as evidence".)
+(AMD's sd comes from one slow initialisation, seed 3's; docs/results-synthetic.md, "The default run as evidence".)
 The floor, majority + 0.12, sits 10 seed sds below the DR mean (0.463 vs 0.637) and 7 below the
 AMD mean, and 0.147 below the worst seed seen (DR 0.610); the ceiling 0.97 is 0.12 above the best
 (0.850). A rounding difference moves a result by about one seed sd, so it cannot flip either

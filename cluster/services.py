@@ -434,7 +434,7 @@ mon warn on pool no redundancy = false
 mon data avail warn = 1
 osd crush chooseleaf type = 0
 osd objectstore = memstore
-memstore device bytes = 2147483648
+memstore device bytes = 4294967296
 osd op num shards = 1
 osd op num threads per shard = 1
 run dir = {r}/run
@@ -446,6 +446,12 @@ mon data = {r}/mon/$name
 osd data = {r}/osd/$name
 [{RGW_NAME}]
 rgw frontends = beast endpoint={HOST}:{c["rgw_port"]}
+# Replaced and deleted objects' data is freed by radosgw's garbage collector, by default two hours
+# later: a sweep that rewrites its checkpoints every epoch then fills the memory-backed OSD, which
+# blocks every write (seen: MLflow's artifact uploads timed out). Collect within seconds instead.
+rgw gc obj min wait = 2
+rgw gc processor period = 5
+rgw gc processor max time = 5
 """
 
 

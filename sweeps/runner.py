@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 import shutil
@@ -582,6 +583,8 @@ def fit_tuner(
     are kept, failed ones retried; a search algorithm and scheduler resume with it)."""
     from ray import tune
 
+    if not args.verbose:  # a failed trial is our one line (and its error.txt), not Tune's traceback dump
+        logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     trainable = tune.with_resources(trainable_fn, {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
     if not args.fresh and tune.Tuner.can_restore(run.exp_dir):
         print(

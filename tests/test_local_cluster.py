@@ -390,6 +390,7 @@ def test_deployment_on_nodes_that_share_only_the_network(tmp_path):
             killed, runs = _sweep_with_a_worker_killed_then_rerun(c)
             _check_exactly_once(c, runs, killed)
             assert not list(tmp_path.rglob("*.pt")) and not list(ROOT.rglob("sall-cache"))  # no local cache
+            _postgres_down_is_one_line(c)
             sessions = c.sessions
             c.down()
 
@@ -400,6 +401,20 @@ def test_deployment_on_nodes_that_share_only_the_network(tmp_path):
         assert bystander.poll() is None, "down killed a Ray it did not start"
         assert all(local.pid_alive(p) for p in bystander_pids), "down killed a Ray it did not start"
     print(f"\ndeployment: up {t_up:.1f}s, whole test {time.monotonic() - t0:.1f}s")
+
+
+def _postgres_down_is_one_line(c: LocalCluster) -> None:
+    """The tracking server's PostgreSQL stops (MLflow's /health still answers): the next sweep says
+    so in one line at preflight, before anything runs."""
+    from service_fixtures import services
+
+    pg = c.state["services"]["postgres"]
+    assert services.stop_sessions([pg["pid"]], None, signal.SIGINT, grace=20) == []
+    out = subprocess.run(sweep_on(c, "--folds", "0"), env=c.env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 2 and "Traceback" not in out.stderr and len(errors) == 1, out.stderr[-3000:]
+    assert f"MLflow tracking server {c.mlflow_uri}" in errors[0]
+    assert "expected its backend database (e.g. PostgreSQL) to be up" in errors[0]
 
 
 def _node_tmps() -> int:

@@ -87,24 +87,3 @@ def test_the_tracking_server_dying_mid_sweep_fails_clearly_and_a_rerun_finishes(
     keys = Counter(r.data.tags["sall.config_key"] for r in students)
     assert len(keys) == 3 and set(keys.values()) == {1}  # every setting once: no run logged twice
     assert all(r.info.status == "FINISHED" for r in students)
-
-
-def test_postgresql_down_when_the_sweep_starts_is_one_line(s3_bucket, tmp_path):
-    """The tracking server is up (its /health answers) but its PostgreSQL is not: the sweep says so
-    in one line before it writes anything."""
-    from service_fixtures import mlflow_server, services, with_postgres
-
-    pg = services.up(tmp_path / "pg", ceph=False)  # its own PostgreSQL, to stop
-    try:
-        with mlflow_server(with_postgres(s3_bucket, pg), tmp_path / "mlflow.log") as uri:
-            services.down(tmp_path / "pg")
-            cmd = [sys.executable, str(ROOT / "sweeps" / "temperature.py"), "--smoke", "--mlflow-uri", uri,
-                   "--storage-path", str(tmp_path / "ray"), "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
-            out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    finally:
-        services.down(tmp_path / "pg")
-    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
-    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and f"MLflow tracking server {uri}" in errors[0], errors
-    assert "expected its backend database (e.g. PostgreSQL) to be up" in errors[0], errors
-    assert not (tmp_path / "ray").exists() and not (tmp_path / "cache").exists()

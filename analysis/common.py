@@ -27,8 +27,8 @@ from sall.cli import guarded  # noqa: E402
 from sall.config import N_FOLDS, TrialConfig  # noqa: E402
 from sall.errors import SallError  # noqa: E402
 from sall.tasks import TASKS  # noqa: E402
-from sweeps import schema as sc  # noqa: E402
-from sweeps import tracking as tr  # noqa: E402
+from tracking import client as tr  # noqa: E402
+from tracking import schema as sc  # noqa: E402
 
 PAPER_TABLES = Path(__file__).with_name("paper_tables.json")
 DEFAULT_URI = "sqlite:///mlflow.db"

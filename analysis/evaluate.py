@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 
 from analysis import common as cm  # noqa: E402
 from sall.errors import DataError, SallError  # noqa: E402
-from sweeps import schema as sc  # noqa: E402
+from tracking import schema as sc  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -40,7 +40,7 @@ from analysis import common as cm  # noqa: E402
 from sall.config import TrialConfig  # noqa: E402
 from sall.errors import SallError  # noqa: E402
 from sall.tasks import TASKS  # noqa: E402
-from sweeps import schema as sc  # noqa: E402
+from tracking import schema as sc  # noqa: E402
 
 COLORS = {"dr": "#1f77b4", "amd": "#d62728", "arter": "#2ca02c"}
 METRICS = (("acc", "accuracy"), ("conf", "confidence (correct)"), ("err", "error (confidence, wrong)"))

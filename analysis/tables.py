@@ -38,7 +38,7 @@ from analysis import common as cm  # noqa: E402
 from analysis import gain as gn  # noqa: E402
 from analysis import stats  # noqa: E402
 from sall.errors import SallError  # noqa: E402
-from sweeps import schema as sc  # noqa: E402
+from tracking import schema as sc  # noqa: E402
 
 SWEEP_TABLES = {
     "ablation": ["III"],

@@ -32,9 +32,9 @@ sys.path.insert(0, str(ROOT))
 
 from analysis import common as cm  # noqa: E402
 from analysis import tables as tb  # noqa: E402
-from sweeps import schema as sc  # noqa: E402
 from sweeps import search as se  # noqa: E402
-from sweeps import tracking as tr  # noqa: E402
+from tracking import client as tr  # noqa: E402
+from tracking import schema as sc  # noqa: E402
 
 GRID, SEARCH = "bench-grid", "bench-search"
 

@@ -227,8 +227,8 @@ def start_server(db: Path, port: int, log: Path) -> subprocess.Popen:
 
 def sweep_runs(uri: str) -> tuple[str, Any, list]:
     """(experiment id, the sweep run, its trial runs) of the smoke temperature sweep."""
-    from sweeps import schema as sc
-    from sweeps import tracking as tr
+    from tracking import client as tr
+    from tracking import schema as sc
 
     exp = tr.client(uri).get_experiment_by_name(EXPERIMENT)
     if exp is None:

@@ -23,7 +23,7 @@ from analysis import common as cm  # noqa: E402
 from analysis import evaluate as ev  # noqa: E402
 from analysis import stats  # noqa: E402
 from analysis import tables as tb  # noqa: E402
-from sweeps import schema as sc  # noqa: E402
+from tracking import schema as sc  # noqa: E402
 
 EXP = "sall-temperature"
 

@@ -22,9 +22,9 @@ sys.path.insert(0, str(ROOT))
 
 from analysis import figures as fg  # noqa: E402
 from sall.config import from_preset  # noqa: E402
-from sweeps import schema as sc  # noqa: E402
 from sweeps import search as se  # noqa: E402
-from sweeps import tracking as tr  # noqa: E402
+from tracking import client as tr  # noqa: E402
+from tracking import schema as sc  # noqa: E402
 
 EXP = "sall-search"
 

@@ -21,14 +21,10 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from analysis import gain as gn  # noqa: E402
+from analysis import gain as gn
 
 
 @dataclass(frozen=True)

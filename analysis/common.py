@@ -19,16 +19,13 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep stderr readable
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `python analysis/tables.py` from anywhere
-    sys.path.insert(0, str(ROOT))
 
-from sall.cli import guarded  # noqa: E402
-from sall.config import N_FOLDS, TrialConfig  # noqa: E402
-from sall.errors import SallError  # noqa: E402
-from sall.tasks import TASKS  # noqa: E402
-from sweeps import schema as sc  # noqa: E402
-from sweeps import tracking as tr  # noqa: E402
+from sall.cli import guarded
+from sall.config import N_FOLDS, TrialConfig
+from sall.errors import SallError
+from sall.tasks import TASKS
+from tracking import client as tr
+from tracking import schema as sc
 
 PAPER_TABLES = Path(__file__).with_name("paper_tables.json")
 DEFAULT_URI = "sqlite:///mlflow.db"

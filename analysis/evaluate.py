@@ -25,14 +25,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from analysis import common as cm  # noqa: E402
-from sall.errors import DataError, SallError  # noqa: E402
-from sweeps import schema as sc  # noqa: E402
+from analysis import common as cm
+from sall.errors import DataError, SallError
+from tracking import schema as sc
 
 
 def build_parser() -> argparse.ArgumentParser:

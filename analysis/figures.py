@@ -31,16 +31,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from analysis import common as cm  # noqa: E402
-from sall.config import TrialConfig  # noqa: E402
-from sall.errors import SallError  # noqa: E402
-from sall.tasks import TASKS  # noqa: E402
-from sweeps import schema as sc  # noqa: E402
+from analysis import common as cm
+from sall.config import TrialConfig
+from sall.errors import SallError
+from sall.tasks import TASKS
+from tracking import schema as sc
 
 COLORS = {"dr": "#1f77b4", "amd": "#d62728", "arter": "#2ca02c"}
 METRICS = (("acc", "accuracy"), ("conf", "confidence (correct)"), ("err", "error (confidence, wrong)"))

@@ -31,14 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from analysis import common as cm  # noqa: E402
-from analysis import gain as gn  # noqa: E402
-from analysis import stats  # noqa: E402
-from sall.errors import SallError  # noqa: E402
-from sweeps import schema as sc  # noqa: E402
+from analysis import common as cm
+from analysis import gain as gn
+from analysis import stats
+from sall.errors import SallError
+from tracking import schema as sc
 
 SWEEP_TABLES = {
     "ablation": ["III"],

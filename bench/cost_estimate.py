@@ -15,9 +15,6 @@ import importlib
 import json
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # the paper's training / validation+test images per task (Tables I and VII; test = val)
 PAPER_TRAIN = {"dr": 28154, "amd": 28228, "arter": 10121}

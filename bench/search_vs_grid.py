@@ -27,15 +27,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from analysis import common as cm
+from analysis import tables as tb
+from sweeps import search as se
+from tracking import client as tr
+from tracking import schema as sc
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from analysis import common as cm  # noqa: E402
-from analysis import tables as tb  # noqa: E402
-from sweeps import schema as sc  # noqa: E402
-from sweeps import search as se  # noqa: E402
-from sweeps import tracking as tr  # noqa: E402
-
 GRID, SEARCH = "bench-grid", "bench-search"
 
 

@@ -20,15 +20,11 @@ import io
 import json
 import sys
 import tempfile
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from sall.chain import run_chain  # noqa: E402
-from sall.config import from_preset  # noqa: E402
+from sall.chain import run_chain
+from sall.config import from_preset
 
 
 def parse_seeds(text: str) -> list[int]:

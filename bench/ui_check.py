@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 EXPERIMENT = "sall-temperature"
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 WIDTH, HEIGHT = 1400, 860
@@ -227,8 +226,8 @@ def start_server(db: Path, port: int, log: Path) -> subprocess.Popen:
 
 def sweep_runs(uri: str) -> tuple[str, Any, list]:
     """(experiment id, the sweep run, its trial runs) of the smoke temperature sweep."""
-    from sweeps import schema as sc
-    from sweeps import tracking as tr
+    from tracking import client as tr
+    from tracking import schema as sc
 
     exp = tr.client(uri).get_experiment_by_name(EXPERIMENT)
     if exp is None:

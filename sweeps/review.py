@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sweeps import schema as sc
+from tracking import schema as sc
 
 NOTE_LIMIT = 8000  # MLflow's longest tag value (mlflow.utils.validation.MAX_TAG_VAL_LENGTH)
 METRICS = ["acc", "conf", "err"]  # the paper's columns, as tables.py prints by default
@@ -63,7 +63,7 @@ def review_sweep(uri: str, experiment_id: str, parent_id: str, n_boot: int = BOO
     chatter = io.StringIO()  # the analysis' own progress lines: the sweep prints one line instead
     try:
         from analysis.tables import SWEEP_TABLES
-        from sweeps import tracking as tr
+        from tracking import client as tr
 
         experiment, sweep, folds = _sweep_of(uri, experiment_id, parent_id)
         if sweep not in SWEEP_TABLES or not _has_trials(uri, experiment_id, parent_id):
@@ -88,7 +88,7 @@ def review_sweep(uri: str, experiment_id: str, parent_id: str, n_boot: int = BOO
 
 def _sweep_of(uri: str, experiment_id: str, parent_id: str) -> tuple[str, str | None, str | None]:
     """(experiment name, sweep name, its folds as the sweep run's `folds` param, e.g. '0,1,2')."""
-    from sweeps import tracking as tr
+    from tracking import client as tr
 
     c = tr.client(uri)
     run = tr.retry(c.get_run, parent_id)
@@ -97,7 +97,7 @@ def _sweep_of(uri: str, experiment_id: str, parent_id: str) -> tuple[str, str | 
 
 
 def _has_trials(uri: str, experiment_id: str, parent_id: str) -> bool:
-    from sweeps import tracking as tr
+    from tracking import client as tr
 
     return bool(
         tr.find_runs(
@@ -114,7 +114,7 @@ def _review(uri: str, experiment: str, parent_id: str, folds: str | None, n_boot
     from analysis import common as cm
     from analysis import figures as fg
     from analysis import tables as tb
-    from sweeps import tracking as tr
+    from tracking import client as tr
 
     _, sets, confirming, sweep = tb.load(uri, experiment, parent_id, cm.parse_folds(folds))
     tables = tb.analyse(uri, sets, tb.SWEEP_TABLES[sweep], METRICS, n_boot, confirming=confirming)

@@ -23,8 +23,8 @@ from typing import Any
 from sall.cli import add_data_model_args, config_overrides, guarded
 from sall.config import N_FOLDS, SWEEP_SEEDS, TrialConfig, from_preset, stable_hash
 from sall.errors import ConfigError, SallError
-from sweeps import schema as sc
-from sweeps import tracking as tr
+from tracking import client as tr
+from tracking import schema as sc
 
 Grid = list[tuple[str, TrialConfig]]  # (label, config at fold 0)
 GridFn = Callable[[argparse.Namespace, TrialConfig], Grid]

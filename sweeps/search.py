@@ -28,9 +28,9 @@ from sall.cli import guarded
 from sall.config import N_FOLDS, TrialConfig, config_from_dict, stable_hash
 from sall.errors import ConfigError
 from sweeps import runner as rn
-from sweeps import schema as sc
 from sweeps import temperature
-from sweeps import tracking as tr
+from tracking import client as tr
+from tracking import schema as sc
 
 SWEEP = "search"
 METRIC = "val_metric"  # what candidates report to Tune: the searcher's and ASHA's objective

@@ -22,8 +22,8 @@ from typing import Any
 from sall.chain import Teacher, build_teacher, logits_key, needs_teachers, preflight, teacher_key
 from sall.config import TrialConfig, config_from_dict
 from sall.store import Fetched, open_store
-from sweeps import schema as sc
-from sweeps import tracking as tr
+from tracking import client as tr
+from tracking import schema as sc
 
 
 @dataclass

@@ -14,8 +14,8 @@ from pathlib import Path
 from sall.config import TrialConfig
 from sall.errors import ConfigError
 from sweeps import runner as rn
-from sweeps import schema as sc
 from sweeps.runner import Grid, parse_floats, run_sweep
+from tracking import schema as sc
 
 PAPER_TEMPERATURES = "1,2,3,4,5,6,7,8,9,10,20,50"
 CONFIRM = "confirm"  # the stage's name: Tune experiment suffix and metric prefix

@@ -16,9 +16,9 @@ from typing import Any
 from sall.checkpoint import Preempted
 from sall.config import TrialConfig, config_from_dict, param_strings
 from sall.store import Store, open_store
-from sweeps import schema as sc
-from sweeps import tracking as tr
-from sweeps.tracking import retry
+from tracking import client as tr
+from tracking import schema as sc
+from tracking.client import retry
 
 
 def teacher_run(

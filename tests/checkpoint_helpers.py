@@ -12,13 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from sall.chain import new_model, one_hot  # noqa: E402
-from sall.checkpoint import Preempted, StoreCheckpoints  # noqa: E402
-from sall.config import from_preset  # noqa: E402
-from sall.store import open_store  # noqa: E402
-from sall.train import FitResult, Runtime, TrainSet, fit  # noqa: E402
+from sall.chain import new_model, one_hot
+from sall.checkpoint import Preempted, StoreCheckpoints
+from sall.config import from_preset
+from sall.store import open_store
+from sall.train import FitResult, Runtime, TrainSet, fit
 
 N_TRAIN, N_VAL, EPOCHS = 96, 16, 4
 

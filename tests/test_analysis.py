@@ -17,13 +17,11 @@ import pytest
 from conftest import write_image
 from sweep_helpers import ROOT, run, sweep_cmd
 
-sys.path.insert(0, str(ROOT))
-
-from analysis import common as cm  # noqa: E402
-from analysis import evaluate as ev  # noqa: E402
-from analysis import stats  # noqa: E402
-from analysis import tables as tb  # noqa: E402
-from sweeps import schema as sc  # noqa: E402
+from analysis import common as cm
+from analysis import evaluate as ev
+from analysis import stats
+from analysis import tables as tb
+from tracking import schema as sc
 
 EXP = "sall-temperature"
 

@@ -220,7 +220,7 @@ def _hold_lock(db: str, seconds: float, held: threading.Event) -> None:
 def test_retry_waits_out_database_is_locked(tmp_path):
     """A real SQLite lock held by another connection: the write fails with "database is locked"
     until it is released, and retry returns the write's result instead of raising."""
-    from sweeps.tracking import retry
+    from tracking.client import retry
 
     db = str(tmp_path / "m.db")
     sqlite3.connect(db).execute("CREATE TABLE t (x)").connection.commit()
@@ -249,7 +249,7 @@ def test_retry_waits_out_database_is_locked(tmp_path):
 
 
 def test_retry_raises_other_errors_at_once(tmp_path):
-    from sweeps.tracking import retry
+    from tracking.client import retry
 
     calls = []
 

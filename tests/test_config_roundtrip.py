@@ -99,7 +99,7 @@ def test_bad_param_names_the_field():
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """A real MLflow SQLite store and one experiment in it."""
-    from sweeps import tracking as tr
+    from tracking import client as tr
 
     uri = tr.resolve_uri(f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db")
     return uri, tr.ensure_experiment(uri, "roundtrip")
@@ -111,7 +111,7 @@ def test_round_trip_through_mlflow(store, cfg: TrialConfig):
     """Logged with the sweeps' own writer, read back with MLflow's client, as analysis/ does."""
     from mlflow.tracking import MlflowClient
 
-    from sweeps import tracking as tr
+    from tracking import client as tr
 
     uri, exp = store
     rid = tr.client(uri).create_run(exp).info.run_id

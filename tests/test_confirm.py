@@ -8,8 +8,8 @@ from sweep_helpers import run, runs, sweep_cmd
 
 from sall.errors import ConfigError
 from sweeps import runner as rn
-from sweeps import schema as sc
 from sweeps import temperature as tp
+from tracking import schema as sc
 
 
 def _args(*argv: str):

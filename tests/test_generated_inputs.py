@@ -650,7 +650,7 @@ URIS = st.one_of(
 @settings(max_examples=600, **SETTINGS)
 @given(uri=URIS)
 def test_generated_mlflow_uris(uri):
-    from sweeps import tracking as tr
+    from tracking import client as tr
 
     with workdir() as work:
         (work / "file").write_text("x")
@@ -736,7 +736,7 @@ def test_regression_flag_left_without_value_sweep(tmp_path):
 def test_regression_malformed_mlflow_uri(uri, needle):
     """A port that is not a number, an open IPv6 bracket, a port out of range: ValueError from urllib;
     ~nosuchuser: RuntimeError from pathlib."""
-    from sweeps import tracking as tr
+    from tracking import client as tr
 
     code, _, err = call(
         lambda: guarded(lambda: tr.check_tracking_uri(tr.resolve_uri(uri), timeout=0.5) or 0, debug=False)

@@ -14,8 +14,8 @@ from test_analysis import EXP, _hand_store
 from analysis import common as cm
 from analysis import tables as tb
 from sall.config import from_preset, param_strings
-from sweeps import schema as sc
 from sweeps.review import note, review_sweep
+from tracking import schema as sc
 
 
 # ---------------------------------------------------------------------------------------------

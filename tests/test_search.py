@@ -9,22 +9,19 @@ command; every slow test reads that one store (2 sweep runs in all).
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from sweep_helpers import ROOT, run, runs, sweep_cmd
+from sweep_helpers import run, runs, sweep_cmd
 from test_train import _fit
 
-sys.path.insert(0, str(ROOT))
-
-from analysis import figures as fg  # noqa: E402
-from sall.config import from_preset  # noqa: E402
-from sweeps import schema as sc  # noqa: E402
-from sweeps import search as se  # noqa: E402
-from sweeps import tracking as tr  # noqa: E402
+from analysis import figures as fg
+from sall.config import from_preset
+from sweeps import search as se
+from tracking import client as tr
+from tracking import schema as sc
 
 EXP = "sall-search"
 

@@ -29,7 +29,7 @@ import yaml
 from service_fixtures import SERVICES_PY, mlflow_server, services, with_postgres
 
 from sall.errors import SallError
-from sweeps import tracking as tr
+from tracking import client as tr
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"

@@ -9,9 +9,9 @@ import pytest
 from sweep_helpers import _template_store
 
 from sall.checkpoint import Preempted
-from sweeps import schema as sc
-from sweeps import tracking as tr
 from sweeps.trial import epoch_logger, log_costs, logged_steps, preempt_run
+from tracking import client as tr
+from tracking import schema as sc
 
 
 @pytest.fixture

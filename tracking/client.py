@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sall.errors import SallError
-from sweeps import schema as sc
+from tracking import schema as sc
 
 T = TypeVar("T")
 

@@ -33,8 +33,9 @@ def mlflow_server(store: Path, port: int, log: Path):
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
            "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--serve-artifacts",
            "--artifacts-destination", str(store / "artifacts")]  # fmt: skip
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # its GenAI job runner triples start-up
     with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=store)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=store, env=env)
     try:
         deadline = time.time() + 120
         while True:

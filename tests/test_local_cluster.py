@@ -236,23 +236,14 @@ def _wait_bystander(proc, log: Path, timeout: float = 60) -> list[int]:
     raise AssertionError(f"bystander Ray did not come up:\n{log.read_text()[-3000:]}")
 
 
-def s3_client(state: dict):
-    """boto3 on the cluster's S3 (Ceph radosgw), from the environment its nodes got."""
-    import boto3
-
-    env = state["env"]
-    return boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name=env["AWS_DEFAULT_REGION"],
-    )
-
-
 def s3_keys(state: dict, prefix: str) -> list[str]:
+    """The keys under `prefix` in the cluster's bucket (Ceph radosgw)."""
+    from service_fixtures import services
+
     bucket = state["services"]["s3"]["bucket"]
-    pages = s3_client(state).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    pages = (
+        services.s3_client(state["services"]).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    )
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 

@@ -54,6 +54,7 @@ def test_a_preemption_signal_mid_epoch_ends_the_training_as_preempted_with_a_che
     assert resumed.resumes == 1 and resumed.epochs_lost == 0  # a graceful stop loses nothing
 
 
+@pytest.mark.slow  # a child process trained, killed and resumed twice: about 10 s each
 @pytest.mark.parametrize("every_s", ["600", "0.3"])
 def test_sigkill_at_a_random_point_resumes_bit_identically(tmp_path, every_s, unbroken):
     """A child trains and is killed with SIGKILL at a random moment after its first checkpoint. With
@@ -125,6 +126,7 @@ def test_signal_names_are_read_with_or_without_sig(monkeypatch):
     assert preempt_signals() == [signal.SIGTERM, signal.SIGUSR2]
 
 
+@pytest.mark.slow  # two whole chains
 def test_a_chain_preempted_in_its_student_continues_to_the_unbroken_student(tmp_path):
     """The student is preempted after its first epoch; the rerun reuses the teachers, resumes the
     student, stores the same weights as a chain without a break, and leaves no checkpoint behind."""

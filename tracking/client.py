@@ -116,19 +116,23 @@ def _redact(uri: str) -> str:
     return uri
 
 
+def _reachable(host: str, port: int, timeout: float, what: str, expected: str) -> None:
+    """`what` accepts TCP connections at host:port within `timeout`, else one line saying what was expected."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as e:
+        raise SallError(f"{what} cannot be reached ({e.strerror or e}); expected {expected}") from None
+
+
 def _check_http(uri: str, parsed: urllib.parse.ParseResult, port: int | None, timeout: float) -> None:
     """A tracking server: its port accepts connections and /health answers 200."""
     host, port = parsed.hostname, port or (443 if parsed.scheme == "https" else 80)
     if not host:
         raise SallError(f"MLflow tracking URI '{uri}' names no host; expected e.g. http://HOST:5000 (--mlflow-uri)")
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
-    except OSError as e:
-        raise SallError(
-            f"MLflow tracking server {uri} cannot be reached ({e.strerror or e}); "
-            "expected a running `mlflow server` at that address (--mlflow-uri)"
-        ) from None
+    _reachable(
+        host, port, timeout, f"MLflow tracking server {uri}", "a running `mlflow server` at that address (--mlflow-uri)"
+    )
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
             if r.status != 200:
@@ -174,14 +178,13 @@ def _check_database(uri: str, host: str, port: int, timeout: float) -> None:
     """A database backend (MLflow without a server): the port accepts connections, the driver the URI
     names is installed, and the user, password and database of the URI let us in."""
     shown = _redact(uri)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
-    except OSError as e:
-        raise SallError(
-            f"MLflow backend database {host}:{port} ({shown}) cannot be reached ({e.strerror or e}); expected "
-            "a running PostgreSQL server accepting connections there (--mlflow-uri)"
-        ) from None
+    _reachable(
+        host,
+        port,
+        timeout,
+        f"MLflow backend database {host}:{port} ({shown})",
+        "a running PostgreSQL server accepting connections there (--mlflow-uri)",
+    )
     from sqlalchemy import create_engine, exc, pool, text
 
     try:

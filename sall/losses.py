@@ -7,6 +7,8 @@ The total is the sum over heads (paper eq. 6).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 
@@ -28,9 +30,12 @@ def sall_loss(
     logits: dict[str, torch.Tensor],
     targets: dict[str, torch.Tensor],
     masks: dict[str, torch.Tensor],
-    temperature: float,
+    temperature: float | Mapping[str, float],
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Sum of the heads' losses, and each head's value for logging."""
-    parts = {t: head_loss(logits[t], targets[t], masks[t], temperature) for t in logits}
+    """Sum of the heads' losses, and each head's value for logging. `temperature` is one T for
+    every head, or a T per head: students of several temperatures trained as one model
+    (sall/fused.py) sum their heads' losses, each at its own T."""
+    temps = temperature if isinstance(temperature, Mapping) else dict.fromkeys(logits, temperature)
+    parts = {t: head_loss(logits[t], targets[t], masks[t], temps[t]) for t in logits}
     total = sum(parts.values())
     return total, {t: float(v.detach()) for t, v in parts.items()}

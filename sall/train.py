@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +33,8 @@ from sall.losses import sall_loss
 from sall.model import state_dict_cpu
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+# what an epoch keeps (below: `keep_model`); called with the loop, the progress and the epoch's metrics
+KeepRule = Callable[["_Loop", Progress, dict[str, float]], None]
 
 
 @dataclass
@@ -102,11 +104,12 @@ class _Loop:
     targets: dict[str, torch.Tensor]
     masks: dict[str, torch.Tensor]
     val: dict[str, tuple[np.ndarray, np.ndarray]]
-    temperature: float
+    temperature: float | Mapping[str, float]  # one T, or a T per head (sall/fused.py)
     epochs: int
     cfg: TrialConfig
     rt: Runtime
     ck: Checkpointer
+    keep: KeepRule
 
 
 def _train_epoch(loop: _Loop, p: Progress) -> None:
@@ -210,13 +213,14 @@ def fit(
     val: dict[str, tuple[np.ndarray, np.ndarray]],
     *,
     epochs: int,
-    temperature: float,
+    temperature: float | Mapping[str, float],
     cfg: TrialConfig,
     rt: Runtime,
     name: str,
     seed: int,
     on_epoch: EpochCallback | None = None,
     checkpoints: CheckpointSink | None = None,
+    keep: KeepRule | None = None,
 ) -> FitResult:
     """Train for `epochs`; keep the best epoch by mean validation accuracy over the heads, or
     the last one (`cfg.checkpoint`).
@@ -229,6 +233,9 @@ def fit(
     the one it finds: the epochs it restores are passed to `on_epoch` again, so a caller that logs
     them keeps no hole (and, logging each step once, no duplicate). The caller clears the sink once
     the model is kept. A preemption signal stops it with `Preempted` after a checkpoint.
+
+    `temperature` may be a T per head, and `keep` another rule than `keep_model` for what an epoch
+    keeps: both for several students trained as one model (sall/fused.py).
     """
     model.to(rt.device)
     if rt.channels_last:
@@ -251,7 +258,23 @@ def fit(
     )
     sched = make_scheduler(opt, cfg, epochs * len(batches))
     ck = Checkpointer(checkpoints, name, model, opt, sched, batches)
-    loop = _Loop(model, step_model, images, batches, opt, sched, targets, masks, val, temperature, epochs, cfg, rt, ck)
+    loop = _Loop(
+        model,
+        step_model,
+        images,
+        batches,
+        opt,
+        sched,
+        targets,
+        masks,
+        val,
+        temperature,
+        epochs,
+        cfg,
+        rt,
+        ck,
+        keep or keep_model,
+    )
     fresh = Progress(best_state=state_dict_cpu(model), prof={"data_s": 0.0, "step_s": 0.0, "eval_s": 0.0})
     fresh.data_rng = data_rng_state(batches)
     p = ck.resume(fresh)
@@ -282,14 +305,22 @@ def _epoch(loop: _Loop, p: Progress) -> None:
     accs = _val_accuracy(loop.model, loop.images, loop.val, loop.rt) if validate else {}
     metrics.update({f"val/{t}/acc": acc for t, acc in accs.items()})
     p.prof["eval_s"] += time.perf_counter() - t3
-    score = float(np.mean(list(accs.values()))) if accs else -float(sum(p.sums.values()))
-    keep = epoch == loop.epochs if cfg.checkpoint == "last" else score > p.best_score
-    if keep:
-        p.best_score, p.best_epoch, p.best_state = score, epoch, state_dict_cpu(loop.model)
+    loop.keep(loop, p, metrics)
     metrics["epoch_s"] = time.time() - t_epoch
     p.history.append({"epoch": epoch, **metrics})
     p.epoch, p.batch, p.sums = epoch + 1, 0, {}
     p.data_rng = data_rng_state(loop.batches)  # where the next epoch's data order starts
+
+
+def keep_model(loop: _Loop, p: Progress, metrics: dict[str, float]) -> None:
+    """The whole model's weights of epoch `p.epoch` into `p.best_state` if it is the one to keep:
+    the last epoch (checkpoint=last), or one whose mean validation accuracy over the heads beats
+    the best so far (best; the negated summed training loss where nothing was validated)."""
+    accs = [v for k, v in metrics.items() if k.startswith("val/")]
+    score = float(np.mean(accs)) if accs else -float(sum(p.sums.values()))
+    keep = p.epoch == loop.epochs if loop.cfg.checkpoint == "last" else score > p.best_score
+    if keep:
+        p.best_score, p.best_epoch, p.best_state = score, p.epoch, state_dict_cpu(loop.model)
 
 
 def _report(name: str, epochs: int, h: dict[str, float], on_epoch: EpochCallback | None) -> None:

@@ -202,13 +202,26 @@ def check_ray_address(address: str, timeout: float = 5.0) -> str:
     return address if address.startswith("ray://") else addr
 
 
+# The driver's environment that its trials need on whichever node runs them: the MLflow client's
+# own settings (credentials such as MLFLOW_TRACKING_TOKEN, request retries and timeouts), and the
+# tests' fault injection. A cluster's worker processes inherit their node's environment, not the
+# driver's, so these travel in the job's runtime_env.
+FORWARDED_ENV_PREFIXES = ("MLFLOW_",)
+FORWARDED_ENV = ("SALL_DEBUG_FAIL",)
+
+
+def forwarded_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The variables of `environ` (default: this process's) that the job's workers get."""
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) or k in FORWARDED_ENV}
+
+
 def init_ray(args: argparse.Namespace) -> None:
     import ray
 
     quiet = dict(log_to_driver=args.verbose, include_dashboard=False, configure_logging=True, logging_level="WARNING")
-    fault = os.environ.get("SALL_DEBUG_FAIL")
-    if fault:  # tests only: the job's workers get the driver's fault injection, on a cluster too
-        quiet["runtime_env"] = {"env_vars": {"SALL_DEBUG_FAIL": fault}}
+    if env := forwarded_env():
+        quiet["runtime_env"] = {"env_vars": env}
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if args.address:

@@ -1,4 +1,4 @@
-"""What the grid scripts put in their grids (no Ray, no training)."""
+"""What the grid scripts put in their grids, and what the runner hands their trials (no Ray, no training)."""
 
 from __future__ import annotations
 
@@ -24,3 +24,14 @@ def test_rows_without_soft_labels_run_once_whatever_the_temperatures():
     keys = [cfg.key() for _, cfg in grid]
     assert len(keys) == len(set(keys)) == 2 + 2 * 2
     assert all(cfg.temperature == 1.0 for _, cfg in grid if not cfg.sa_labels)
+
+
+def test_the_driver_forwards_its_mlflow_client_settings_to_the_trials():
+    from sweeps.runner import forwarded_env
+
+    env = {"MLFLOW_TRACKING_TOKEN": "t", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "SALL_DEBUG_FAIL": "student"}
+    env |= {"HOME": "/root", "AWS_SECRET_ACCESS_KEY": "s", "RAY_ADDRESS": "auto", "XMLFLOW_X": "no"}
+    assert forwarded_env(env) == {
+        k: env[k] for k in ("MLFLOW_TRACKING_TOKEN", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "SALL_DEBUG_FAIL")
+    }
+    assert forwarded_env({"PATH": "/bin"}) == {}

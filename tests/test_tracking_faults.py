@@ -61,19 +61,20 @@ def _students(uri: str) -> list:
     return [r for r in runs if r.data.tags.get("sall.stage") == "student"]
 
 
-def test_the_tracking_server_dying_mid_sweep_fails_clearly_and_a_rerun_finishes(tmp_path):
+def test_the_tracking_server_dying_mid_sweep_fails_clearly_and_a_rerun_finishes(tmp_path, shared_ray):
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, str(ROOT / "sweeps" / "temperature.py"), "--smoke", "--folds", "0", "--mlflow-uri", uri,
            "--storage-path", str(tmp_path / "ray"), "--cache-dir", str(tmp_path / "cache"), "--max-failures", "1",
-           "--student-epochs", "15"]  # fmt: skip
-    env = dict(os.environ, MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
+           "--student-epochs", "6", *shared_ray.flags]  # fmt: skip
+    # few, quick retries: in the driver, and (forwarded by the sweep's runtime_env) in its trials
+    env = dict(shared_ray.env, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="0")
     with mlflow_server(tmp_path, port, tmp_path / "mlflow1.log"):
         sweep = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 300
         while not any(r.info.status == "RUNNING" for r in _students(uri)):  # a trial is training
             assert sweep.poll() is None and time.time() < deadline, sweep.communicate()[1][-3000:]
-            time.sleep(1)
+            time.sleep(0.5)
     # the server is dead now
     _, err = sweep.communicate(timeout=600)
     assert sweep.returncode != 0

@@ -290,7 +290,7 @@ def _kill_a_busy_worker(c: LocalCluster, proc: subprocess.Popen, exp: str, worke
             if r.info.status == "RUNNING" and "train/dr/loss" in r.data.metrics and node in workers and node in done:
                 return c.kill_worker(workers[node])
         assert proc.poll() is None, "the sweep ended before a worker could be killed mid-trial"
-        time.sleep(1)
+        time.sleep(0.5)
     raise AssertionError("no worker node was busy with its second trial in time")
 
 
@@ -300,7 +300,7 @@ def _sweep_with_a_worker_killed_then_rerun(c: LocalCluster) -> tuple[dict, list]
     again. Returns the killed worker and the experiment's runs."""
     exp = "sall-deployment"
     workers = {w["node_id"]: w["index"] for w in c.state["workers"]}
-    cmd = sweep_on(c, "--folds", "0", "--student-epochs", "40", "--max-failures", "3", experiment=exp)
+    cmd = sweep_on(c, "--folds", "0", "--student-epochs", "20", "--max-failures", "3", experiment=exp)
     proc = subprocess.Popen(cmd, env=c.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     killed = _kill_a_busy_worker(c, proc, exp, workers)
     out, _ = proc.communicate(timeout=600)

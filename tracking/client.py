@@ -26,6 +26,11 @@ from tracking import schema as sc
 
 T = TypeVar("T")
 
+# MLflow's client prints "🏃 View run ... at: URL" on stdout whenever it ends a run on a tracking
+# server: once per trial, teacher and sweep run, between the sweep's own progress lines, which
+# already end with the one link to review. Set before any run ends; a user's own value wins.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
 
 def retry(fn: Callable[..., T], *args: Any, attempts: int = 40, **kwargs: Any) -> T:
     """Call an MLflow client method, waiting out SQLite locks and brief server hiccups."""

@@ -192,3 +192,20 @@ def shared_ray(tmp_path_factory):
 
     with start_local_cluster(tmp_path_factory.mktemp("shared_ray"), workers=0, mlflow=False, head_cpus=2) as c:
         yield SharedRay(env=c.env)
+
+
+@pytest.fixture(scope="session")
+def confirmed_sweep(tmp_path_factory, shared_ray):
+    """(folder, completed process) of the temperature smoke with its confirmation on the shared Ray:
+    baseline and T=8 on folds 0,1 (fold 2 missing) with seed 0, then the setting chosen on
+    validation and the baseline again with the fresh seed 1. The analysis tests read its store
+    (tables, figures, external evaluation) and tests/test_confirm.py its answer, so both pay
+    one sweep."""
+    from sweep_helpers import sweep_cmd
+
+    d = tmp_path_factory.mktemp("confirmed")
+    out = shared_ray.run(
+        sweep_cmd("temperature", d, "--folds", "0,1", "--temperatures", "8", "--confirm-seeds", "1"), d
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return d, out

@@ -1,7 +1,7 @@
 """analysis/: tables, figures and external evaluation, on a real MLflow store filled by a small sweep.
 
-One temperature sweep (baseline + T=8, folds 0,1) runs once per module: fold 2 of every setting is
-missing. A copy of its store with the T=8 fold-1 run marked FAILED (MlflowClient.set_terminated,
+One temperature sweep (baseline + T=8, folds 0,1, then both again on the confirming seed 1) runs
+once per session (`confirmed_sweep` in conftest.py): fold 2 of every setting is missing. A copy of its store with the T=8 fold-1 run marked FAILED (MlflowClient.set_terminated,
 as a crashed trial leaves it) adds a failed trial. Every end-to-end test reads those stores.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import write_image
-from sweep_helpers import ROOT, run, sweep_cmd
+from sweep_helpers import ROOT, run
 
 from analysis import common as cm
 from analysis import evaluate as ev
@@ -52,11 +52,8 @@ def test_paper_tables_transcribed():
 # ---------------------------------------------------------------------------------------------
 # the store: one small real sweep, plus one failed trial
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, shared_ray):
-    d = tmp_path_factory.mktemp("analysis")
-    r = shared_ray.run(sweep_cmd("temperature", d, "--folds", "0,1", "--temperatures", "8"), d)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return d
+def store(confirmed_sweep) -> Path:
+    return confirmed_sweep[0]
 
 
 @pytest.fixture(scope="module")
@@ -82,14 +79,16 @@ def uri(d: Path) -> str:
     return f"sqlite:///{d / 'mlflow.db'}"
 
 
-def student(d: Path, label: str, fold: int):
+def student(d: Path, label: str, fold: int, seed: int = 0):
+    """The student run of a setting, fold and seed (seed 0: the grid's; seed 1: the confirmation's)."""
     c = cm.client(uri(d))
     exp = c.get_experiment_by_name(EXP)
-    return c.search_runs(
+    (run,) = c.search_runs(
         [exp.experiment_id],
-        f"tags.`{sc.TAG_STAGE}` = '{sc.STAGE_STUDENT}' and "
-        f"tags.`{sc.TAG_LABEL}` = '{label}' and tags.`{sc.TAG_FOLD}` = '{fold}'",
-    )[0]
+        f"tags.`{sc.TAG_STAGE}` = '{sc.STAGE_STUDENT}' and tags.`{sc.TAG_LABEL}` = '{label}' and "
+        f"tags.`{sc.TAG_FOLD}` = '{fold}' and tags.`{sc.TAG_SEED}` = '{seed}'",
+    )
+    return run
 
 
 @pytest.mark.slow
@@ -212,8 +211,8 @@ def test_evaluate_external_end_to_end(store, external, capsys):
     assert ext.info.experiment_id == c.get_run(rid).info.experiment_id
     assert ext.data.metrics["external/dr/acc"] == pytest.approx(out["metrics"]["dr"]["acc"])
     assert "predictions_dr.csv" in {a.path for a in c.list_artifacts(ext.info.run_id)}
-    # the tables still see only the trials
-    assert len(cm.student_runs(uri(store), ext.info.experiment_id)) == 4
+    # the tables still see only the trials: the grid's 4 and the confirmation's 4
+    assert len(cm.student_runs(uri(store), ext.info.experiment_id)) == 8
 
 
 @pytest.mark.slow

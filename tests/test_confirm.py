@@ -4,7 +4,7 @@ on fresh seeds, and the sweep run's answer is that confirmation."""
 from __future__ import annotations
 
 import pytest
-from sweep_helpers import run, runs, sweep_cmd
+from sweep_helpers import runs
 
 from sall.errors import ConfigError
 from sweeps import runner as rn
@@ -63,16 +63,14 @@ def test_a_bad_confirm_seed_fails_before_anything_runs(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_smoke_sweep_with_confirmation_answers_from_the_fresh_seeds(tmp_path, shared_ray):
-    cmd = [*sweep_cmd("temperature", tmp_path, "--confirm-seeds", "1", "--folds", "0,1"), *shared_ray.flags]
-    out = run(cmd, tmp_path, env=shared_ray.env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "[sweep] chosen on validation: T=" in out.stderr and "confirm: " in out.stderr
-    rs = runs(tmp_path, "sall-temperature")
+def test_smoke_sweep_with_confirmation_answers_from_the_fresh_seeds(confirmed_sweep):
+    d, out = confirmed_sweep  # --folds 0,1 --temperatures 8 --confirm-seeds 1
+    assert "[sweep] chosen on validation: T=8" in out.stderr and "confirm: " in out.stderr
+    rs = runs(d, "sall-temperature")
     (parent,) = [r for r in rs if r.data.tags.get(sc.TAG_STAGE) == sc.STAGE_SWEEP]
     students = [r for r in rs if r.data.tags.get(sc.TAG_STAGE) == sc.STAGE_STUDENT]
     seeds = sorted(int(r.data.params["seed"]) for r in students)
-    assert seeds.count(0) == 6 and seeds.count(1) in (4, 6)  # the grid, then baseline + chosen T
+    assert seeds.count(0) == 4 and seeds.count(1) == 4  # the grid, then baseline + chosen T on both folds
     assert all(r.data.tags[sc.TAG_PARENT] == parent.info.run_id for r in students)
     text, m = parent.data.tags[sc.TAG_NOTE], parent.data.metrics
     assert "confirmed on folds 0,1 × seed 1 (test split)" in text and "rests on 2 folds" in text

@@ -209,3 +209,36 @@ def confirmed_sweep(tmp_path_factory, shared_ray):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return d, out
+
+
+# With pytest-xdist (`pytest -n 2`), a worker takes whole groups of tests: the modules that read one
+# session sweep or the real services go together, so that sweep is made once and one Ceph runs at a
+# time; every other module is its own group (its module-scoped fixtures are made once). The group
+# is chosen by module because the scheduler sees test ids, not fixtures. (xdist's own
+# `--dist loadgroup` marks do nothing under pytest 9: it renames `_nodeid`, which pytest 9 no longer reads.)
+MODULE_GROUPS = {
+    "test_sweeps": "temperature_smoke",  # and test_review: the temperature smoke sweep
+    "test_review": "temperature_smoke",
+    "test_analysis": "confirmed_sweep",  # and test_confirm: the sweep with its confirmation
+    "test_confirm": "confirmed_sweep",
+    "test_services": "services",  # PostgreSQL, Ceph (and a local.py cluster with its own), Slurm
+    "test_object_store": "services",
+    "test_local_cluster": "services",
+    "test_slurm": "services",
+}
+
+
+def _group(nodeid: str) -> str:
+    module = nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
+    return MODULE_GROUPS.get(module, module)
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, absent under -p no:xdist
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid)
+
+    return SharedFixtureScheduling(config, log)

@@ -105,9 +105,11 @@ def slurm_conf(state: dict) -> str:
         f"AuthInfo=socket={state['munge_socket']},cred_expire=30",
         "CommunicationParameters=NoCtldInAddrAny,NoInAddrAny",
         f"StateSaveLocation={d}/ctld",
-        f"SlurmdSpoolDir={d}/spool/%n",
+        # the spool holds each job step's Unix socket, whose path may not pass 108 bytes: it sits in the
+        # short runtime folder, not in --dir (a test's tmp_path under pytest-xdist was 5 bytes too long)
+        f"SlurmdSpoolDir={state['runtime']}/spool/%n",
         f"SlurmctldPidFile={d}/ctld/slurmctld.pid",
-        f"SlurmdPidFile={d}/spool/%n/slurmd.pid",
+        f"SlurmdPidFile={state['runtime']}/spool/%n/slurmd.pid",
         f"SlurmctldLogFile={d}/logs/slurmctld.log",
         f"SlurmdLogFile={d}/logs/slurmd-%n.log",
         "ProctrackType=proctrack/linuxproc",
@@ -239,10 +241,10 @@ def _wait_munge(state: dict, p: subprocess.Popen, deadline: float) -> None:
 
 
 def _start_slurm(state: dict) -> dict[str, subprocess.Popen]:
-    d, conf = Path(state["dir"]), state["conf"]
+    conf = state["conf"]
     procs = {"slurmctld": _spawn(state, "slurmctld", [_which("slurmctld"), "-D", "-c", "-f", conf])}
     for n in state["nodes"]:
-        (d / "spool" / n["name"]).mkdir(parents=True, exist_ok=True)
+        (Path(state["runtime"]) / "spool" / n["name"]).mkdir(parents=True, exist_ok=True)
         procs[n["name"]] = _spawn(state, n["name"], [_which("slurmd"), "-D", "-N", n["name"], "-f", conf])
     return procs
 
@@ -292,7 +294,7 @@ def up(directory: str = DEFAULT_DIR, nodes: int = 2, cpus_per_node: int = 1, tim
         raise SlurmError("the local Slurm runs its daemons as root (SlurmUser=root); run it as root")
     d = Path(directory).resolve()
     _refuse_running(d)
-    for sub in ("logs", "ctld", "spool"):
+    for sub in ("logs", "ctld"):
         shutil.rmtree(d / sub, ignore_errors=True)
         (d / sub).mkdir(parents=True)
     state = _new_state(d, nodes, cpus_per_node)

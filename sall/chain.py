@@ -315,6 +315,7 @@ class ChainResult:
     predictions: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     # the students' training across attempts (`fit_costs`, summed over their models)
     costs: dict[str, float] = field(default_factory=dict)
+    precision: str = ""  # the arithmetic path the training took (sall/train.py: precision_path)
 
     def summary(self) -> dict[str, Any]:
         from sall.metrics import scalar_metrics, to_jsonable
@@ -474,6 +475,7 @@ def run_chain(cfg: TrialConfig, cache_dir: str | Path, hooks: Hooks | None = Non
         seconds=time.time() - t_start,
         reused_teacher_as_baseline=reused,
         predictions=predictions,
+        precision=rt.precision,
         costs=costs,
     )
 

@@ -108,7 +108,9 @@ class TrialConfig:
     # runtime only (not hashed): device, torch threads, torch.compile, profiling, fault injection
     device: str = "auto"
     threads: int = 0
-    amp: str = "auto"  # auto: bf16 autocast on CUDA, off on CPU; or "bf16" / "off"
+    # auto: bf16 autocast on CUDA; on a CPU only with native bf16 and a backbone measured faster there
+    # (sall/train.py: BF16_CPU_BACKBONES, none yet); or "bf16" / "off"
+    amp: str = "auto"
     channels_last: str = "auto"  # auto = on (faster on CUDA and CPU alike); or "on" / "off"
     compile: bool = False
     profile: bool = False

@@ -53,6 +53,7 @@ class Runtime:
     channels_last: bool
     compile: bool = False
     profile: bool = False
+    precision: str = ""  # the arithmetic path in words (`precision_path`), for the run's record
 
     @classmethod
     def from_config(cls, cfg: TrialConfig) -> Runtime:
@@ -62,12 +63,11 @@ class Runtime:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         else:
             device = torch.device(cfg.device)
-        cuda = device.type == "cuda"
-        amp = cfg.amp == "bf16" or (cfg.amp == "auto" and cuda)
+        amp, precision = precision_path(cfg, device)
         # auto: on, on CUDA and on the CPU alike (measured on 2 CPU cores: test_resnet at 64 px trains at
         # 337 images/s channels_last vs 268 contiguous, one thread, batch 32)
         channels_last = cfg.channels_last in ("on", "auto")
-        return cls(device, amp, channels_last, cfg.compile, cfg.profile)
+        return cls(device, amp, channels_last, cfg.compile, cfg.profile, precision)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if not self.amp:
@@ -77,6 +77,41 @@ class Runtime:
     def sync(self) -> None:
         if self.profile and self.device.type == "cuda":
             torch.cuda.synchronize()
+
+
+# Backbones that `amp=auto` trains with bf16 autocast on a CPU with native bf16 (AMX or AVX512-BF16):
+# only those measured faster there with accuracy and seed noise unchanged over 5 seeds
+# (bench/seed_noise.py, as the `cpu` preset was chosen). None is yet: no machine with native bf16
+# was available to measure accuracy on (docs/performance.md, "bf16 on the CPU"), so `auto` keeps
+# fp32 on every CPU and says why in the run's `sall.precision` tag.
+BF16_CPU_BACKBONES: frozenset[str] = frozenset()
+
+
+def cpu_native_bf16() -> str | None:
+    """The CPU's native bf16 instructions as torch detects them ("amx", "avx512_bf16"), or None."""
+    if torch.cpu._is_amx_tile_supported():
+        return "amx"
+    if torch.cpu._is_avx512_bf16_supported():
+        return "avx512_bf16"
+    return None
+
+
+def precision_path(cfg: TrialConfig, device: torch.device) -> tuple[bool, str]:
+    """(bf16 autocast on?, which arithmetic path the training takes and why, in words)."""
+    if device.type == "cuda":
+        on = cfg.amp in ("auto", "bf16")
+        return on, "bf16 autocast (cuda)" if on else "fp32 (cuda, amp=off)"
+    native = cpu_native_bf16()
+    isa = native or torch.backends.cpu.get_cpu_capability().lower()
+    if cfg.amp == "bf16":
+        return True, f"bf16 autocast (cpu, amp=bf16, {'native ' + native if native else 'emulated on ' + isa})"
+    if cfg.amp == "off":
+        return False, f"fp32 (cpu {isa}, amp=off)"
+    if native and cfg.backbone in BF16_CPU_BACKBONES:
+        return True, f"bf16 autocast (cpu {native}, measured faster for {cfg.backbone})"
+    if native:
+        return False, f"fp32 (cpu {native}: bf16 not measured for {cfg.backbone})"
+    return False, f"fp32 (cpu {isa}: no native bf16)"
 
 
 @dataclass

@@ -315,6 +315,7 @@ def run_trial(config: dict[str, Any]) -> None:
             prof = {**res.profile, "logging_s": logging_s[0]}
             tr.log_metrics(uri, run_id, {f"{sc.PROFILE}/{k}": v for k, v in prof.items()})
             print("[profile] " + ", ".join(f"{k} {v:.1f}s" for k, v in prof.items()), file=sys.stderr, flush=True)
+        retry(c.set_tag, run_id, sc.TAG_PRECISION, res.precision)
         retry(
             c.set_tag,
             run_id,

@@ -83,3 +83,24 @@ def test_cuda_path_end_to_end(tmp_path):
 
     r = run_chain(from_preset("cpu", smoke=True, device="cuda", compile=False), tmp_path)
     assert set(r.test) == {"dr", "amd"}
+
+
+def test_auto_precision_on_a_cpu_is_bf16_only_where_native_and_measured(monkeypatch):
+    from sall import train
+
+    cpu = torch.device("cpu")
+    cfg = from_preset("cpu", device="cpu")
+    monkeypatch.setattr(train, "cpu_native_bf16", lambda: None)
+    assert train.precision_path(cfg, cpu) == (
+        False,
+        f"fp32 (cpu {torch.backends.cpu.get_cpu_capability().lower()}: no native bf16)",
+    )
+    on, text = train.precision_path(cfg.replace(amp="bf16"), cpu)
+    assert on and text.startswith("bf16 autocast (cpu, amp=bf16, emulated on ")
+    monkeypatch.setattr(train, "cpu_native_bf16", lambda: "amx")
+    assert train.precision_path(cfg, cpu) == (False, "fp32 (cpu amx: bf16 not measured for test_resnet)")
+    monkeypatch.setattr(train, "BF16_CPU_BACKBONES", frozenset({"test_resnet"}))
+    assert train.precision_path(cfg, cpu) == (True, "bf16 autocast (cpu amx, measured faster for test_resnet)")
+    assert train.precision_path(cfg.replace(amp="off"), cpu) == (False, "fp32 (cpu amx, amp=off)")
+    assert train.precision_path(cfg, torch.device("cuda")) == (True, "bf16 autocast (cuda)")
+    assert Runtime.from_config(cfg).precision == "bf16 autocast (cpu amx, measured faster for test_resnet)"

@@ -69,6 +69,7 @@ def test_temperature_smoke_logs_the_contract(temperature_smoke):
         assert r.data.tags["sall.teacher.dr"] in teacher_ids
         assert {"test/dr/acc", "test/amd/kappa", "val/dr/acc", "train/amd/loss"} <= set(r.data.metrics)
         assert r.data.params["temperature"] in ("1.0", "8.0")
+        assert r.data.tags["sall.precision"].startswith("fp32 (cpu ")  # amp=auto: bf16 is measured for no CPU yet
     # three folds of one setting share its trial key
     keys = Counter(r.data.tags["sall.trial_key"] for r in rs if r.data.tags["sall.stage"] == "student")
     assert sorted(keys.values()) == [3, 3, 3]

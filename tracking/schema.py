@@ -43,6 +43,7 @@ TAG_ATTEMPTS = "sall.attempts"  # how many times the trial was started (retries,
 TAG_ERROR = "sall.error"  # the exception of a failed attempt
 TAG_NODE = "sall.node"  # the Ray node of the latest attempt
 TAG_HOST = "sall.host"
+TAG_PRECISION = "sall.precision"  # the arithmetic path of the latest attempt: bf16 autocast or fp32, and why
 TAG_TEACHER_RUN = "sall.teacher"  # on a student, one per task: `sall.teacher.<task>` = the teacher's run id
 TAG_TEACHER_SHA = "sall.teacher_sha256"  # on a student, one per task: the checksum of the teacher it learnt from
 TAG_TEACHERS_TRAINED = "sall.teachers_trained"  # the tasks whose teacher this trial trained, or "none"

@@ -191,7 +191,7 @@ def shared_ray(tmp_path_factory):
     from test_local_cluster import start_local_cluster
 
     with start_local_cluster(tmp_path_factory.mktemp("shared_ray"), workers=0, mlflow=False, head_cpus=2) as c:
-        yield SharedRay(env=c.env)
+        yield SharedRay(env=c.env, marker=c.state["marker"])
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -112,10 +113,24 @@ def kill_when(
 @dataclass(frozen=True)
 class SharedRay:
     """A running single-node Ray that sweep commands join with `flags` in `env` (see the
-    `shared_ray` fixture)."""
+    `shared_ray` fixture); `marker` is in the environment of every process it starts."""
 
     env: dict[str, str]
+    marker: str = ""
     flags: tuple[str, ...] = ("--address", "auto")
+
+    def workers(self, title: str) -> list[int]:
+        """This Ray's worker processes whose title starts with `title`: Ray retitles a worker
+        `ray::<function>` while it runs a task, `ray::<Actor>` for an actor's process. Only this
+        head's processes: another test session's Ray may run the same tasks beside it."""
+        from test_local_cluster import local
+
+        out = []
+        for pid in local.session_members([], self.marker):
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(title.encode()):
+                    out.append(pid)
+        return out
 
     def run(self, cmd: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
         return run([*cmd, *self.flags], cwd, env=self.env, **kw)

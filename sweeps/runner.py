@@ -683,6 +683,7 @@ def close_sweep(run: SweepRun, results: Any, t0: float) -> int:
     try:
         tr.end_run(run.uri, run.parent, "FINISHED" if not errors else "FAILED")
         tr.log_metrics(run.uri, run.parent, {"trials_finished": ok, "trials_failed": len(errors), "wall_seconds": wall})
+        tr.log_metrics(run.uri, run.parent, tr.sweep_costs(run.uri, run.experiment_id, run.parent))
     except Exception as e:  # the tracking server died during the sweep: what finished is kept
         raise SallError(
             f"MLflow at {run.uri} stopped answering ({str(e).strip().splitlines()[0][:200]}); {ok}/{len(results)} "
@@ -749,6 +750,7 @@ def more_trials(
     tr.log_metrics(
         uri, run.parent, {f"{stage}_trials_finished": len(results) - len(errors), f"{stage}_seconds": time.time() - t0}
     )
+    tr.log_metrics(uri, run.parent, tr.sweep_costs(uri, exp_id, run.parent))  # now with this stage's trials
     from sweeps.review import review_sweep
 
     review_sweep(uri, exp_id, run.parent)

@@ -87,6 +87,11 @@ def test_a_teacher_and_a_student_killed_mid_epoch_resume_to_the_uninterrupted_we
     assert max(int(t.data.tags[sc.TAG_RESUMES]) for t in teachers) >= 1
     assert all(float(r.data.tags[sc.TAG_EPOCHS_LOST]) <= 1 for r in [student, *teachers])
     assert not list(ckpts.glob("*.ckpt"))  # finished models keep no checkpoint
+    (parent,) = [r for r in rs if r.data.tags[sc.TAG_STAGE] == sc.STAGE_SWEEP]
+    spent = {k: sum(r.data.metrics[k] for r in [student, *teachers]) for k in ("cost/spent_s", "cost/lost_s")}
+    assert spent["cost/lost_s"] > 0  # the work the kills threw away, counted on the sweep run
+    assert parent.data.metrics["cost/spent_s"] == pytest.approx(spent["cost/spent_s"])
+    assert parent.data.metrics["cost/lost_s"] == pytest.approx(spent["cost/lost_s"])
 
     # the same trial, never interrupted, in this process (one thread, as in the trial) into another cache
     from mlflow.tracking import MlflowClient

@@ -243,6 +243,28 @@ def find_runs(uri: str, experiment_id: str, filter_string: str, max_results: int
     return retry(c.search_runs, [experiment_id], filter_string=filter_string, max_results=max_results)
 
 
+def sweep_costs(uri: str, experiment_id: str, parent_id: str) -> dict[str, float]:
+    """What the sweep run `parent_id` spent training, summed over its trials and the teachers it
+    trained itself (a teacher found in the cache cost this sweep nothing): `cost/<name>` of
+    `sc.COST_NAMES`, the seconds lost to kills included. Runs logged without costs count nothing."""
+    mine = f"tags.`{sc.TAG_PARENT}` = '{parent_id}'"
+    students = find_runs(uri, experiment_id, f"{mine} and tags.`{sc.TAG_STAGE}` = '{sc.STAGE_STUDENT}'", 5000)
+    groups = find_runs(uri, experiment_id, f"{mine} and tags.`{sc.TAG_STAGE}` = '{sc.STAGE_TEACHERS}'")
+    teachers = [
+        t
+        for g in groups
+        for t in find_runs(
+            uri,
+            experiment_id,
+            f"tags.`{sc.TAG_PARENT}` = '{g.info.run_id}' and tags.`{sc.TAG_STAGE}` = '{sc.STAGE_TEACHER}'",
+            5000,
+        )
+        if t.data.tags.get(sc.TAG_TRAINED_NOW) == "True"
+    ]
+    names = [f"{sc.COST}/{n}" for n in sc.COST_NAMES]
+    return {n: float(sum(r.data.metrics.get(n, 0.0) for r in [*students, *teachers])) for n in names}
+
+
 def sweep_filter(sweep_id: str) -> str:
     """The search filter of the parent run of invocation `sweep_id` (resumed, or superseded)."""
     return f"tags.`{sc.TAG_SWEEP_ID}` = '{sweep_id}' and tags.`{sc.TAG_STAGE}` = '{sc.STAGE_SWEEP}'"

@@ -4,7 +4,6 @@ with the very weights an uninterrupted run trains. On the shared Ray head."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -33,22 +32,13 @@ def _kill_when(shared_ray, sweep: subprocess.Popen, ready, title: str, timeout: 
     raise AssertionError(f"no {title} worker with a checkpoint in time")
 
 
-def _tensors_hash(path: Path) -> str:
-    """One hash of every tensor a cached teacher or student holds (its weights; not its timings)."""
-    import torch
+def _weights_hash(path: Path) -> str:
+    """The hash of the weights a cached teacher or student holds (not its timings)."""
+    from checkpoint_helpers import state_hash
 
-    h = hashlib.sha256()
+    from sall.chain import load_artifact
 
-    def walk(prefix: str, obj) -> None:
-        if isinstance(obj, dict):
-            for k in sorted(obj, key=str):
-                walk(f"{prefix}/{k}", obj[k])
-        elif isinstance(obj, torch.Tensor):
-            h.update(prefix.encode())
-            h.update(obj.detach().cpu().contiguous().numpy().tobytes())
-
-    walk("", torch.load(path, map_location="cpu", weights_only=False)["state"])
-    return h.hexdigest()
+    return state_hash(load_artifact(path)["state"])
 
 
 def test_a_teacher_and_a_student_killed_mid_epoch_resume_to_the_uninterrupted_weights(tmp_path, shared_ray):
@@ -106,4 +96,4 @@ def test_a_teacher_and_a_student_killed_mid_epoch_resume_to_the_uninterrupted_we
         files = sorted((tmp_path / "cache" / kind).glob("*.pt"))
         assert files and [f.name for f in files] == sorted(f.name for f in (tmp_path / "twin" / kind).glob("*.pt"))
         for f in files:
-            assert _tensors_hash(f) == _tensors_hash(tmp_path / "twin" / kind / f.name), f.name
+            assert _weights_hash(f) == _weights_hash(tmp_path / "twin" / kind / f.name), f.name

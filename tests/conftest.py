@@ -228,9 +228,30 @@ MODULE_GROUPS = {
 }
 
 
+# The groups that hold whole sweeps or services, costliest first (docs/testing.md has the measured
+# costs). The scheduler hands these out before the rest, so no worker picks up a two-minute group
+# while the other has nothing left (longest first); every other group follows, most tests first.
+COSTLIEST_FIRST = [
+    "services",
+    "test_sweep_faults",
+    "temperature_smoke",
+    "confirmed_sweep",
+    "test_search",
+    "test_resume_sweep",
+    "test_tracking_faults",
+    "test_synthetic_learnable",
+]
+
+
 def _group(nodeid: str) -> str:
     module = nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
     return MODULE_GROUPS.get(module, module)
+
+
+def _costliest_first(workqueue: dict) -> dict:
+    rank = {g: i for i, g in enumerate(COSTLIEST_FIRST)}
+    order = sorted(workqueue, key=lambda g: (rank.get(g, len(rank)), -len(workqueue[g])))
+    return {g: workqueue[g] for g in order}
 
 
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, absent under -p no:xdist
@@ -240,5 +261,21 @@ def pytest_xdist_make_scheduler(config, log):
     class SharedFixtureScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return _group(nodeid)
+
+        def _assign_work_unit(self, node) -> None:
+            if not getattr(self, "_ordered", False):
+                ordered = _costliest_first(self.workqueue)
+                self.workqueue.clear()
+                self.workqueue.update(ordered)
+                self._ordered = True
+            super()._assign_work_unit(node)
+
+        def _reschedule(self, node) -> None:
+            # xdist gives a worker its next group when 2 of its tests are left; with groups of minutes
+            # that commits a long group to a busy worker. A worker runs a test once it holds the next
+            # one, so 1 left (the last test, waiting for a successor) is the latest it can be.
+            if not node.shutting_down and self.workqueue and self._pending_of(self.assigned_work[node]) > 1:
+                return
+            super()._reschedule(node)
 
     return SharedFixtureScheduling(config, log)

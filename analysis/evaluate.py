@@ -107,7 +107,11 @@ def run(args: argparse.Namespace) -> int:
     cm.log(f"[evaluate] loading {args.dataset} (tasks {', '.join(tasks)})")
     try:
         manifest, summary = load_manifest(
-            args.dataset, args.data_root, tasks=tasks, synthetic_n=args.synthetic_n or cfg.synthetic_n
+            args.dataset,
+            args.data_root,
+            tasks=tasks,
+            synthetic_n=args.synthetic_n or cfg.synthetic_n,
+            seed=cfg.manifest_seed,  # a student of fresh data (redraw) is tested on its own draw
         )
     except DataError as e:
         if "no images of task" not in str(e):
@@ -121,7 +125,9 @@ def run(args: argparse.Namespace) -> int:
         )
     tasks = [t for t in tasks if t in present]
     fp = fingerprint(manifest)
-    splits = {"all": np.arange(len(manifest))} if args.split == "all" else fold_splits(manifest, cfg.fold)
+    splits = (
+        {"all": np.arange(len(manifest))} if args.split == "all" else fold_splits(manifest, cfg.fold, cfg.split_seed)
+    )
     data = Data(manifest, summary, fp, splits)
     data.images = image_array(manifest, fp, cfg.image_size, ArtifactStore(args.cache_dir))
     rt = Runtime.from_config(cfg.replace(device=args.device or cfg.device))

@@ -11,7 +11,12 @@ Why each piece:
   SE = sqrt((1/J + n_test/n_train) * S^2), with J - 1 degrees of freedom. Our folds rotate over four
   quarters (test one, validate the next, train on the other two), so n_test/n_train = 1/2
   (`SPLIT_RATIO`), on ODIR and on the synthetic set alike (its manifest is drawn once and split the
-  same way). Data drawn afresh for every replicate would make it 0; the sweeps do not do that yet.
+  same way).
+* **Replicates that draw their own data** (a config's `redraw`; `Design`). On the synthetic set each
+  (fold, seed) replicate is drawn afresh: replicates share no image, each one is a unit and the
+  ratio is 0 (the plain paired t over independent replicates). On a fixed data set re-cut per seed
+  (repeated cross-validation) each (fold, seed) is a unit too, with the ratio kept at 1/2: the
+  corrected repeated k-fold t of Bouckaert & Frank.
 * **Multiplicity.** A table compares every (setting, task) with one reference: one family. Its
   p-values are adjusted by Holm (family-wise error) and by Benjamini-Hochberg (false discovery
   rate, scipy's `false_discovery_control`).
@@ -36,6 +41,44 @@ SPLIT_RATIO = 0.5  # n_test / n_train of the quarter rotation: one test quarter,
 ESTABLISHED, SUGGESTIVE, NOT_DISTINGUISHED = "established", "suggestive", "not distinguished"
 EQUIVALENCE_MARGIN = 0.03  # the TOST margin, as accuracy: the project's target for a detectable gain
 POWER = 0.8
+
+
+@dataclass(frozen=True)
+class Design:
+    """What the unit of a test is and how units overlap, from how the replicates got their data."""
+
+    per_replicate: bool  # the unit is each (fold, seed) replicate, else each fold (mean over seeds)
+    ratio: float  # n_test / n_train of the corrected t: 0 where units share no data
+    independent: bool  # no two units share an image
+
+    def units(self, n: int) -> str:
+        """'3 independent replicates (each its own data)' and the like, for n units."""
+        if self.independent:
+            return f"{n} independent replicate{'s' if n != 1 else ''} (each drew its own data)"
+        if self.per_replicate:
+            return f"{n} replicate{'s' if n != 1 else ''} of repeated cross-validation (overlapping data, corrected t)"
+        return f"{n} fold{'s' if n != 1 else ''} (overlapping training data, corrected t)"
+
+
+FOLDS = Design(per_replicate=False, ratio=SPLIT_RATIO, independent=False)
+
+
+def design_of(redraw: bool, synthetic: bool) -> Design:
+    """The design of a setting's replicates: folds of one data set, (fold, seed) replicates of a
+    data set re-cut per seed, or (fold, seed) replicates each drawn afresh (synthetic only)."""
+    if not redraw:
+        return FOLDS
+    return Design(per_replicate=True, ratio=0.0 if synthetic else SPLIT_RATIO, independent=synthetic)
+
+
+def unit_diffs(
+    ours: dict[tuple[int, int], float], ref: dict[tuple[int, int], float], design: Design = FOLDS
+) -> dict[object, float]:
+    """The test's units: D_f per fold (`fold_means`), or, per (fold, seed) replicate, its own
+    difference where every replicate drew its own data."""
+    if not design.per_replicate:
+        return fold_means(ours, ref)
+    return {key: ours[key] - ref[key] for key in sorted(set(ours) & set(ref))}
 
 
 def fold_means(ours: dict[tuple[int, int], float], ref: dict[tuple[int, int], float]) -> dict[int, float]:
@@ -160,8 +203,8 @@ def family(d: np.ndarray, ratio: float = SPLIT_RATIO, margin: float = EQUIVALENC
     return Family(c, ph, bh(c.p), verdict(c.p, ph), tost(c, margin))
 
 
-def fold_matrix(diffs: list[dict[int, float]]) -> tuple[np.ndarray, list[int]]:
-    """Per comparison {fold: D_f} -> a (comparisons, folds) array with NaN where a fold is missing."""
+def fold_matrix(diffs: list[dict]) -> tuple[np.ndarray, list]:
+    """Per comparison {unit: D} -> a (comparisons, units) array with NaN where a unit is missing."""
     folds = sorted({f for d in diffs for f in d})
     out = np.full((len(diffs), len(folds)), np.nan)
     for i, d in enumerate(diffs):
@@ -186,12 +229,12 @@ def choose(candidates: dict[str, dict[tuple[int, int], float]]) -> str | None:
     return max(means, key=means.get) if means else None
 
 
-def near_best(candidates: dict[str, dict[tuple[int, int], float]], best: str, ratio: float = SPLIT_RATIO) -> list[str]:
-    """The candidates not distinguished from `best` on the same values: each other one's D_f
+def near_best(candidates: dict[str, dict[tuple[int, int], float]], best: str, design: Design = FOLDS) -> list[str]:
+    """The candidates not distinguished from `best` on the same values: each other one's units
     against the best, the corrected t, Holm over the comparisons; the best itself is in the set."""
     others = [k for k in candidates if k != best]
     if not others:
         return [best]
-    d, _ = fold_matrix([fold_means(candidates[best], candidates[k]) for k in others])
-    fam = family(d, ratio)
+    d, _ = fold_matrix([unit_diffs(candidates[best], candidates[k], design) for k in others])
+    fam = family(d, design.ratio)
     return [best] + [k for k, v in zip(others, fam.verdict) if v != ESTABLISHED]

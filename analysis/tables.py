@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import math
 import sys
 import tempfile
@@ -95,7 +96,7 @@ class Table:
     rows: list[Row]
     notes: list[str] = field(default_factory=list)
     gains: list[dict] = field(default_factory=list)  # per (row, task) against its reference
-    ratio: float = gn.SPLIT_RATIO  # n_test / n_train of the split, for the corrected t
+    design: gn.Design = gn.FOLDS  # the test's unit and the corrected t's n_test / n_train
     chosen: dict[str, Choice] = field(default_factory=dict)  # task -> the row chosen on validation
     confirmed: dict[str, dict] = field(default_factory=dict)  # task -> its test on fresh replicates
 
@@ -398,9 +399,24 @@ def build(tid: str, sets: list[cm.Setting], metrics: list[str]) -> list[Table]:
 
 # ---------------------------------------------------------------------------------------------
 # Is the gain real?
-def gains(t: Table, uri: str | None, cache: Path, n_boot: int, ratio: float = gn.SPLIT_RATIO) -> None:
-    """Each row with a reference, per task: D_f (the per-fold mean over seeds of the paired accuracy
-    difference), tested as one family (`gain.family`), and the bootstrap over test images beside it."""
+def design_of(sets: list[cm.Setting], ratio: float | None = None) -> gn.Design:
+    """The replicate design the settings share (`gain.design_of`), with `ratio` overriding its
+    n_test / n_train; a family that mixes designs has no one unit, so it is an error."""
+    designs = {gn.design_of(s.config.redraw, s.config.dataset == "synthetic") for s in sets}
+    if len(designs) > 1:
+        raise SallError(
+            "the runs mix replicates of one fixed split with replicates that drew their own data (--redraw); "
+            "expected one kind per analysis: pass --parent to analyse one sweep run"
+        )
+    d = designs.pop() if designs else gn.FOLDS
+    return d if ratio is None else dataclasses.replace(d, ratio=ratio)
+
+
+def gains(t: Table, uri: str | None, cache: Path, n_boot: int, ratio: float | None = None) -> None:
+    """Each row with a reference, per task: its units (D_f, the per-fold mean over seeds of the
+    paired accuracy difference, or one difference per replicate that drew its own data), tested as
+    one family (`gain.family`), and the bootstrap over test images beside it."""
+    t.design = design_of([r.setting for r in t.rows if r.setting is not None], ratio)
     for r in t.rows:
         if r.ref is None or r.setting is None or r.ref.setting is None:
             continue
@@ -411,7 +427,9 @@ def gains(t: Table, uri: str | None, cache: Path, n_boot: int, ratio: float = gn
             ours, ref = r.setting.values(metric), r.ref.setting.values(metric)
             reps = sorted(set(ours) & set(ref))
             by_fold, note = (
-                _image_pairs(r, task, reps, uri, cache) if n_boot > 0 else ({}, "bootstrap skipped (--bootstrap 0)")
+                _image_pairs(r, task, reps, uri, cache, t.design)
+                if n_boot > 0
+                else ({}, "bootstrap skipped (--bootstrap 0)")
             )
             pairs = [(np.stack([a for a, _ in v]), np.stack([b for _, b in v])) for v in by_fold.values()]
             bs = (
@@ -424,7 +442,7 @@ def gains(t: Table, uri: str | None, cache: Path, n_boot: int, ratio: float = gn
                     setting=r.label,
                     reference=r.ref.label,
                     task=task,
-                    diffs=gn.fold_means(ours, ref),
+                    diffs=gn.unit_diffs(ours, ref, t.design),
                     seed_sd=gn.seed_sd(ours, ref),
                     acc=gn.replicate_mean(ours),
                     seeds=len({s for _, s in reps}),
@@ -433,9 +451,8 @@ def gains(t: Table, uri: str | None, cache: Path, n_boot: int, ratio: float = gn
                     row=r,
                 )
             )
-    test_family(t.gains, ratio)
-    t.ratio = ratio
-    t.chosen = choose_on_validation(t, ratio)
+    test_family(t.gains, t.design.ratio)
+    t.chosen = choose_on_validation(t, t.design)
 
 
 def test_family(gs: list[dict], ratio: float) -> None:
@@ -462,8 +479,9 @@ def test_family(gs: list[dict], ratio: float) -> None:
         )
 
 
-def _image_pairs(r: Row, task: str, reps: list, uri: str | None, cache: Path) -> tuple[dict, str]:
-    """Per fold, the (correct_ours, correct_ref) arrays of each seed over the fold's test images."""
+def _image_pairs(r: Row, task: str, reps: list, uri: str | None, cache: Path, design: gn.Design) -> tuple[dict, str]:
+    """Per unit (fold, or replicate with its own data), the (correct_ours, correct_ref) arrays of
+    each of its seeds over its test images."""
     by_fold: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
     note = ""
     for rep in reps:
@@ -479,7 +497,7 @@ def _image_pairs(r: Row, task: str, reps: list, uri: str | None, cache: Path) ->
         y = m["label_o"].to_numpy()
         po = m[[f"{c}_o" for c in pcols]].to_numpy().argmax(1)
         pr = m[[f"{c}_r" for c in pcols]].to_numpy().argmax(1)
-        pairs = by_fold.setdefault(rep[0] if isinstance(rep, tuple) else rep, [])
+        pairs = by_fold.setdefault(rep if design.per_replicate else rep[0], [])
         if pairs and len(pairs[0][0]) != len(y):  # seeds of one fold must share its test images
             note = "seeds of a fold saw different test images; bootstrap over the first seed only"
             continue
@@ -489,7 +507,7 @@ def _image_pairs(r: Row, task: str, reps: list, uri: str | None, cache: Path) ->
 
 # ---------------------------------------------------------------------------------------------
 # the best setting: chosen on validation, and the settings it cannot be told from
-def choose_on_validation(t: Table, ratio: float = gn.SPLIT_RATIO) -> dict[str, Choice]:
+def choose_on_validation(t: Table, design: gn.Design = gn.FOLDS) -> dict[str, Choice]:
     """Per task, among the rows compared with a reference, the one with the best validation
     accuracy (`val_best/<task>/acc`). The test split never takes part, so its figures for the
     chosen row are a measurement, not a winner's curse on test images."""
@@ -505,7 +523,7 @@ def choose_on_validation(t: Table, ratio: float = gn.SPLIT_RATIO) -> dict[str, C
         if best is None:
             continue
         reps = sorted({rep for v in cands.values() for rep in v})
-        out[task] = Choice(task, rows[best], gn.replicate_mean(cands[best]), gn.near_best(cands, best, ratio), reps)
+        out[task] = Choice(task, rows[best], gn.replicate_mean(cands[best]), gn.near_best(cands, best, design), reps)
     return out
 
 
@@ -523,14 +541,16 @@ def gain_of(t: Table, task: str) -> dict | None:
     return next((g for g in t.gains if g["task"] == task and is_chosen(t, g)), None)
 
 
-def confirm(t: Table, sets: list[cm.Setting], ratio: float = gn.SPLIT_RATIO) -> None:
+def confirm(t: Table, sets: list[cm.Setting], ratio: float | None = None) -> None:
     """Per task, the setting chosen on validation against its reference on the confirming
-    replicates (fresh seeds that played no part in the choice), on their test split. One
-    pre-specified comparison per task: the family is the confirmed tasks."""
-    by_key = {s.trial_key: s for s in sets}
+    replicates (fresh seeds, on the synthetic set with fresh data, that played no part in the
+    choice), on their test split. One pre-specified comparison per task: the family is the
+    confirmed tasks."""
+    by_key = {_setting_key(s): s for s in sets}
+    design = design_of(sets, ratio)
     entries = []
     for task, ch in t.chosen.items():
-        ours_s, ref_s = by_key.get(ch.row.setting.trial_key), by_key.get(ch.row.ref.setting.trial_key)
+        ours_s, ref_s = by_key.get(_setting_key(ch.row.setting)), by_key.get(_setting_key(ch.row.ref.setting))
         if ours_s is None or ref_s is None:
             continue
         metric = sc.metric(sc.TEST, task, "acc")
@@ -542,15 +562,22 @@ def confirm(t: Table, sets: list[cm.Setting], ratio: float = gn.SPLIT_RATIO) -> 
                     setting=ch.row.label,
                     reference=ch.row.ref.label,
                     task=task,
-                    diffs=gn.fold_means(ours, ref),
+                    diffs=gn.unit_diffs(ours, ref, design),
                     seed_sd=gn.seed_sd(ours, ref),
                     acc=gn.replicate_mean(ours),
                     reps=reps,
+                    design=design,
                     row=ch.row,
                 )
             )
-    test_family(entries, ratio)
+    test_family(entries, design.ratio)
     t.confirmed = {e["task"]: e for e in entries}
+
+
+def _setting_key(s: cm.Setting) -> str:
+    """A setting's key whether or not its replicates drew their own data: the confirmation of a
+    choice runs the same setting on fresh data."""
+    return s.config.replace(redraw=False).trial_key()
 
 
 def replicates_text(reps: list[tuple[int, int]]) -> str:
@@ -585,14 +612,14 @@ def headline(t: Table) -> str:
         if c is not None and not math.isnan(c["mean"]):
             body = (
                 f"; confirmed on {replicates_text(c['reps'])} (test split), against {c['reference']}: {_figures(c)} "
-                f"over {len(t.confirmed)} confirmed task(s): **{c['verdict']}**; rests on {c['n']} folds "
-                f"of fresh models"
+                f"over {len(t.confirmed)} confirmed task(s): **{c['verdict']}**; rests on "
+                f"{c['design'].units(c['n'])} of fresh models"
             )
         elif g is not None:
             body = (
                 f"; not confirmed on fresh replicates, so its test figures come from the replicates that chose "
                 f"it: {_figures(g)} over the table's {len(t.gains)} comparisons: **{g['verdict']}**; rests on "
-                f"{g['n']} folds"
+                f"{t.design.units(g['n'])}"
             )
         else:
             body = ""
@@ -665,12 +692,17 @@ def _p(v: float) -> str:
 
 
 def gain_note(t: Table) -> str:
-    folds = max((g["n"] for g in t.gains), default=0)
+    n = max((g["n"] for g in t.gains), default=0)
+    unit = (
+        f"The unit is the replicate: each (fold, seed) drew its own data, and the {n} replicate values are "
+        if t.design.per_replicate
+        else f"The unit is the fold: Δ per fold is the mean over seeds of the paired difference, and the {n} fold values are "
+    )
+    why = "replicates share no image" if t.design.independent else "folds share training data"
     return (
-        f"The unit is the fold: Δ per fold is the mean over seeds of the paired difference, and the {folds} "
-        "fold values are tested with the corrected resampled t (Nadeau & Bengio): SE = √((1/J + "
-        f"n_test/n_train) · S²) with n_test/n_train = {t.ratio:g}, J - 1 degrees of freedom, because folds "
-        "share training data. The family is this table's "
+        unit + "tested with the corrected resampled t (Nadeau & Bengio): SE = √((1/J + "
+        f"n_test/n_train) · S²) with n_test/n_train = {t.design.ratio:g}, J - 1 degrees of freedom, because {why}. "
+        "The family is this table's "
         f"{len(t.gains)} comparisons: p is adjusted by Holm (family-wise) and by Benjamini-Hochberg (q). "
         f"Verdicts: {gn.ESTABLISHED} = Holm p < 0.05; {gn.SUGGESTIVE} = p < 0.05 only; {gn.NOT_DISTINGUISHED} "
         "= otherwise, which is not evidence of no effect: that needs TOST p < 0.05 (the difference lies "
@@ -845,7 +877,7 @@ GAIN_CSV = [
     ("verdict", lambda t, g: g["verdict"]),
     ("n_folds", lambda t, g: g["n"]),
     ("n_seeds", lambda t, g: g["seeds"]),
-    ("split_ratio", lambda t, g: _num(t.ratio)),
+    ("split_ratio", lambda t, g: _num(t.design.ratio)),
     ("fold_sd_pp", lambda t, g: _num(100 * g["sd"])),
     ("seed_sd_pp", lambda t, g: _num(100 * g["seed_sd"])),
     ("tost_p_3pp", lambda t, g: _num(g["p_tost"])),
@@ -913,9 +945,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--split-ratio",
-        default=str(gn.SPLIT_RATIO),
-        help="n_test/n_train of the corrected resampled t: 0.5 for the folds' quarter rotation (train on "
-        "two quarters, test on one); 0 only when every replicate draws its own data",
+        default="auto",
+        help="n_test/n_train of the corrected resampled t; auto: from the runs, 0.5 for the folds' quarter "
+        "rotation (train on two quarters, test on one), 0 where every replicate drew its own synthetic data",
     )
     p.add_argument("--no-log", action="store_true", help="do not log the outputs to the parent run")
     return p
@@ -939,7 +971,7 @@ def analyse(
     ids: list[str],
     metrics: list[str],
     n_boot: int,
-    ratio: float = gn.SPLIT_RATIO,
+    ratio: float | None = None,
     confirming: list[cm.Setting] | None = None,
 ) -> list[Table]:
     """The tables with their gain tests (and, given the confirming replicates' settings, the
@@ -970,13 +1002,18 @@ def load(uri: str, experiment: str, parent: str | None, folds: tuple[int, ...] |
     return exp_id, sets, confirming, sweep
 
 
-def split_ratio(text: str) -> float:
+def split_ratio(text: str) -> float | None:
+    """--split-ratio as a number, or None (auto: from the runs' design)."""
+    if text.strip() == "auto":
+        return None
     try:
         v = float(text)
     except ValueError:
         v = math.nan
     if not (math.isfinite(v) and v >= 0):
-        raise SallError(f"--split-ratio '{text}' is invalid; expected n_test/n_train as a number >= 0, e.g. 0.5")
+        raise SallError(
+            f"--split-ratio '{text}' is invalid; expected auto or n_test/n_train as a number >= 0, e.g. 0.5"
+        )
     return v
 
 

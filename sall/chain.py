@@ -41,10 +41,12 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # data
 @functools.lru_cache(maxsize=8)
-def _load_manifest_cached(dataset: str, data_root: str | None, synthetic_n: int) -> tuple[pd.DataFrame, dict, str]:
+def _load_manifest_cached(
+    dataset: str, data_root: str | None, synthetic_n: int, seed: int = 0
+) -> tuple[pd.DataFrame, dict, str]:
     from sall.data.sources import format_summary, load_manifest
 
-    manifest, summary = load_manifest(dataset, data_root, synthetic_n=synthetic_n)
+    manifest, summary = load_manifest(dataset, data_root, synthetic_n=synthetic_n, seed=seed)
     log(format_summary(summary))  # once per process: what was loaded, what was skipped and why
     fp = fingerprint(manifest)
     if dataset == "synthetic":  # the pixels come from code: its version is part of the data
@@ -82,9 +84,9 @@ def preflight(cfg: TrialConfig) -> Data:
     """
     cfg.validate()
     check_pretrained(cfg.backbone, cfg.pretrained, cfg.pretrained_path)
-    manifest, summary, fp = _load_manifest_cached(cfg.dataset, cfg.data_root, cfg.synthetic_n)
+    manifest, summary, fp = _load_manifest_cached(cfg.dataset, cfg.data_root, cfg.synthetic_n, cfg.manifest_seed)
     check_classes(manifest, cfg.tasks, str(cfg.dataset))
-    splits = fold_splits(manifest, cfg.fold)
+    splits = fold_splits(manifest, cfg.fold, cfg.split_seed)
     where = f"fold {cfg.fold}"
     splits["train"] = cap_per_class(manifest, splits["train"], cfg.class_cap, seed=cfg.fold)
     splits["train"] = cap_per_task(manifest, splits["train"], cfg.train_per_task, seed=cfg.fold)
@@ -98,7 +100,9 @@ def preflight(cfg: TrialConfig) -> Data:
 
 def prepare(cfg: TrialConfig, store: Store) -> Data:
     data = preflight(cfg)
-    data.images = image_array(data.manifest, data.fingerprint, cfg.image_size, store, cfg.tasks)
+    # a replicate that drew its own data is that data's only user: draw only the rows of its splits
+    rows = np.concatenate(list(data.splits.values())) if cfg.manifest_seed else None
+    data.images = image_array(data.manifest, data.fingerprint, cfg.image_size, store, cfg.tasks, rows)
     return data
 
 

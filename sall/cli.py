@@ -91,6 +91,13 @@ def _add_data_args(g: argparse._ArgumentGroup) -> None:
     )
     g.add_argument("--val-per-task", type=int, default=None, help="at most this many validation images per task (default from the preset)")
     g.add_argument("--synthetic-n", type=int, default=None, help="synthetic images per task (default from the preset)")
+    g.add_argument(
+        "--redraw",
+        action="store_true",
+        default=None,
+        help="each replicate (fold, seed) draws its own data: fresh synthetic images per replicate, "
+        "or the quarters of another dataset re-cut per seed (repeated cross-validation)",
+    )
     # fmt: on
 
 
@@ -164,7 +171,7 @@ def _add_runtime_args(r: argparse._ArgumentGroup) -> None:
 
 # The flags of add_data_model_args that are TrialConfig fields of the same name.
 OVERRIDE_FIELDS = (
-    "dataset data_root tasks class_cap synthetic_n train_per_task val_per_task schedule checkpoint backbone "
+    "dataset data_root tasks class_cap synthetic_n redraw train_per_task val_per_task schedule checkpoint backbone "
     "image_size pretrained pretrained_path lr batch_size teacher_epochs student_epochs augment seed device "
     "threads amp channels_last compile"
 ).split()

@@ -49,6 +49,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 PRESET_BACKBONES = frozenset(p["backbone"] for p in PRESETS.values())
 # The seeds a sweep repeats every setting and fold with, per preset (sweeps' --seeds overrides).
 SWEEP_SEEDS: dict[str, tuple[int, ...]] = {"cpu": (0,), "paper": (0,)}
+# Fields added after runs and caches existed: left out of keys and params at their default, so every
+# key made before them (teachers, trials, sweeps) stays what it was.
+KEYED_ONLY_WHEN_SET: dict[str, Any] = {"redraw": False}
 # --smoke: tiny data and epochs, on top of a preset.
 SMOKE: dict[str, Any] = dict(image_size=32, teacher_epochs=2, student_epochs=2, synthetic_n=90)
 
@@ -83,6 +86,10 @@ class TrialConfig:
     val_per_task: int | None = None
     # per-task training-sample counts for the student (data-ratio study): int count or fraction
     sample_counts: tuple[tuple[str, float], ...] = ()
+    # every replicate (fold, seed) draws its own data, so replicates are independent evidence: the
+    # synthetic set is drawn afresh per replicate (`manifest_seed`); another dataset's quarters are
+    # re-cut per seed (`split_seed`: repeated cross-validation). Off: one data set, one fixed split.
+    redraw: bool = False
     # model and optimisation
     preset: str = "cpu"
     backbone: str = "test_resnet"
@@ -125,10 +132,27 @@ class TrialConfig:
         """The paper's baseline: one single-task model per task, hard labels, T = 1."""
         return not self.multitask and not self.sa_labels and self.temperature == 1.0
 
+    @property
+    def manifest_seed(self) -> int:
+        """The seed the synthetic set is drawn with: 0, or with `redraw` one of its own per
+        (fold, seed), never 0, so each replicate trains and tests on images no other one saw."""
+        if self.redraw and self.dataset == "synthetic":
+            return 1 + self.seed * N_FOLDS + self.fold
+        return 0
+
+    @property
+    def split_seed(self) -> int:
+        """The seed that cuts the manifest into quarters: 0, or with `redraw` on a fixed data set
+        one per seed (repeated cross-validation; the folds of one seed share its partition)."""
+        return 1 + self.seed if self.redraw and self.dataset != "synthetic" else 0
+
     def experiment_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         for k in RUNTIME_FIELDS:
             d.pop(k)
+        for k, default in KEYED_ONLY_WHEN_SET.items():
+            if d[k] == default:
+                d.pop(k)
         return d
 
     def key(self) -> str:
@@ -168,6 +192,8 @@ class TrialConfig:
             epochs=self.teacher_epochs,
             augment=self.augment,
             seed=self.seed,
+            # the synthetic draw of `redraw` reaches the key through the data's fingerprint
+            **({"split_seed": self.split_seed} if self.split_seed else {}),
         )
 
     def sample_count(self, task: str) -> float | None:

@@ -46,7 +46,8 @@ BEST_METRICS = {
     "ci_high_pp": "upper end of that CI",
     "p": "the corrected t's two-sided p",
     "p_holm": "p adjusted by Holm over the family: the confirmed tasks, else the table's comparisons",
-    "n_folds": "the folds (independent replicates of the test) the figures rest on",
+    "n_replicates": "the units the figures rest on: folds of one data set, or replicates that drew their own data",
+    "independent": "1: those units share no image (each drew its own synthetic data); 0: they overlap (folds)",
     "confirmed": "1: the figures come from fresh seeds that played no part in the choice; 0: from the choosing ones",
     "boot_low_pp": "bootstrap 95 % CI over the choosing replicates' test images, lower end (test-set sampling only)",
     "boot_high_pp": "the same, upper end",
@@ -173,6 +174,7 @@ def best_settings(tables: list) -> dict[str, dict[str, Any]]:
         for task, ch in t.chosen.items():
             g, c = tb.gain_of(t, task), t.confirmed.get(task)
             shown = c if c is not None else g
+            design = c["design"] if c is not None else t.design
             if task in best or shown is None:
                 continue
             best[task] = {
@@ -185,7 +187,8 @@ def best_settings(tables: list) -> dict[str, dict[str, Any]]:
                 "ci_high_pp": 100 * shown["hi"],
                 "p": shown["p"],
                 "p_holm": shown["p_holm"],
-                "n_folds": shown["n"],
+                "n_replicates": shown["n"],
+                "independent": int(design.independent),
                 "confirmed": int(c is not None),
                 "boot_low_pp": 100 * g["boot"].lo if g else math.nan,
                 "boot_high_pp": 100 * g["boot"].hi if g else math.nan,

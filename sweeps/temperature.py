@@ -1,8 +1,9 @@
 """Temperature sweep (paper Table IV and Fig. 5): SALL at each T, beside the single-task baseline.
 
 After the grid, the T with the best validation accuracy is confirmed per task: the baseline and
-that T run again with fresh seeds (`--confirm-seeds`), and the sweep run's answer is their test
-result, from replicates that played no part in the choice."""
+that T run again with fresh seeds (`--confirm-seeds`), on the built-in synthetic set each on data
+of its own, and the sweep run's answer is their test result, from replicates that played no part in
+the choice and, there, share no image with it or with each other."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def add_args(g: argparse.ArgumentParser) -> None:
         "--confirm-seeds",
         default="auto",
         help="after the grid, run the baseline and each task's T chosen on validation again with these "
-        "fresh seeds (e.g. 1,2) on every fold; the sweep run's answer is that confirmation. auto: one seed "
+        "fresh seeds (e.g. 1,2) on every fold, on synthetic data each replicate on images of its own (as "
+        "--redraw); the sweep run's answer is that confirmation. auto: one seed "
         "after the grid's on the built-in synthetic data (6 to 9 more trials), none with --smoke or on "
         "real data (hours there); none: no confirmation",
     )
@@ -96,6 +98,13 @@ def grid_parent(args: argparse.Namespace, trials: list[rn.Trial], uri: str, cach
     return rn.tr.find_runs(uri, exp_id, rn.tr.sweep_filter(grid_id))[0].info.run_id
 
 
+def confirming_config(cfg: TrialConfig) -> TrialConfig:
+    """A grid setting as the confirmation runs it: on the synthetic set, which costs nothing to draw,
+    every confirming replicate draws its own images, so the confirmation rests on independent
+    replicates; on a fixed data set, the same split with fresh seeds (or as the grid chose, --redraw)."""
+    return cfg.replace(redraw=True) if cfg.dataset == "synthetic" else cfg
+
+
 def confirm(args: argparse.Namespace, trials: list[rn.Trial], uri: str, cache_dir: str, code: int) -> int:
     """After the grid: the baseline and the T chosen on validation, on fresh seeds, under the grid's
     sweep run; its answer is then their test result. Skipped when the grid failed."""
@@ -115,7 +124,7 @@ def confirm(args: argparse.Namespace, trials: list[rn.Trial], uri: str, cache_di
     parent = grid_parent(args, trials, uri, cache_dir)
     rn.tr.retry(rn.tr.client(uri).set_tag, parent, sc.TAG_CONFIRM_SEEDS, ",".join(map(str, seeds)))
     labels = chosen_labels(args, trials, uri, parent)
-    configs = {t.label: t.cfg for t in trials}
+    configs = {t.label: confirming_config(t.cfg) for t in trials}
     more = rn.expand([(k, configs[k]) for k in ["baseline", *labels]], folds, seeds)
     rn.say(f"[sweep] chosen on validation: {', '.join(labels)}; confirming on seeds {','.join(map(str, seeds))}")
     return rn.more_trials("temperature", args, trials, more, uri, cache_dir, CONFIRM)

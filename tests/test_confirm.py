@@ -1,5 +1,5 @@
 """The temperature sweep confirms its choice: the baseline and the T chosen on validation run again
-on fresh seeds, and the sweep run's answer is that confirmation."""
+on fresh seeds, each on synthetic data of its own, and the sweep run's answer is that confirmation."""
 
 from __future__ import annotations
 
@@ -73,6 +73,14 @@ def test_smoke_sweep_with_confirmation_answers_from_the_fresh_seeds(confirmed_sw
     assert seeds.count(0) == 4 and seeds.count(1) == 4  # the grid, then baseline + chosen T on both folds
     assert all(r.data.tags[sc.TAG_PARENT] == parent.info.run_id for r in students)
     text, m = parent.data.tags[sc.TAG_NOTE], parent.data.metrics
-    assert "confirmed on folds 0,1 × seed 1 (test split)" in text and "rests on 2 folds" in text
-    assert m["best/dr/confirmed"] == 1 and m["best/dr/n_folds"] == 2 and "best/dr/p_holm" in m
+    assert "confirmed on folds 0,1 × seed 1 (test split)" in text
+    assert "rests on 2 independent replicates (each drew its own data)" in text
+    assert m["best/dr/confirmed"] == 1 and m["best/dr/n_replicates"] == 2 and "best/dr/p_holm" in m
+    assert m["best/dr/independent"] == 1
+    # the confirming replicates drew their own images, so their teachers are their own too
+    fresh = [r for r in students if r.data.params["seed"] == "1"]
+    assert all(r.data.params.get("redraw") == "True" for r in fresh)
+    assert not any("redraw" in r.data.params for r in students if r.data.params["seed"] == "0")
+    teachers = [r for r in rs if r.data.tags.get(sc.TAG_STAGE) == sc.STAGE_TEACHER]
+    assert len(teachers) == 2 * 2 + 2 * 2  # dr and amd on folds 0,1: the grid's, then each replicate's own
     assert parent.data.tags[sc.per_task(sc.TAG_VERDICT, "dr")] in ("established", "suggestive", "not distinguished")

@@ -63,7 +63,7 @@ def test_review_puts_the_answer_on_the_sweep_run(gain_store, capsys):
 
     se = (1 / 3 + 0.5) ** 0.5 * 1.0
     assert m["best/dr/temperature"] == 4 and m["best/dr/delta_pp"] == pytest.approx(3.0)
-    assert m["best/dr/confirmed"] == 1 and m["best/dr/n_folds"] == 3
+    assert m["best/dr/confirmed"] == 1 and m["best/dr/n_replicates"] == 3
     assert m["best/dr/ci_high_pp"] - 3.0 == pytest.approx(sps.t.ppf(0.975, 2) * se)
     assert m["best/dr/p"] == pytest.approx(2 * sps.t.sf(3.0 / se, 2))
     assert m["best/dr/p_holm"] == pytest.approx(min(1.0, 2 * m["best/dr/p"]))  # Holm over DR and AMD

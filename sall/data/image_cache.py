@@ -7,6 +7,7 @@ line, published atomically through the artifact store and memory-mapped by reade
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import os
 import sys
@@ -71,13 +72,14 @@ def build_array(images: list[str], size: int, path: Path, workers: int | None = 
 
 class TaskImages:
     """The manifest's images as one array indexed by manifest row, backed by one memory-mapped
-    array per loaded task. Indexing a row of a task that was not loaded is an error."""
+    array per loaded task. Indexing a row of a task that was not loaded, or a row left out (its
+    task None), is an error."""
 
     def __init__(self, arrays: dict[str, np.ndarray], row_tasks: np.ndarray, size: int) -> None:
         self.arrays = arrays
-        self.row_tasks = np.asarray(row_tasks)
+        self.row_tasks = np.asarray(row_tasks, dtype=object)
         self.local = np.zeros(len(row_tasks), dtype=np.int64)  # a row's index in its task's array
-        for task in np.unique(self.row_tasks):
+        for task in {t for t in self.row_tasks if t is not None}:
             mine = self.row_tasks == task
             self.local[mine] = np.arange(int(mine.sum()))
         self.shape = (len(row_tasks), size, size, 3)
@@ -91,9 +93,10 @@ class TaskImages:
         rows = np.asarray(rows)
         out = np.empty((len(rows), *self.shape[1:]), dtype=np.uint8)
         tasks = self.row_tasks[rows]
-        for task in np.unique(tasks):
+        for task in set(tasks):
             if task not in self.arrays:
-                raise KeyError(f"images of task '{task}' were not loaded (loaded: {', '.join(self.arrays)})")
+                what = "rows left out" if task is None else f"images of task '{task}'"
+                raise KeyError(f"{what} were not loaded (loaded: {', '.join(self.arrays)})")
             mine = tasks == task
             out[mine] = self.arrays[task][self.local[rows[mine]]]
         return out
@@ -105,16 +108,27 @@ def image_array(
     size: int,
     store: Store,
     tasks: tuple[str, ...] | list[str] | None = None,
+    rows: np.ndarray | None = None,
 ) -> TaskImages:
     """The manifest's images at `size`, indexed by manifest row: the rows of `tasks` (default: all
-    of the manifest's tasks), each task's array decoded once and memory-mapped."""
+    of the manifest's tasks), each task's array decoded once and memory-mapped. With `rows`, only
+    those rows: a manifest that one replicate alone uses (data drawn for it) is not drawn in full."""
     row_tasks = manifest["task"].to_numpy()
+    loaded = np.ones(len(manifest), dtype=bool)
+    suffix = ""
+    if rows is not None:
+        loaded[:] = False
+        loaded[np.asarray(rows)] = True
+        suffix = "-rows" + hashlib.sha256(np.flatnonzero(loaded).tobytes()).hexdigest()[:12]
     wanted = [t for t in dict.fromkeys(row_tasks) if tasks is None or t in tasks]
     arrays = {}
     for task in wanted:
-        images = manifest["image"].to_numpy()[row_tasks == task].tolist()
+        images = manifest["image"].to_numpy()[(row_tasks == task) & loaded].tolist()
         got = store.get_or_build(
-            "images", f"{fingerprint}-{size}-{task}", ".npy", lambda tmp, images=images: build_array(images, size, tmp)
+            "images",
+            f"{fingerprint}-{size}-{task}{suffix}",
+            ".npy",
+            lambda tmp, images=images: build_array(images, size, tmp),
         )
         arrays[task] = np.load(got.path, mmap_mode="r")
-    return TaskImages(arrays, row_tasks, size)
+    return TaskImages(arrays, np.where(loaded, row_tasks, None), size)

@@ -624,8 +624,13 @@ def make_sweep_id(sweep: str, trials: list[Trial], uri: str, cache_dir: str, exp
     """Names the sweep's Tune state (in --storage-path, by default ~/ray_results, shared by every
     clone on the machine): by its trials and by where their results go. A rerun into the same
     MLflow store and cache resumes; the same grid into another store (a fresh clone, another
-    --mlflow-uri or --experiment) is a new sweep, not a resume that reports trials it never logged."""
-    where = [uri, os.path.abspath(cache_dir) if "://" not in cache_dir else cache_dir, experiment]
+    --mlflow-uri or --experiment) is a new sweep, not a resume that reports trials it never logged.
+    A store made again at the same path (mlflow.db deleted, a clone into the same folder) is
+    another store too: the experiment's creation time is part of the name. (Creates the
+    experiment if it is new: called only where the sweep is about to log into it.)"""
+    exp_id = tr.ensure_experiment(uri, experiment)
+    born = tr.retry(tr.client(uri).get_experiment, exp_id).creation_time
+    where = [uri, os.path.abspath(cache_dir) if "://" not in cache_dir else cache_dir, experiment, born]
     return f"{sweep}-" + stable_hash([sorted(t.cfg.key() for t in trials), where])
 
 

@@ -5,10 +5,16 @@ MLflow's retry on a locked SQLite file and errors of the loader's background thr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
+import json
+import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +26,8 @@ from sall.config import from_preset
 from sall.data.loader import Batches
 from sall.model import MultiHeadNet
 from sall.train import Runtime, predict
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_cfg(**kw):
@@ -168,7 +176,9 @@ def test_expand_drops_duplicate_trials_and_keeps_the_first_label():
 def test_a_sweep_into_another_store_never_resumes_this_ones_tune_state(tmp_path):
     """Tune keeps its state in ~/ray_results, shared by every clone on a machine: the same grid
     run from a fresh clone (another MLflow store, cache or experiment) once resumed the old
-    state and reported 39/39 finished with nothing logged. Its Tune state is now its own."""
+    state and reported 39/39 finished with nothing logged; so did a clone into the folder of a
+    deleted one, whose new mlflow.db lacked the runs that Tune kept as finished. Its Tune state is
+    now its own."""
     from sweeps.runner import expand, make_sweep_id
 
     trials = expand([("T=3", tiny_cfg(temperature=3.0))], [0, 1])
@@ -182,6 +192,22 @@ def test_a_sweep_into_another_store_never_resumes_this_ones_tune_state(tmp_path)
         ("temperature", trials[:1], uri, cache, "sall-temperature"),
     ]
     assert first not in {make_sweep_id(*o) for o in others}
+    # the store deleted and made again at the same path: its runs are gone, so is the resume
+    # the store deleted and made again at the same path, by a new command (a new process: this one
+    # keeps the old database open): its runs are gone, so is the resume
+    Path(uri[len("sqlite:///") :]).unlink()
+    script = (
+        "import json, sys; from sall.config import config_from_dict; from sweeps.runner import Trial, make_sweep_id; "
+        "print(make_sweep_id('temperature', [Trial(t['label'], config_from_dict(t['cfg'])) for t in "
+        "json.loads(sys.argv[1])], *sys.argv[2:]))"
+    )
+    blob = json.dumps([{"label": t.label, "cfg": dataclasses.asdict(t.cfg)} for t in trials])
+    again = subprocess.run(
+        [sys.executable, "-c", script, blob, uri, cache, "sall-temperature"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.split()[-1].startswith("temperature-") and again.stdout.split()[-1] != first
 
 
 def _dry_run_trials(sweep: str, *flags: str, tmp_path) -> list[str]:

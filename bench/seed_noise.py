@@ -24,6 +24,7 @@ import tempfile
 import numpy as np
 
 from sall.chain import run_chain
+from sall.cli import guarded
 from sall.config import from_preset
 
 
@@ -105,5 +106,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # a bad flag or a preemption (SIGTERM) is one line, as in `python -m sall run`
+    sys.exit(guarded(main, debug=False))

@@ -14,6 +14,8 @@ import time
 import numpy as np
 import torch
 
+from sall.cli import guarded
+
 
 def bare_loop(backbone: str, batch: int, size: int, steps: int, k: int) -> float:
     """images/s of the plainest possible loop: a fixed random batch, one head, CE, Adam."""
@@ -131,5 +133,5 @@ def main() -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # a bad flag or a preemption (SIGTERM) is one line, as in `python -m sall run`
+    sys.exit(guarded(main, debug=False))

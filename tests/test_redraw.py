@@ -79,3 +79,13 @@ def test_the_chain_reads_a_redrawn_replicate_from_its_own_draw():
     data = preflight(cfg)
     assert isinstance(data.manifest, pd.DataFrame)
     assert set(data.manifest["image"].str.extract(r"s=(\d+)$")[0].astype(int)) == {cfg.manifest_seed}
+
+
+def test_a_redrawn_student_is_evaluated_on_its_own_draw_only_on_its_own_data_set():
+    from analysis.evaluate import own_draw
+
+    synth = from_preset("cpu", redraw=True, fold=1, seed=2)
+    assert own_draw(synth, "synthetic") == (synth.manifest_seed, 0) and synth.manifest_seed != 0
+    assert own_draw(synth, "odir") == (0, 0)  # ODIR's manifest seed deals its normal eyes: not ours to move
+    odir = from_preset("cpu", dataset="odir", data_root="/data/odir", redraw=True, seed=1)
+    assert own_draw(odir, "odir") == (0, 2) and own_draw(odir, "synthetic") == (0, 0)

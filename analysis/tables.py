@@ -399,7 +399,7 @@ def build(tid: str, sets: list[cm.Setting], metrics: list[str]) -> list[Table]:
 
 # ---------------------------------------------------------------------------------------------
 # Is the gain real?
-def design_of(sets: list[cm.Setting], ratio: float | None = None) -> gn.Design:
+def family_design(sets: list[cm.Setting], ratio: float | None = None) -> gn.Design:
     """The replicate design the settings share (`gain.design_of`), with `ratio` overriding its
     n_test / n_train; a family that mixes designs has no one unit, so it is an error."""
     designs = {gn.design_of(s.config.redraw, s.config.dataset == "synthetic") for s in sets}
@@ -416,7 +416,7 @@ def gains(t: Table, uri: str | None, cache: Path, n_boot: int, ratio: float | No
     """Each row with a reference, per task: its units (D_f, the per-fold mean over seeds of the
     paired accuracy difference, or one difference per replicate that drew its own data), tested as
     one family (`gain.family`), and the bootstrap over test images beside it."""
-    t.design = design_of([r.setting for r in t.rows if r.setting is not None], ratio)
+    t.design = family_design([r.setting for r in t.rows if r.setting is not None], ratio)
     for r in t.rows:
         if r.ref is None or r.setting is None or r.ref.setting is None:
             continue
@@ -547,7 +547,7 @@ def confirm(t: Table, sets: list[cm.Setting], ratio: float | None = None) -> Non
     choice), on their test split. One pre-specified comparison per task: the family is the
     confirmed tasks."""
     by_key = {_setting_key(s): s for s in sets}
-    design = design_of(sets, ratio)
+    design = family_design(sets, ratio)
     entries = []
     for task, ch in t.chosen.items():
         ours_s, ref_s = by_key.get(_setting_key(ch.row.setting)), by_key.get(_setting_key(ch.row.ref.setting))

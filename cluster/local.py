@@ -531,7 +531,10 @@ def _start_services(state: dict) -> None:
     """PostgreSQL and Ceph's S3 gateway (cluster/services.py), recorded in the state; every node
     and driver gets the S3 endpoint and keys."""
     svc = _services_module()
-    state["services"] = svc.up(str(Path(state["dir"]) / "services"))
+    try:
+        state["services"] = svc.up(str(Path(state["dir"]) / "services"))
+    except svc.ServiceError as e:  # one line, as every fault of `up`, not a traceback
+        raise ClusterError(str(e)) from None
     state["env"].update(svc.env_for_s3(state["services"]))
     save_state(state)
 

@@ -488,6 +488,20 @@ def _ceph_cli(c: dict, *args: str, timeout: float = 30) -> str:
     return _run("Ceph", ["ceph", "-c", c["conf"], "--connect-timeout", "15", *args], timeout=timeout)
 
 
+def _ceph_cli_when_ready(c: dict, *args: str, wait: float = 60) -> str:
+    """`ceph` retried while a monitor that has just started still refuses commands: under load it
+    answers EPERM ("problem getting command descriptions from mon") for a moment before it serves
+    them. At most `wait` seconds, once a second; any other failure at once."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return _ceph_cli(c, *args)
+        except ServiceError as e:
+            if "EPERM" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
 def _start_mon(c: dict, marker: str) -> subprocess.Popen:
     monmap = str(Path(c["root"]) / "monmap")
     _run(
@@ -506,7 +520,7 @@ def _start_osd(c: dict, marker: str) -> subprocess.Popen:
     with that uuid, start it. (Without one, the OSD sometimes booted with a uuid the monitor had not
     recorded and exited on 'wrong fsid'.)"""
     osd_uuid = str(uuid.uuid4())
-    osd_id = _ceph_cli(c, "osd", "create", osd_uuid).strip()
+    osd_id = _ceph_cli_when_ready(c, "osd", "create", osd_uuid).strip()  # the same uuid: the same id
     if osd_id != "0":
         raise ServiceError(f"Ceph osd: the monitor gave OSD id {osd_id!r}, expected 0 on a new cluster")
     _run("Ceph osd", ["ceph-osd", "-c", c["conf"], "-i", "0", "--mkfs", "--osd-uuid", osd_uuid], 60)
